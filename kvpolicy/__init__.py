@@ -1,0 +1,25 @@
+"""kvpolicy: KV-cache policies for next-scale (visual autoregressive) image models.
+
+The core knows no model and no concrete policy. Policies register by name (built-in ones through
+the ``kvpolicy.policies`` entry-point group), adapters call ``compress`` once per self-attention
+layer and scale, and ``simulate`` plans memory without weights.
+"""
+
+from .budget import Budget, Ratio, Tokens, parse_budget
+from .cache import CacheReport, KVCache
+from .compress import CompressionResult, compress, gather_tokens
+from .plan import CapacityPlan
+from .policy import CompressionContext, Policy, ScoredPolicy, Selection
+from .registry import ENTRY_POINT_GROUP, get_policy, list_policies, policy_class, register_policy
+from .schedule import ScaleSchedule
+from .simulate import simulate
+from . import scoring
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Budget", "Ratio", "Tokens", "parse_budget", "CacheReport", "KVCache", "CompressionResult",
+    "compress", "gather_tokens", "CapacityPlan", "CompressionContext", "Policy", "ScoredPolicy",
+    "Selection", "ENTRY_POINT_GROUP", "get_policy", "list_policies", "policy_class",
+    "register_policy", "ScaleSchedule", "simulate", "scoring", "__version__",
+]

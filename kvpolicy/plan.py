@@ -1,0 +1,160 @@
+"""Capacity plans: how many tokens each layer may keep after each scale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import attrs
+
+
+def _freeze_grid(rows) -> tuple[tuple[Optional[int], ...], ...]:
+    return tuple(tuple(None if c is None else int(c) for c in row) for row in rows)
+
+
+def _freeze_roles(rows):
+    if rows is None:
+        return None
+    return tuple(tuple(None if r is None else str(r) for r in row) for row in rows)
+
+
+@attrs.frozen
+class CapacityPlan:
+    """``capacities[scale][layer]``: tokens the layer may keep after that scale's step, or None.
+
+    ``None`` means no limit (the layer keeps everything). ``roles`` optionally names each entry
+    (ScaleKV's "drafter"/"refiner"). ``budget_tokens`` is the per-layer average the plan was made
+    for (None for the full cache).
+    """
+
+    capacities: tuple[tuple[Optional[int], ...], ...] = attrs.field(converter=_freeze_grid)
+    budget_tokens: Optional[int] = None
+    policy: str = ""
+    roles: Optional[tuple[tuple[Optional[str], ...], ...]] = attrs.field(default=None, converter=_freeze_roles)
+    cumulative: Optional[tuple[int, ...]] = attrs.field(
+        default=None, converter=attrs.converters.optional(lambda v: tuple(int(x) for x in v)))
+
+    def __attrs_post_init__(self):
+        if not self.capacities:
+            raise ValueError("a CapacityPlan needs at least one scale")
+        widths = {len(row) for row in self.capacities}
+        if len(widths) != 1 or 0 in widths:
+            raise ValueError(f"every scale of a CapacityPlan must list the same number (>= 1) of layers, got {sorted(widths)}")
+        for s, row in enumerate(self.capacities):
+            for l, cap in enumerate(row):
+                if cap is not None and cap < 1:
+                    raise ValueError(f"capacity at scale {s}, layer {l} is {cap}; capacities are >= 1 or None")
+        if self.roles is not None and [len(r) for r in self.roles] != [len(r) for r in self.capacities]:
+            raise ValueError("roles must have the same [scale][layer] shape as capacities")
+        if self.cumulative is not None and len(self.cumulative) != len(self.capacities):
+            raise ValueError("cumulative must list one length per scale")
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.capacities)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.capacities[0])
+
+    def capacity(self, scale: int, layer: int) -> Optional[int]:
+        if not 0 <= scale < self.num_scales:
+            raise IndexError(f"scale {scale} out of range 0..{self.num_scales - 1}")
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range 0..{self.num_layers - 1}")
+        return self.capacities[scale][layer]
+
+    def kept_lengths(self, cumulative: Sequence[int] | None = None) -> list[list[int]]:
+        """Tokens each layer holds after each scale, given the uncompressed lengths per scale.
+
+        Follows the cache: after scale s a layer holds min(capacity, kept after s-1 + new tokens).
+        """
+        cumulative = tuple(cumulative) if cumulative is not None else self.cumulative
+        if cumulative is None:
+            raise ValueError("kept_lengths needs the schedule's cumulative lengths")
+        kept = [0] * self.num_layers
+        out, prev_total = [], 0
+        for s, total in enumerate(cumulative):
+            new = total - prev_total
+            prev_total = total
+            row = []
+            for l in range(self.num_layers):
+                length = kept[l] + new
+                cap = self.capacities[s][l]
+                kept[l] = length if cap is None else min(length, cap)
+                row.append(kept[l])
+            out.append(row)
+        return out
+
+    def mean_capacity(self, scale: int) -> Optional[float]:
+        row = self.capacities[scale]
+        if any(c is None for c in row):
+            return None
+        return sum(row) / len(row)
+
+    def compressed_scales(self) -> list[int]:
+        """Scales at which some layer's capacity is below the uncompressed length."""
+        if self.cumulative is None:
+            return [s for s, row in enumerate(self.capacities) if any(c is not None for c in row)]
+        lengths = self.kept_lengths()
+        return [s for s, row in enumerate(lengths) if any(k < self.cumulative[s] for k in row)]
+
+    # -- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "policy": self.policy,
+            "budget_tokens": self.budget_tokens,
+            "cumulative": None if self.cumulative is None else list(self.cumulative),
+            "capacities": [list(row) for row in self.capacities],
+            "roles": None if self.roles is None else [list(r) for r in self.roles],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CapacityPlan":
+        unknown = set(data) - {"policy", "budget_tokens", "cumulative", "capacities", "roles"}
+        if unknown:
+            raise ValueError(f"unknown CapacityPlan fields {sorted(unknown)}")
+        if "capacities" not in data:
+            raise ValueError("a CapacityPlan JSON needs a 'capacities' [scale][layer] list")
+        return cls(capacities=data["capacities"], budget_tokens=data.get("budget_tokens"),
+                   policy=data.get("policy", ""), roles=data.get("roles"), cumulative=data.get("cumulative"))
+
+    def to_json(self, path: str | Path | None = None, **kwargs) -> str:
+        text = json.dumps(self.to_dict(), **kwargs)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "CapacityPlan":
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        return cls.from_dict(json.loads(text))
+
+    def __str__(self) -> str:
+        lines = [f"CapacityPlan(policy={self.policy or '?'}, budget_tokens={self.budget_tokens}, "
+                 f"{self.num_scales} scales x {self.num_layers} layers)"]
+        kept = self.kept_lengths() if self.cumulative is not None else None
+        for s, row in enumerate(self.capacities):
+            caps = sorted({c for c in row if c is not None})
+            if not caps:
+                desc = "unlimited"
+            elif len(caps) == 1 and None not in row:
+                desc = f"{caps[0]} every layer"
+            else:
+                desc = f"min {caps[0]} max {caps[-1]}"
+                mean = self.mean_capacity(s)
+                if mean is not None:
+                    desc += f" mean {mean:.1f}"
+            if self.roles is not None:
+                names = [r for r in self.roles[s] if r]
+                if names:
+                    counts = {n: names.count(n) for n in sorted(set(names))}
+                    desc += " (" + ", ".join(f"{v} {k}s" for k, v in counts.items()) + ")"
+            prefix = f"  scale {s:2d}"
+            if kept is not None:
+                prefix += f" len {self.cumulative[s]:6d} kept mean {sum(kept[s]) / len(kept[s]):8.1f}"
+            lines.append(f"{prefix}: {desc}")
+        return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""The ``Policy`` base class and the score-based helper ``ScoredPolicy``.
+
+A policy does two things:
+
+1. ``plan(schedule, num_layers)`` turns its budget into a ``CapacityPlan`` (tokens per
+   (scale, layer)); plans are cached per geometry.
+2. ``select(keys, values, ctx)`` chooses which cached tokens a layer keeps after a scale's step.
+
+Policies declare what they need (``needs_queries``, ``needs_raw_queries``, ``stateful``) so that
+callers compute only that. Policy state (H2O's accumulated attention, say) is never hidden in the
+policy object: it travels through ``compress(..., state=...)`` and is owned by the caller's cache,
+which resets it for every generation.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, ClassVar, Optional
+
+import attrs
+import torch
+
+from .budget import Budget, Ratio, Tokens, budget_to_json, parse_budget
+from .plan import CapacityPlan
+from .schedule import ScaleSchedule
+from . import scoring
+
+
+def _optional_budget(value):
+    return None if value is None else parse_budget(value)
+
+
+@attrs.frozen
+class CompressionContext:
+    """Everything a policy may look at when selecting tokens for one (scale, layer)."""
+
+    schedule: ScaleSchedule
+    scale: int
+    layer: int
+    num_layers: int
+    capacity: Optional[int]
+    length: int  # L: tokens in the cache now (kept history + the current map)
+    queries: Optional[torch.Tensor] = None  # (B, Hq, n_current, D): logits = queries @ keys^T
+    raw_queries: Optional[torch.Tensor] = None  # (B, Hq, n_current, D): x @ W_q^T, nothing else
+    state: Any = None
+
+    @property
+    def n_current(self) -> int:
+        return self.schedule.tokens(self.scale)
+
+    @property
+    def current_start(self) -> int:
+        """Cache position of the current map's first token (the current map is never evicted yet)."""
+        return self.length - self.n_current
+
+    @property
+    def current_shape(self) -> tuple[int, int]:
+        return self.schedule.shape(self.scale)
+
+
+@attrs.frozen
+class Selection:
+    """What ``Policy.select`` returns: kept indices (B, H, k), or None to keep everything."""
+
+    indices: Optional[torch.Tensor]
+    state: Any = None
+
+
+@attrs.define(kw_only=True)
+class Policy:
+    """Base class. Subclass with ``@register_policy("name")`` and ``@attrs.define(kw_only=True)``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    needs_queries: ClassVar[bool] = False
+    needs_raw_queries: ClassVar[bool] = False
+    stateful: ClassVar[bool] = False
+    requires_budget: ClassVar[bool] = True
+
+    budget: Optional[Budget] = attrs.field(default=None, converter=_optional_budget)
+    _plans: dict = attrs.field(factory=dict, init=False, repr=False, eq=False)
+
+    # -- planning ----------------------------------------------------------------------------
+    def budget_tokens(self, schedule: ScaleSchedule, budget: Budget | None = None) -> Optional[int]:
+        budget = self.budget if budget is None else parse_budget(budget)
+        if budget is None:
+            if self.requires_budget:
+                raise ValueError(f"policy {self.name!r} needs a budget, e.g. "
+                                 f"get_policy({self.name!r}, budget='10%') or budget=650 tokens")
+            return None
+        return budget.tokens(schedule)
+
+    def plan(self, schedule: ScaleSchedule, num_layers: int, budget: Budget | str | int | float | None = None) -> CapacityPlan:
+        """The capacity plan for a model geometry (cached per geometry and budget)."""
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        if not isinstance(schedule, ScaleSchedule):
+            raise TypeError(f"schedule must be a ScaleSchedule, got {type(schedule).__name__}")
+        key = (schedule, num_layers, None if budget is None else parse_budget(budget))
+        plan = self._plans.get(key)
+        if plan is None:
+            tokens = self.budget_tokens(schedule, key[2])
+            plan = self.make_plan(schedule, num_layers, tokens)
+            if plan.num_scales != schedule.num_scales or plan.num_layers != num_layers:
+                raise ValueError(f"policy {self.name!r} made a {plan.num_scales}x{plan.num_layers} plan "
+                                 f"for a {schedule.num_scales}-scale, {num_layers}-layer model")
+            if plan.cumulative is None:
+                plan = attrs.evolve(plan, cumulative=schedule.cumulative)
+            self._plans[key] = plan
+        return plan
+
+    def make_plan(self, schedule: ScaleSchedule, num_layers: int, budget_tokens: Optional[int]) -> CapacityPlan:
+        """Default: the same capacity in every layer at every scale (no limit without a budget)."""
+        row = [budget_tokens] * num_layers
+        return CapacityPlan(capacities=[row] * schedule.num_scales, budget_tokens=budget_tokens,
+                            policy=self.name, cumulative=schedule.cumulative)
+
+    def capacity(self, schedule: ScaleSchedule, num_layers: int, scale: int, layer: int) -> Optional[int]:
+        return self.plan(schedule, num_layers).capacity(scale, layer)
+
+    # -- selection ---------------------------------------------------------------------------
+    def select(self, keys: torch.Tensor, values: torch.Tensor, ctx: CompressionContext) -> Selection:
+        raise NotImplementedError(f"{type(self).__name__} must implement select()")
+
+    # -- configuration -----------------------------------------------------------------------
+    def to_config(self) -> dict:
+        """A JSON-friendly dict that ``Policy.from_config`` turns back into an equal policy."""
+        config: dict[str, Any] = {"name": self.name}
+        for field in attrs.fields(type(self)):
+            if not field.init:
+                continue
+            config[field.alias or field.name] = _to_jsonable(getattr(self, field.name))
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Policy":
+        from .registry import get_policy
+
+        if not isinstance(config, dict) or "name" not in config:
+            raise ValueError(f"a policy config is a dict with a 'name' key, got {config!r}")
+        options = dict(config)
+        name = options.pop("name")
+        policy = get_policy(name, **options)
+        if cls is not Policy and not isinstance(policy, cls):
+            raise TypeError(f"config names {name!r} ({type(policy).__name__}), not a {cls.__name__}")
+        return policy
+
+    def with_budget(self, budget) -> "Policy":
+        return attrs.evolve(self, budget=budget)
+
+    def __str__(self) -> str:
+        return f"{self.name}(budget={self.budget})" if self.budget is not None else self.name
+
+
+def _to_jsonable(value):
+    if isinstance(value, (Ratio, Tokens)):
+        return budget_to_json(value)
+    if isinstance(value, pathlib.PurePath):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return value
+
+
+@attrs.define(kw_only=True)
+class ScoredPolicy(Policy):
+    """Helper base for policies that score tokens: some positions are forced to stay (windows,
+    sinks, recent tokens), the rest are ranked by ``score`` and the top (capacity - forced) kept.
+
+    Subclasses implement ``score`` (B, H, L) and optionally ``forced_positions``.
+    """
+
+    def score(self, keys: torch.Tensor, ctx: CompressionContext) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement score()")
+
+    def forced_positions(self, ctx: CompressionContext) -> torch.Tensor:
+        """1-D tensor of cache positions every row and head keeps (default: none)."""
+        return torch.empty(0, dtype=torch.long)
+
+    def select(self, keys, values, ctx):
+        if ctx.capacity is None or ctx.length <= ctx.capacity:
+            return Selection(None, ctx.state)
+        forced = self.forced_positions(ctx).to(keys.device)
+        scores = self.score(keys, ctx)
+        return Selection(scoring.topk_with_forced(scores, forced, ctx.capacity), ctx.state)
