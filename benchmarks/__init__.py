@@ -1,0 +1,1 @@
+"""The user-facing harness behind the ``kvpolicy`` command."""
