@@ -1,0 +1,186 @@
+"""The ``kvpolicy`` command: list, plan, generate, compare, calibrate, bench-gpu.
+
+Heavy modules (models, matplotlib) are imported only by the sub-command that needs them. Bad
+arguments end with one line ``kvpolicy <command>: error: …`` on stderr and exit status 2 (set
+KVPOLICY_TRACEBACK=1 to see the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+
+def _add_model_args(p, *, default_model: Optional[str] = None):
+    p.add_argument("--model", required=default_model is None, default=default_model,
+                   help="model preset (see `kvpolicy list --models`)" + (f"; default {default_model}" if default_model else ""))
+    p.add_argument("--resolution", default=None, help="Infinity: 256/512/768/1024 or a pn name like 1M; VAR: 256/512")
+    p.add_argument("--aspect-ratio", type=float, default=1.0, help="h/w (Infinity templates); default 1.0")
+
+
+def _add_scalekv_args(p):
+    p.add_argument("--budget-file", default=None, help="released ScaleKV budget JSON (scalekv only)")
+    p.add_argument("--calibration", default=None, help="calibration JSON from `kvpolicy calibrate` (scalekv only)")
+
+
+def _add_run_args(p):
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (default cpu)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="compute dtype (default: fp32 on CPU, bf16 on CUDA)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvpolicy", description="KV-cache policies for next-scale image models: "
+                                     "plan memory, generate, compare policies, calibrate ScaleKV.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("list", help="registered policies (or models) with one-line descriptions")
+    p.add_argument("--models", action="store_true", help="list model presets instead of policies")
+
+    p = sub.add_parser("plan", help="per-scale KV bytes of a model geometry under a policy (no weights needed)")
+    _add_model_args(p)
+    p.add_argument("--policy", required=True)
+    p.add_argument("--budget", default=None, help="'10%%', 0.1 or a token count like 650")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--no-cfg", action="store_true", help="one row per image (default: conditional + unconditional)")
+    _add_scalekv_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+    p = sub.add_parser("generate", help="generate image(s) with a policy and print the cache report")
+    _add_model_args(p)
+    p.add_argument("--policy", default=None, help="default: full cache")
+    p.add_argument("--budget", default=None)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", action="append", help="text prompt (Infinity); repeat for a batch")
+    group.add_argument("--label", action="append", type=int, help="class label (VAR); repeat for a batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="image.png", help="output PNG (index appended for a batch)")
+    _add_run_args(p)
+    _add_scalekv_args(p)
+
+    p = sub.add_parser("compare", help="head-to-head comparison of policies and budgets against the full cache")
+    _add_model_args(p, default_model="infinity-tiny")
+    p.add_argument("--policies", default=None, help="comma-separated; default: every registered policy but full")
+    p.add_argument("--budgets", default="4%,10%,20%", help="comma-separated, e.g. 4%%,10%%,20%% or 265,650,1300")
+    cond = p.add_mutually_exclusive_group()
+    cond.add_argument("--prompts", default=None, help="text file / JSON list / COCO captions JSON (Infinity)")
+    cond.add_argument("--labels", default=None, help="class labels for VAR models, e.g. 1,2,3 or 0-7")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts (default: 4 for the built-in list)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; every condition is generated with each")
+    p.add_argument("--out", default="kvpolicy-compare", help="output folder (resumed if it exists)")
+    p.add_argument("--batch-size", type=int, default=1, help="conditions per generate call")
+    p.add_argument("--repeats", type=int, default=1, help="timed generations per job (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed generations before each configuration's first job")
+    p.add_argument("--no-learned-metrics", action="store_true", help="skip LPIPS/FID even when their weights exist")
+    p.add_argument("--no-progress", action="store_true")
+    _add_run_args(p)
+    _add_scalekv_args(p)
+
+    p = sub.add_parser("calibrate", help="ScaleKV calibration from a model's attention statistics")
+    _add_model_args(p)
+    cond = p.add_mutually_exclusive_group()
+    cond.add_argument("--prompts", default=None, help="default: the shipped 10 calibration prompts (Infinity)")
+    cond.add_argument("--labels", default=None, help="class labels (VAR)")
+    p.add_argument("--out", required=True, help="calibration JSON to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=None, help="history top-K' for the concentration statistic")
+    p.add_argument("--num-drafters", type=int, default=None, help="number of drafter (layer, scale) pairs")
+    p.add_argument("--export-budget", default=None, help="also write a released-format budget JSON for --budget")
+    p.add_argument("--budget", default=None, help="budget for --export-budget, e.g. 10%%")
+    _add_run_args(p)
+
+    p = sub.add_parser("bench-gpu", help="GPU memory/latency of Infinity-2B/8B geometries with random weights")
+    p.add_argument("--models", default="infinity-2b,infinity-8b")
+    p.add_argument("--policies", default=None, help="default: every registered policy but full")
+    p.add_argument("--budget", default="10%")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--max-batch", type=int, default=64, help="upper end of the largest-batch search")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: exercise the whole script without a GPU")
+    return parser
+
+
+class CommandError(Exception):
+    """An error whose message is for the user."""
+
+
+def _cmd_list(args) -> int:
+    if args.models:
+        from adapters.base import list_models
+        from adapters import geometry
+
+        runnable = list_models()
+        for name in sorted(set(runnable) | set(geometry.geometry_names())):
+            kind = "runnable" if name in runnable else "geometry only (kvpolicy plan)"
+            print(f"{name:<20} {kind}")
+        return 0
+    import kvpolicy
+
+    policies = kvpolicy.list_policies()
+    width = max(map(len, policies)) if policies else 0
+    for name, description in policies.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from .plan import format_plan, parse_resolution, plan_memory
+    from .policy_spec import parse_dtype
+
+    result = plan_memory(args.model, args.policy, args.budget, resolution=parse_resolution(args.resolution),
+                         aspect_ratio=args.aspect_ratio, batch=args.batch, dtype=parse_dtype(args.dtype),
+                         cfg=not args.no_cfg, budget_file=args.budget_file, calibration=args.calibration)
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .generate import generate_command
+
+    return generate_command(args)
+
+
+def _cmd_compare(args) -> int:
+    from .compare import compare_command
+
+    return compare_command(args)
+
+
+def _cmd_calibrate(args) -> int:
+    from .calibrate import calibrate_command
+
+    return calibrate_command(args)
+
+
+def _cmd_bench_gpu(args) -> int:
+    from .bench_gpu import bench_gpu_command
+
+    return bench_gpu_command(args)
+
+
+COMMANDS = {"list": _cmd_list, "plan": _cmd_plan, "generate": _cmd_generate, "compare": _cmd_compare,
+            "calibrate": _cmd_calibrate, "bench-gpu": _cmd_bench_gpu}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (CommandError, ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:
+        if os.environ.get("KVPOLICY_TRACEBACK"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"kvpolicy {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""``kvpolicy plan``: per-scale KV memory of a model geometry under a policy, without weights.
+
+Uses ``adapters.geometry`` (depth, heads, head dim, schedule) and ``kvpolicy.simulate`` (the same
+cache code a real generation uses), so the bytes are counted, not estimated.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+import kvpolicy
+from adapters import geometry as geo
+from .policy_spec import build_policy, check_budget
+
+MIB = 2 ** 20
+
+
+def resolve_geometry(model: str, resolution=None, aspect_ratio: float = 1.0) -> geo.ModelGeometry:
+    """Geometry of a preset; tiny presets appear once their adapter package is imported."""
+    if model not in geo.geometry_names():
+        for prefix, module in (("infinity", "adapters.infinity"), ("var", "adapters.var")):
+            if model.startswith(prefix):
+                try:
+                    importlib.import_module(module)
+                except ImportError:
+                    pass
+    return geo.get_geometry(model, resolution, aspect_ratio)
+
+
+def parse_resolution(text):
+    if text is None:
+        return None
+    text = str(text).strip()
+    return int(text) if text.isdigit() else text
+
+
+def _role_summary(plan, scale: int) -> str:
+    """'12 drafters x 1234, 20 refiners x 300' for a scale of a plan with roles."""
+    if plan is None or plan.roles is None:
+        return ""
+    groups: dict[str, list] = {}
+    for role, cap in zip(plan.roles[scale], plan.capacities[scale]):
+        groups.setdefault(role or "-", []).append(cap)
+    parts = []
+    for role in sorted(groups):
+        caps = groups[role]
+        if all(c is None for c in caps):
+            desc = "unlimited"
+        else:
+            values = sorted({c for c in caps if c is not None})
+            desc = str(values[0]) if len(values) == 1 else f"{values[0]}..{values[-1]}"
+            if any(c is None for c in caps):
+                desc += "/unlimited"
+        parts.append(f"{len(caps)} {role}{'s' if len(caps) != 1 else ''} x {desc}")
+    return ", ".join(parts)
+
+
+def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect_ratio: float = 1.0,
+                batch: int = 1, dtype: torch.dtype = torch.bfloat16, cfg: bool = True,
+                budget_file: Optional[str] = None, calibration=None) -> dict:
+    """Simulate full cache and the policy on a geometry; return a JSON-friendly dict."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    g = resolve_geometry(model, resolution, aspect_ratio)
+    schedule = g.schedule
+    parsed = None if budget is None else check_budget(budget, schedule, model)
+    policy = build_policy(policy_name, parsed, budget_file=budget_file, calibration=calibration)
+    common = dict(schedule=schedule, num_layers=g.num_layers, num_heads=g.num_heads, head_dim=g.head_dim,
+                  batch=batch, cfg=cfg, dtype=dtype)
+    report = kvpolicy.simulate(policy, **common)
+    plan = policy.plan(schedule, g.num_layers)
+    last_read = max(0, schedule.num_scales - 2)
+    budget_tokens = plan.budget_tokens
+    return {
+        "model": model, "family": g.family, "resolution": resolution, "aspect_ratio": aspect_ratio,
+        "schedule": [list(s) for s in schedule.shapes], "reference_length": schedule.reference_length,
+        "num_layers": g.num_layers, "num_heads": g.num_heads, "head_dim": g.head_dim,
+        "batch": batch, "cfg": cfg, "rows": batch * (2 if cfg else 1), "dtype": str(dtype).replace("torch.", ""),
+        "policy": policy.to_config(), "budget": None if parsed is None else str(parsed), "budget_tokens": budget_tokens,
+        "kv_bytes": report.kv_bytes, "full_kv_bytes": report.full_kv_bytes,
+        "kept_lengths": report.kept_lengths, "capacities": report.capacities,
+        "roles": None if plan.roles is None else [list(r) for r in plan.roles],
+        "role_summary": [_role_summary(plan, s) for s in range(schedule.num_scales)] if plan.roles is not None else None,
+        "peak_kv_bytes": report.peak_kv_bytes, "full_peak_kv_bytes": report.full_peak_kv_bytes,
+        "last_read_scale": last_read,
+        "last_read_ratio": report.kv_bytes[last_read] / report.full_kv_bytes[last_read],
+    }
+
+
+def format_plan(d: dict) -> str:
+    """The human-readable table for ``kvpolicy plan``."""
+    shapes = d["schedule"]
+    res = d["resolution"] if d["resolution"] is not None else "default"
+    lines = [
+        f"{d['model']} ({d['family']}) at {res}, aspect {d['aspect_ratio']:g}: {len(shapes)} scales, "
+        f"{d['num_layers']} layers x {d['num_heads']} heads x {d['head_dim']} dims, "
+        f"batch {d['batch']} ({d['rows']} rows{' with CFG' if d['cfg'] else ''}), {d['dtype']}",
+        f"policy {d['policy']['name']}, budget {d['budget']}"
+        + (f" = {d['budget_tokens']} tokens per layer on average (N_ref = {d['reference_length']})"
+           if d["budget_tokens"] is not None else " (no limit)"),
+        "",
+    ]
+    with_roles = d["role_summary"] is not None
+    header = f"{'scale':>5} {'map':>7} {'cum':>6} {'full MiB':>11} {'policy MiB':>11} {'ratio':>8} {'kept/layer':>10}"
+    lines.append(header + ("  capacities by role" if with_roles else ""))
+    for s, (h, w) in enumerate(shapes):
+        full, mine = d["full_kv_bytes"][s], d["kv_bytes"][s]
+        kept = d["kept_lengths"][s]
+        cum = sum(hh * ww for hh, ww in shapes[: s + 1])
+        row = (f"{s:>5} {f'{h}x{w}':>7} {cum:>6} {full / MIB:>11.2f} {mine / MIB:>11.2f} {mine / full:>8.4f} "
+               f"{sum(kept) / len(kept):>10.1f}")
+        if with_roles:
+            row += "  " + d["role_summary"][s]
+        lines.append(row)
+    s = d["last_read_scale"]
+    full, mine = d["full_kv_bytes"][s], d["kv_bytes"][s]
+    lines.append("")
+    lines.append(f"cache the last scale reads (after scale {s}): full {full / MIB:.2f} MiB, "
+                 f"{d['policy']['name']} {mine / MIB:.2f} MiB, ratio {d['last_read_ratio']:.6f}"
+                 + (f" (budget {d['budget_tokens']}/{d['reference_length']} = "
+                    f"{d['budget_tokens'] / d['reference_length']:.6f})" if d["budget_tokens"] is not None else ""))
+    lines.append(f"peak (incl. one layer's current map before compression): full {d['full_peak_kv_bytes'] / MIB:.2f} MiB, "
+                 f"{d['policy']['name']} {d['peak_kv_bytes'] / MIB:.2f} MiB, "
+                 f"ratio {d['peak_kv_bytes'] / d['full_peak_kv_bytes']:.4f}")
+    return "\n".join(lines)

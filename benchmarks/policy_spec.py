@@ -1,0 +1,74 @@
+"""Turning command-line policy names, budgets and files into policies, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import kvpolicy
+from kvpolicy import ScaleSchedule, Tokens, parse_budget
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    try:
+        return DTYPES[text]
+    except KeyError:
+        raise ValueError(f"dtype {text!r} is not one of {', '.join(DTYPES)}") from None
+
+
+def split_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"{what} {text!r} is empty; give a comma-separated list")
+    duplicates = sorted({t for t in items if items.count(t) > 1})
+    if duplicates:
+        raise ValueError(f"{what} {text!r} repeats {duplicates}")
+    return items
+
+
+def check_policy_name(name: str) -> None:
+    """Raise the registry's error (known names, closest match) for an unknown policy."""
+    kvpolicy.policy_class(name)
+
+
+def check_budget(budget, schedule: ScaleSchedule, model: str):
+    """Parse a budget and reject token counts beyond the longest cache the last scale reads."""
+    parsed = parse_budget(budget)
+    if isinstance(parsed, Tokens) and parsed.count > schedule.reference_length:
+        raise ValueError(f"budget {budget!r} is out of range for {model}: at most {schedule.reference_length} "
+                         f"tokens per layer (the longest cache its last scale reads) or a percentage in (0%, 100%]")
+    return parsed
+
+
+def load_calibration(path: str | Path):
+    """A ``kvpolicy.calibration.CalibrationResult`` saved by ``kvpolicy calibrate``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file {str(path)!r} does not exist (make one with `kvpolicy calibrate`)")
+    from kvpolicy.calibration import CalibrationResult
+
+    return CalibrationResult.load(path)
+
+
+def build_policy(name: str, budget=None, *, budget_file: Optional[str] = None, calibration=None,
+                 options: Optional[dict] = None):
+    """``get_policy(name, budget=…)`` plus ScaleKV's sources of a capacity plan (a released budget
+    file or a calibration result); those files are refused for other policies rather than ignored."""
+    check_policy_name(name)
+    options = dict(options or {})
+    if budget_file is not None or calibration is not None:
+        if name != "scalekv":
+            raise ValueError(f"--budget-file/--calibration configure the 'scalekv' policy, not {name!r}")
+        if budget_file is not None:
+            if not Path(budget_file).is_file():
+                raise FileNotFoundError(f"budget file {str(budget_file)!r} does not exist")
+            options["budget_file"] = str(budget_file)
+        if calibration is not None:
+            options["calibration"] = load_calibration(calibration) if isinstance(calibration, (str, Path)) else calibration
+    if budget is not None:
+        options["budget"] = budget
+    return kvpolicy.get_policy(name, **options)
