@@ -125,6 +125,21 @@ def test_unwrapped_spelling_in_a_full_checkpoint_loads_identically(golden, golde
     assert (image - golden["decode_case"]["image"]).abs().max().item() <= IMAGE_TOL
 
 
+def test_bf16_autocast_and_bf16_weights(golden, golden_state):
+    """The official run decodes under bf16 autocast (reference §9); both bf16 routes work."""
+    case = golden["decode_case"]
+    decoder = load_bsq_vae(golden_state)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_image = decoder.decode(case["summed_codes"])
+    bf16_decoder = load_bsq_vae(golden_state, dtype=torch.bfloat16)
+    assert bf16_decoder.conv_in.conv.weight.dtype == torch.bfloat16
+    weights_image = bf16_decoder.decode(case["summed_codes"])  # float32 input is cast to the weights
+    for image in (autocast_image, weights_image):
+        assert image.dtype == torch.bfloat16
+        assert 0 < (image.float() - case["image"]).abs().max() < 0.1  # bf16 rounding, nothing worse
+        assert images_to_uint8(image).shape == (2, 16, 16, 3)
+
+
 def test_missing_key_is_an_error_naming_it(golden_state):
     state = dict(golden_state)
     del state["decoder.up.0.block.0.nin_shortcut.conv.weight"]
@@ -145,10 +160,12 @@ def test_mis_shaped_key_is_an_error_even_when_not_strict(golden_state):
 
 def test_unexpected_keys_and_bad_masks_are_errors(golden_state):
     state = {**golden_state, "decoder.mid.attn_1.q.conv.weight": torch.zeros(64, 64, 1, 1)}
-    with pytest.raises(KeyError, match=r"unexpected keys: decoder\.mid\.attn_1\.q\.conv\.weight"):
+    with pytest.raises(KeyError, match=r"unexpected decoder keys: decoder\.mid\.attn_1\.q\.conv\.weight"):
         load_bsq_vae(state)
     with pytest.warns(UserWarning, match="attn_1"):
         load_bsq_vae(state, strict=False)
+    with pytest.warns(UserWarning, match=r"ignored 1 keys.*discriminator\.conv\.weight"):
+        load_bsq_vae({**golden_state, "discriminator.conv.weight": torch.zeros(2)})
     with pytest.raises(ValueError, match="codebook_dim=32"):
         load_bsq_vae({**golden_state, "quantizer.lfq.mask": torch.ones(14)})
     both = {**golden_state, "decoder.conv_in.weight": golden_state["decoder.conv_in.conv.weight"]}

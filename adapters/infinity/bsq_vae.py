@@ -300,6 +300,13 @@ class _Norm(nn.Module):
         return self.norm(x)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no per-device query
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 def _swish(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)  # written out as the official code does (not F.silu)
 
@@ -381,7 +388,7 @@ class BSQVAEDecoder(nn.Module):
             raise ValueError(
                 f"decoder input must be floating (B, {d}, H, W) codes, got {tuple(codes.shape)} {codes.dtype}"
             )
-        if not torch.is_autocast_enabled(codes.device.type):
+        if not _autocast_enabled(codes.device.type):
             codes = codes.to(self.conv_in.conv.weight.dtype)  # run in the weights' dtype
         h = self.conv_in(codes)
         h = self.mid.block_2(self.mid.block_1(h))
@@ -533,9 +540,10 @@ def load_bsq_vae(
     quantizer's ``lfq.mask`` buffers are skipped explicitly. config: None infers the shape from the
     weights (the released layouts map to their presets, so the d56 file gets spatial patchify).
 
-    strict: missing decoder keys and unknown keys are errors; with ``strict=False`` they are
-    reported as warnings and missing weights keep their initial values. A shape mismatch is always
-    an error.
+    strict: missing decoder keys and unknown ``decoder.*`` keys (parts this decoder does not have,
+    e.g. attention) are errors; with ``strict=False`` they are warnings and missing weights keep
+    their initial values. A shape mismatch is always an error. Keys outside ``decoder.*`` and
+    ``encoder.*`` cannot affect decoding: they are skipped with a warning that lists them.
     """
     if isinstance(source, (str, os.PathLike)):
         source = _read_file(os.fspath(source))
@@ -548,7 +556,7 @@ def load_bsq_vae(
     unwrapped_to_wrapped = {_unwrap(k): k for k in wrapped_to_own}
 
     found: dict[str, torch.Tensor] = {}
-    unexpected, duplicated = [], []
+    unexpected, foreign, duplicated = [], [], []
     for key, value in state.items():
         if key in wrapped_to_own:
             target = key
@@ -563,8 +571,11 @@ def load_bsq_vae(
                     f"bits but the config says codebook_dim={config.codebook_dim}"
                 )
             continue  # powers of two for int labels; bit labels do not use it
+        elif isinstance(key, str) and key.startswith(DECODER_PREFIX):
+            unexpected.append(key)  # a decoder part we do not build: a different architecture
+            continue
         else:
-            unexpected.append(str(key))
+            foreign.append(str(key))  # cannot affect decoding; reported, never an error
             continue
         if target in found:
             duplicated.append(target)
@@ -584,13 +595,20 @@ def load_bsq_vae(
     if missing:
         problems.append(f"missing decoder keys: {_describe(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_describe(unexpected)}")
+        problems.append(f"unexpected decoder keys: {_describe(unexpected)}")
     if problems:
         message = "BSQ-VAE state dict does not match the decoder: " + "; ".join(problems)
         if strict:
             raise KeyError(message)
         warnings.warn(message + " (strict=False: continuing)", stacklevel=2)
 
+    if foreign:
+        prefixes = sorted({k.split(".")[0] for k in foreign})
+        warnings.warn(
+            f"BSQ-VAE source: ignored {len(foreign)} keys outside decoder.*/encoder.* "
+            f"(prefixes {prefixes}): {_describe(foreign, 6)}",
+            stacklevel=2,
+        )
     with torch.no_grad():
         for key, value in found.items():
             param = own[wrapped_to_own[key]]
