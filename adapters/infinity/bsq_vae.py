@@ -232,8 +232,9 @@ def _require_value(fields: Mapping[str, Any], name: str, allowed: tuple) -> None
 def bits_to_codes(bits: torch.Tensor, codebook_dim: int, *, spatial_patchify: bool = False) -> torch.Tensor:
     """Bits ``(B, h, w, k)`` -> BSQ codes ``(B, d, h', w')`` float32, as ``lfq.indices_to_codes``.
 
-    code = bit * 2s - s with s = 1/sqrt(d), then L2-normalised over the d bits (one float32 ulp
-    can move; the official value for d = 32 is 0.1767767071723938, one ulp above 1/sqrt(32)).
+    code = bit * 2s - s with s = 1/sqrt(d), then L2-normalised over the d bits, which can move a
+    value by one float32 ulp (for d = 32 the official value is 0.1767767071723938, one ulp above
+    1/sqrt(32)); we do the same arithmetic, so the codes are bit-identical.
     Without patchify k = d and (h', w') = (h, w). With spatial patchify (8B) the bits are in
     transformer-token layout, k = 4d, and are pixel-shuffled by 2 first (token channel j goes to VAE
     channel j // 4 at (2y + (j % 4) // 2, 2x + j % 2)), giving (h', w') = (2h, 2w).
