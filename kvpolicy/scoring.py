@@ -7,6 +7,8 @@ cache stored per KV head is scored per KV head.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -101,3 +103,85 @@ def recent_positions(length: int, count: int, device=None) -> torch.Tensor:
 
 def first_positions(length: int, count: int, device=None) -> torch.Tensor:
     return torch.arange(max(0, min(count, length)), device=device)
+
+
+# -- observation windows spread over the current map (ScaleKV) -------------------------------------
+
+def observation_window_positions(h: int, w: int, size: int = 16, start: int = 0, *,
+                                 length: int | None = None, device=None) -> torch.Tensor:
+    """ScaleKV's observation window: the centres of a √size x √size grid of patches on an h x w map.
+
+    Patches have size (h // g, w // g) with g = √size; the centre of patch (i, j) is row
+    i·ph + (ph − 1)//2, column j·pw + (pw − 1)//2, at cache position ``start + row·w + col``
+    (ascending, row-major). For square maps this is exactly the released code's rule (ScaleKV
+    ``scale_kv.py``, reference/scalekv.md §4.2); non-square maps use the same formula per axis
+    (§4.4), where the released code would misread the map. When h < g or w < g (maps too small for
+    the grid) the window is the last ``size`` tokens of the cache, ending at ``length`` (default
+    ``start + h·w``), as released; it may then reach into earlier scales.
+    """
+    grid = math.isqrt(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0
+    if grid * grid != size or size < 1:
+        raise ValueError(f"observation window size must be a positive perfect square (4, 9, 16, ...), got {size!r}")
+    if h < 1 or w < 1 or start < 0:
+        raise ValueError(f"map ({h}, {w}) at start {start}: sides must be >= 1 and start >= 0")
+    end = start + h * w if length is None else int(length)
+    if end < start + h * w:
+        raise ValueError(f"cache length {end} is shorter than the map's end {start + h * w}")
+    if h < grid or w < grid:
+        count = min(size, end)
+        return torch.arange(end - count, end, device=device)
+    rows = torch.arange(grid, device=device) * (h // grid) + (h // grid - 1) // 2
+    cols = torch.arange(grid, device=device) * (w // grid) + (w // grid - 1) // 2
+    return start + (rows[:, None] * w + cols[None, :]).reshape(-1)
+
+
+def window_queries(queries: torch.Tensor, window: torch.Tensor, current_start: int) -> torch.Tensor:
+    """The rows of the current map's queries (B, H, n, D) at the window positions that lie in the
+    current map (a fallback window may reach into history, which has no queries here)."""
+    local = window[window >= current_start] - current_start
+    if local.numel() and int(local.max()) >= queries.shape[2]:
+        raise ValueError(f"window position {int(local.max()) + current_start} is past the current map "
+                         f"({queries.shape[2]} queries from position {current_start})")
+    return queries.index_select(2, local.to(queries.device))
+
+
+def summed_window_logits(window_q: torch.Tensor, keys: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Released ScaleKV score: raw logits q·Kᵀ/√D of the window queries, window columns −inf, summed
+    over the window queries -> (B, Hkv, L) in the keys' dtype.
+
+    Same operations in the same order as the released code (matmul, divide, mask, sum), so the
+    result is bit-identical to it. Grouped query heads are summed with the window queries.
+    """
+    batch, kv_heads, length, dim = keys.shape
+    q = _group_queries(window_q.to(keys.dtype), kv_heads)
+    q = q.reshape(batch, kv_heads, q.shape[2] * q.shape[3], dim)
+    logits = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(dim)
+    if window.numel():
+        mask = torch.zeros(length, dtype=torch.bool, device=keys.device)
+        mask[window] = True
+        logits = logits.masked_fill(mask, float("-inf"))
+    return logits.sum(dim=2)
+
+
+def topk_plus_forced_exact(scores: torch.Tensor, forced: torch.Tensor, capacity: int) -> torch.Tensor:
+    """``torch.topk(scores, capacity − len(forced))`` on the scores exactly as given (forced
+    positions must already be −inf), then the forced positions appended and everything sorted:
+    the released ScaleKV/SnapKV form, tie for tie.
+
+    ``topk_with_forced`` lifts non-forced −inf scores first, which can change how torch.topk
+    splits a group of equal scores; this keeps the reference's choice. If the top-k had to reach
+    into −inf scores (fewer finite candidates than slots, where the reference would return a forced
+    position twice), it falls back to ``topk_with_forced``.
+    """
+    batch, heads, length = scores.shape
+    n_forced = int(forced.numel())
+    if capacity >= length:
+        return torch.arange(length, device=scores.device).expand(batch, heads, length).clone()
+    if n_forced > capacity:
+        raise ValueError(f"{n_forced} positions are forced to stay but the capacity is {capacity}")
+    keep = min(capacity - n_forced, length - n_forced)
+    top = scores.topk(keep, dim=-1)
+    if keep and bool(torch.isneginf(top.values).any() | torch.isnan(top.values).any()):
+        return topk_with_forced(scores, forced, capacity)
+    chosen = torch.cat([top.indices, forced.to(scores.device).view(1, 1, -1).expand(batch, heads, -1)], dim=-1)
+    return chosen.sort(dim=-1).values

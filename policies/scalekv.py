@@ -1,0 +1,254 @@
+"""ScaleKV (Li et al., "Memory-Efficient Visual Autoregressive Modeling with Scale-Aware KV Cache
+Compression", arXiv 2505.19602; code StargazerX0/ScaleKV @ eb0615a). Facts: reference/scalekv.md.
+
+Budgets: layers are *drafters* (attention spread over the history: large budget) or *refiners*
+(attention on the current map: small budget) per scale; the layer mean equals the budget at every
+compressed scale. The roles come from exactly one of
+
+- ``budget_file=PATH``: a released budget JSON (rows "Scale N"; row N caps the cache after scale
+  N − 2, the last scale reuses the last row, §3.4). The budget defaults to the file's layer mean
+  (650 for the released 10 % files) and is the threshold that starts compression (§3.5);
+- ``calibration=``: a ``kvpolicy.calibration.CalibrationResult`` (or its JSON path) ranking
+  (layer, scale) pairs by the Attention Selectivity Index, with ``allocation=`` "released" or "paper";
+- ``drafters=``: ``{decision scale: [layers]}`` or one ``[layers]`` list for every decision scale.
+
+Selection, after a scale's attention, per batch row and head (vectorised): the observation window
+(centres of a 4 × 4 patch grid on the current map, ``scoring.observation_window_positions``) is
+always kept; every other token is scored by the window queries, pooled along the flattened cache
+(kernel 5), and the top (capacity − window) are kept; indices ascending. Two modes:
+
+- ``mode="attention"`` (default, the paper §4.1): the model's real queries (``queries=``, logits
+  = queries·keysᵀ already scaled), softmax probabilities over the whole cache summed over the
+  window queries, average pooling by default; window tokens are masked only *after* pooling (so
+  their own high scores lift their neighbours; masking first, as the released code does, would
+  spread −∞ to 4 neighbours under average pooling).
+- ``mode="reference"``: the released code bit for bit (§4.2): ``raw_queries=`` (x·W_qᵀ: no bias,
+  norm, scale or RoPE), raw logits q·Kᵀ/√D with window columns −∞ summed over the window queries,
+  max pooling (or "avg" as released), window −∞ again, ``torch.topk`` on the (B, H, L) scores.
+
+Deviations from the released code, all outside its 1:1 '1M' path: the window uses the real map
+shape (h, w) instead of a hard-coded 1:1 token count; window positions in the history (small-map
+fallback) keep their tokens but contribute no query; a capacity below the window size is an error
+at planning time (the released code keeps the whole window, over capacity); where the top-k would
+reach into −∞ scores (the released code then keeps a window token twice) unique tokens are kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import attrs
+import torch
+
+from kvpolicy import CapacityPlan, Policy, Selection, register_policy, scoring
+from kvpolicy.calibration import ALLOCATIONS, BudgetFile, allocate, default_refiner_floor
+
+MODES = ("attention", "reference")
+_POOLING = {"max": "max", "maxpool": "max", "avg": "avg", "avgpool": "avg", "mean": "avg"}
+
+
+def _pooling(value):
+    if value is None:
+        return None
+    if value not in _POOLING:
+        raise ValueError(f"pooling must be 'max' or 'avg' (or 'maxpool'/'avgpool'), got {value!r}")
+    return _POOLING[value]
+
+
+def _path(value):
+    return None if value is None else str(value)
+
+
+def _drafters(value):
+    """{scale: [layers]} (JSON keys may be strings) or one [layers] list; stored as tuples."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        out = {}
+        for key, layers in value.items():
+            try:
+                scale = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"drafters keys are scale indices, got {key!r}") from None
+            if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+                raise ValueError(f"drafters[{key!r}] must be a list of layer indices, got {layers!r}")
+            out[scale] = tuple(layers)
+        return out
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"drafters must be {{scale: [layers]}} or a list of layers, got {value!r}")
+    return tuple(value)
+
+
+def _calibration(value):
+    if value is None:
+        return None
+    from kvpolicy.calibration import CalibrationResult
+
+    if isinstance(value, CalibrationResult):
+        return value
+    if isinstance(value, dict):
+        return CalibrationResult.from_dict(value)
+    if isinstance(value, (str, Path)):
+        return CalibrationResult.load(value)
+    raise TypeError(f"calibration must be a CalibrationResult, its dict or a JSON path, got {type(value).__name__}")
+
+
+def _positive(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
+
+
+def _optional_positive(instance, attribute, value):
+    if value is not None:
+        _positive(instance, attribute, value)
+
+
+@attrs.define(kw_only=True)
+class WindowSelection:
+    """ScaleKV's token selection (shared with the ``uniform`` ablation): see the module docstring."""
+
+    mode: str = attrs.field(default="attention", validator=attrs.validators.in_(MODES))
+    window_size: int = attrs.field(default=16, validator=_positive)
+    kernel_size: int = attrs.field(default=5, validator=_positive)
+    pooling: Optional[str] = attrs.field(default=None, converter=_pooling)
+
+    def __attrs_post_init__(self):
+        scoring.observation_window_positions(1, 1, self.window_size)  # perfect-square check
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (same-length pooling), got {self.kernel_size}")
+
+    @property
+    def effective_pooling(self) -> str:
+        return self.pooling or ("max" if self.mode == "reference" else "avg")
+
+    @property
+    def needs_queries(self) -> bool:
+        return self.mode == "attention"
+
+    @property
+    def needs_raw_queries(self) -> bool:
+        return self.mode == "reference"
+
+    def window(self, ctx, device) -> torch.Tensor:
+        h, w = ctx.current_shape
+        return scoring.observation_window_positions(h, w, self.window_size, ctx.current_start,
+                                                    length=ctx.length, device=device)
+
+    def indices(self, keys: torch.Tensor, ctx) -> torch.Tensor:
+        window = self.window(ctx, keys.device)
+        if self.mode == "reference":
+            q = scoring.window_queries(ctx.raw_queries, window, ctx.current_start)
+            scores = scoring.summed_window_logits(q, keys, window)
+            pooled = scoring.pool_scores(scores, self.kernel_size, self.effective_pooling)
+            pooled = pooled.index_fill(-1, window, float("-inf"))
+            return scoring.topk_plus_forced_exact(pooled, window, ctx.capacity)
+        q = scoring.window_queries(ctx.queries, window, ctx.current_start)
+        scores = scoring.attention_scores(q, keys, softmax=True)
+        pooled = scoring.pool_scores(scores, self.kernel_size, self.effective_pooling)
+        return scoring.topk_with_forced(pooled, window, ctx.capacity)
+
+    def check_plan(self, plan: CapacityPlan, policy: str) -> CapacityPlan:
+        low = min((c for row in plan.capacities for c in row if c is not None), default=None)
+        if low is not None and low < self.window_size:
+            raise ValueError(f"{policy}: a layer capacity of {low} tokens is below window_size={self.window_size}; "
+                             "the observation window alone would overflow it (raise the budget or lower window_size)")
+        return plan
+
+
+@register_policy("scalekv")
+@attrs.define(kw_only=True)
+class ScaleKV(Policy):
+    """ScaleKV: drafter/refiner budgets per scale and observation-window token selection."""
+
+    mode: str = attrs.field(default="attention", validator=attrs.validators.in_(MODES))
+    budget_file: Optional[str] = attrs.field(default=None, converter=_path)
+    calibration: Any = attrs.field(default=None, converter=_calibration)
+    drafters: Any = attrs.field(default=None, converter=_drafters)
+    allocation: str = attrs.field(default="released", validator=attrs.validators.in_(ALLOCATIONS))
+    refiner_floor: Optional[int] = attrs.field(default=None, validator=_optional_positive)
+    refiner_initial: Optional[int] = attrs.field(default=None, validator=_optional_positive)
+    refiner_decay: Optional[int] = attrs.field(default=None)
+    num_drafters: Optional[int] = attrs.field(default=None)
+    window_size: int = attrs.field(default=16, validator=_positive)
+    kernel_size: int = attrs.field(default=5, validator=_positive)
+    pooling: Optional[str] = attrs.field(default=None, converter=_pooling)
+    _file: Optional[BudgetFile] = attrs.field(default=None, init=False, repr=False, eq=False)
+    _selection: WindowSelection = attrs.field(default=None, init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self):
+        sources = [n for n in ("budget_file", "calibration", "drafters") if getattr(self, n) is not None]
+        if len(sources) != 1:
+            raise ValueError("scalekv needs exactly one source of drafter/refiner roles: budget_file=PATH "
+                             "(a released budget JSON), calibration=RESULT_OR_PATH, or drafters={scale: [layers]} "
+                             f"(or drafters=[layers] for every scale); got {sources or 'none'}")
+        if self.budget_file is not None:
+            extra = [n for n in ("refiner_floor", "refiner_initial", "refiner_decay") if getattr(self, n) is not None]
+            if self.allocation != "released" or extra:
+                raise ValueError(f"allocation options {extra or ['allocation']} do not apply to budget_file "
+                                 "(the file fixes every capacity)")
+            self._file = BudgetFile.load(self.budget_file)
+        if self.allocation == "released" and (self.refiner_initial is not None or self.refiner_decay is not None):
+            raise ValueError("refiner_initial/refiner_decay belong to allocation='paper'")
+        if self.refiner_decay is not None and (isinstance(self.refiner_decay, bool) or not isinstance(self.refiner_decay, int)
+                                               or self.refiner_decay < 0):
+            raise ValueError(f"refiner_decay must be an int >= 0, got {self.refiner_decay!r}")
+        if self.num_drafters is not None:
+            if self.calibration is None:
+                raise ValueError("num_drafters applies to calibration= only (the other sources name their drafters)")
+            if isinstance(self.num_drafters, bool) or not isinstance(self.num_drafters, int) or self.num_drafters < 0:
+                raise ValueError(f"num_drafters must be an int >= 0, got {self.num_drafters!r}")
+        self._selection = WindowSelection(mode=self.mode, window_size=self.window_size,
+                                          kernel_size=self.kernel_size, pooling=self.pooling)
+
+    @property
+    def needs_queries(self) -> bool:
+        return self._selection.needs_queries
+
+    @property
+    def needs_raw_queries(self) -> bool:
+        return self._selection.needs_raw_queries
+
+    def budget_tokens(self, schedule, budget=None):
+        if self._file is not None:
+            implied = self._file.implied_budget()
+            chosen = self.budget if budget is None else budget
+            if chosen is None:
+                if implied is None:
+                    raise ValueError(f"budget file {self.budget_file!r} has no common integer layer mean; "
+                                     "pass budget= (the token count that starts compression)")
+                return implied
+            tokens = super().budget_tokens(schedule, chosen)
+            if implied is not None and tokens != implied:
+                raise ValueError(f"budget {chosen} is {tokens} tokens per layer but budget file {self.budget_file!r} "
+                                 f"averages {implied}; pass budget={implied} or leave budget out")
+            return tokens
+        return super().budget_tokens(schedule, budget)
+
+    def make_plan(self, schedule, num_layers, budget_tokens):
+        if self._file is not None:
+            plan = self._file.to_plan(schedule, num_layers, budget_tokens, policy=self.name)
+        else:
+            drafters = self.drafters
+            if self.calibration is not None:
+                drafters = self.calibration.drafters(schedule, budget_tokens, num_drafters=self.num_drafters)
+                if self.calibration.num_layers != num_layers:
+                    raise ValueError(f"calibration has {self.calibration.num_layers} layers, the model {num_layers}")
+            floor = self.refiner_floor
+            if floor is None:
+                floor = min(budget_tokens, max(self.window_size, default_refiner_floor(budget_tokens)))
+            plan = allocate(schedule, num_layers, budget_tokens, drafters, allocation=self.allocation,
+                            refiner_floor=floor, refiner_initial=self.refiner_initial,
+                            refiner_decay=self.refiner_decay, policy=self.name)
+        return self._selection.check_plan(plan, self.name)
+
+    def select(self, keys, values, ctx):
+        if ctx.capacity is None or ctx.length <= ctx.capacity:
+            return Selection(None, ctx.state)
+        return Selection(self._selection.indices(keys, ctx), ctx.state)
+
+    def budget_file_export(self, schedule, num_layers, budget=None) -> BudgetFile:
+        """This policy's plan in the released budget-file format."""
+        from kvpolicy.calibration import plan_to_budget_file
+
+        return plan_to_budget_file(self.plan(schedule, num_layers, budget), schedule)
