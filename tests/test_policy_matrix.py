@@ -191,12 +191,11 @@ CASES = [(name, sched, budget) for name in POLICIES for sched in SCHEDULES
          for budget in budget_cases(SCHEDULES[sched])]
 
 
-@pytest.mark.parametrize("name,schedule_name,budget", CASES, ids=lambda v: str(v))
-def test_matrix(name, schedule_name, budget):
-    schedule = SCHEDULES[schedule_name]
+def matrix_case(name: str, schedule: ScaleSchedule, budget, seed: int = 0) -> None:
+    """One matrix cell: plan invariants, a checked generation, determinism and no stale state."""
     policy = make_policy(name, budget)
     check_plan(policy, schedule, 3)
-    inputs = make_inputs(schedule, num_layers=3, rows=4, seed=zlib.crc32(f"{name}/{schedule_name}".encode()) % 1000)
+    inputs = make_inputs(schedule, num_layers=3, rows=4, seed=seed)
     cache = KVCache(3, schedule, policy)
     first = check_generation(policy, inputs, cache)
     # Determinism and no stale state: the same cache after reset() and a brand-new cache (and a
@@ -208,9 +207,8 @@ def test_matrix(name, schedule_name, budget):
     assert first.report.kv_bytes == again.report.kv_bytes == fresh.report.kv_bytes
 
 
-@pytest.mark.parametrize("name", POLICIES)
-def test_budget_at_least_full_length_is_full(name):
-    schedule = INFINITY_7
+def full_budget_case(name: str, schedule: ScaleSchedule = INFINITY_7) -> None:
+    """A budget covering every token behaves exactly like the full cache."""
     inputs = make_inputs(schedule, num_layers=2, rows=2, seed=3)
     full = check_generation(kvpolicy.get_policy("full"), inputs)
     for budget in (Tokens(schedule.total), Tokens(schedule.total + 17), Tokens(10**6)):
@@ -220,9 +218,9 @@ def test_budget_at_least_full_length_is_full(name):
         assert trace.report.peak_kv_bytes == full.report.peak_kv_bytes
 
 
-@pytest.mark.parametrize("name", POLICIES)
-def test_each_row_compressed_as_if_alone(name):
-    inputs = make_inputs(VAR_256, num_layers=2, rows=3, seed=11)
+def rows_alone_case(name: str, schedule: ScaleSchedule = VAR_256) -> None:
+    """Each batch row is compressed exactly as if it were alone."""
+    inputs = make_inputs(schedule, num_layers=2, rows=3, seed=11)
     together = check_generation(make_policy(name, "10%"), inputs)
     for r in range(inputs.rows):
         alone = check_generation(make_policy(name, "10%"), inputs.row(r))
@@ -230,8 +228,8 @@ def test_each_row_compressed_as_if_alone(name):
             assert torch.equal(idx[r:r + 1], alone.indices[key]), f"{name}: row {r} differs at (scale, layer) {key}"
 
 
-@pytest.mark.parametrize("name", POLICIES)
-def test_config_round_trip(name):
+def config_case(name: str) -> None:
+    """to_config / from_config round-trip to an equal policy."""
     policy = make_policy(name, "10%")
     config = policy.to_config()
     assert config["name"] == name
@@ -239,6 +237,26 @@ def test_config_round_trip(name):
     assert type(rebuilt) is type(policy) and rebuilt == policy
     assert rebuilt.to_config() == config
     assert kvpolicy.Policy.from_config(make_policy(name, Tokens(77)).to_config()).budget == Tokens(77)
+
+
+@pytest.mark.parametrize("name,schedule_name,budget", CASES, ids=lambda v: str(v))
+def test_matrix(name, schedule_name, budget):
+    matrix_case(name, SCHEDULES[schedule_name], budget, seed=zlib.crc32(f"{name}/{schedule_name}".encode()) % 1000)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_budget_at_least_full_length_is_full(name):
+    full_budget_case(name)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_each_row_compressed_as_if_alone(name):
+    rows_alone_case(name)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_config_round_trip(name):
+    config_case(name)
 
 
 @pytest.mark.parametrize("name", POLICIES)

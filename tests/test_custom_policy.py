@@ -1,0 +1,58 @@
+"""The README's custom-policy example: it runs as documented, registers, and passes the matrix."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+import kvpolicy
+from test_policy_matrix import SCHEDULES, budget_cases, config_case, full_budget_case, matrix_case, rows_alone_case
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SECTION = "## Register a custom policy"
+
+
+def readme_blocks() -> tuple[str, str]:
+    """(the section's python block, the output block that follows it)."""
+    text = README.read_text()
+    assert SECTION in text, f"README.md has no {SECTION!r} section"
+    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(code) == 1, f"the section must hold exactly one python block, found {len(code)}"
+    output = re.findall(r"Output:\s*\n```\n(.*?)```", section, flags=re.S)
+    assert len(output) == 1, "the python block must be followed by its 'Output:' block"
+    return code[0], output[0]
+
+
+@pytest.fixture(scope="module")
+def custom_policy_name() -> str:
+    code, expected = readme_blocks()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, str(README), "exec"), {"__name__": "readme_custom_policy"})
+    assert printed.getvalue() == expected, "the README's documented output is not what the example prints"
+    match = re.search(r'@register_policy\("([a-z0-9_]+)"\)', code)
+    assert match, "the example must register a policy with @register_policy(\"name\")"
+    return match.group(1)
+
+
+def test_readme_example_registers_a_policy(custom_policy_name):
+    assert custom_policy_name in kvpolicy.list_policies()
+    assert kvpolicy.list_policies()[custom_policy_name] == "Keep a seeded random subset of the cache (a sanity baseline)."
+
+
+@pytest.mark.parametrize("schedule_name", sorted(SCHEDULES))
+def test_custom_policy_passes_the_matrix(custom_policy_name, schedule_name):
+    schedule = SCHEDULES[schedule_name]
+    for budget in budget_cases(schedule):
+        matrix_case(custom_policy_name, schedule, budget, seed=7)
+
+
+def test_custom_policy_passes_the_other_matrix_checks(custom_policy_name):
+    full_budget_case(custom_policy_name)
+    rows_alone_case(custom_policy_name)
+    config_case(custom_policy_name)
