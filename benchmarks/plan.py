@@ -41,6 +41,8 @@ def _role_summary(plan, scale: int) -> str:
     """'12 drafters x 1234, 20 refiners x 300' for a scale of a plan with roles."""
     if plan is None or plan.roles is None:
         return ""
+    if all(r is None for r in plan.roles[scale]):
+        return "no roles (nothing to compress yet)" if all(c is None for c in plan.capacities[scale]) else ""
     groups: dict[str, list] = {}
     for role, cap in zip(plan.roles[scale], plan.capacities[scale]):
         groups.setdefault(role or "-", []).append(cap)
@@ -98,7 +100,7 @@ def format_plan(d: dict) -> str:
         f"{d['model']} ({d['family']}) at {res}, aspect {d['aspect_ratio']:g}: {len(shapes)} scales, "
         f"{d['num_layers']} layers x {d['num_heads']} heads x {d['head_dim']} dims, "
         f"batch {d['batch']} ({d['rows']} rows{' with CFG' if d['cfg'] else ''}), {d['dtype']}",
-        f"policy {d['policy']['name']}, budget {d['budget']}"
+        f"policy {d['policy']['name']}, budget {d['budget'] or 'from the policy configuration'}"
         + (f" = {d['budget_tokens']} tokens per layer on average (N_ref = {d['reference_length']})"
            if d["budget_tokens"] is not None else " (no limit)"),
         "",

@@ -44,16 +44,6 @@ def check_budget(budget, schedule: ScaleSchedule, model: str):
     return parsed
 
 
-def load_calibration(path: str | Path):
-    """A ``kvpolicy.calibration.CalibrationResult`` saved by ``kvpolicy calibrate``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration file {str(path)!r} does not exist (make one with `kvpolicy calibrate`)")
-    from kvpolicy.calibration import CalibrationResult
-
-    return CalibrationResult.load(path)
-
-
 def build_policy(name: str, budget=None, *, budget_file: Optional[str] = None, calibration=None,
                  options: Optional[dict] = None):
     """``get_policy(name, budget=…)`` plus ScaleKV's sources of a capacity plan (a released budget
@@ -68,7 +58,16 @@ def build_policy(name: str, budget=None, *, budget_file: Optional[str] = None, c
                 raise FileNotFoundError(f"budget file {str(budget_file)!r} does not exist")
             options["budget_file"] = str(budget_file)
         if calibration is not None:
-            options["calibration"] = load_calibration(calibration) if isinstance(calibration, (str, Path)) else calibration
+            if isinstance(calibration, (str, Path)) and not Path(calibration).is_file():
+                raise FileNotFoundError(f"calibration file {str(calibration)!r} does not exist "
+                                        "(make one with `kvpolicy calibrate`)")
+            options["calibration"] = str(calibration) if isinstance(calibration, Path) else calibration
     if budget is not None:
         options["budget"] = budget
-    return kvpolicy.get_policy(name, **options)
+    try:
+        return kvpolicy.get_policy(name, **options)
+    except ValueError as exc:
+        if name == "scalekv" and budget_file is None and calibration is None:
+            raise ValueError(f"{exc}. On the command line: --budget-file FILE (released ScaleKV budgets) or "
+                             "--calibration FILE (from `kvpolicy calibrate --model M --out FILE`)") from None
+        raise

@@ -1,0 +1,251 @@
+"""Result files of ``kvpolicy compare``: results.jsonl, summary.md, plots and a contact sheet.
+
+``results.jsonl`` holds one row per image x configuration (the full-cache reference rows have
+``policy == "reference"``). Everything else is derived from it, so a resumed run rewrites the
+summary, plots and contact sheet from all finished rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+MIB = 2 ** 20
+REFERENCE = "reference"
+
+
+# -- results.jsonl ----------------------------------------------------------------------------------
+
+def append_rows(path: Path, rows: Iterable[dict]) -> None:
+    """Append rows and flush, so an interruption loses at most the job in flight."""
+    path = Path(path)
+    # A line cut short by an interruption must not swallow the next row.
+    needs_newline = False
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, 2)
+            needs_newline = f.read(1) != b"\n"
+    with open(path, "a", encoding="utf-8") as f:
+        if needs_newline:
+            f.write("\n")
+        for row in rows:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+        f.flush()
+
+
+def read_rows(path: Path) -> list[dict]:
+    """All complete rows; a line cut short by an interruption is dropped (and recomputed)."""
+    if not Path(path).is_file():
+        return []
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "key" in row:
+            rows.append(row)
+    return rows
+
+
+# -- aggregation ------------------------------------------------------------------------------------
+
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals and len(vals) == len(values) else None
+
+
+def _psnr_mean(rows: Sequence[dict]) -> Optional[float]:
+    # Rows identical to the reference carry psnr None and identical True: their PSNR is +inf.
+    values = [math.inf if r.get("identical_to_reference") else r.get("psnr") for r in rows]
+    return _mean(values)
+
+
+def _median(values: Sequence[float]) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def config_label(row: dict) -> str:
+    return REFERENCE if row["policy"] == REFERENCE else f"{row['policy']}@{row['budget'] or '-'}"
+
+
+def summarize(rows: Sequence[dict], set_metrics: dict | None = None) -> list[dict]:
+    """One entry per configuration, reference first, then in order of first appearance."""
+    set_metrics = set_metrics or {}
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["config_id"], []).append(row)
+    ref_rows = [r for r in rows if r["policy"] == REFERENCE]
+    ref_latency = _median([r["seconds_per_image"] for r in ref_rows])
+    out = []
+    for config_id, group in sorted(groups.items(), key=lambda kv: kv[1][0]["policy"] != REFERENCE):
+        first = group[0]
+        latency = _median([r["seconds_per_image"] for r in group])
+        device_peaks = [r.get("device_peak_bytes") for r in group]
+        out.append({
+            "config_id": config_id, "label": config_label(first), "policy": first["policy"],
+            "budget": first["budget"], "budget_tokens": first["budget_tokens"], "images": len(group),
+            "kv_mib_last_read": _mean([r["kv_bytes_last_read"] / MIB for r in group]),
+            "kv_mib_final": _mean([r["kv_bytes_final"] / MIB for r in group]),
+            "kv_mib_peak": _mean([r["peak_kv_bytes"] / MIB for r in group]),
+            "device_peak_mib": None if any(p is None for p in device_peaks) else max(device_peaks) / MIB,
+            "fid": set_metrics.get(config_id, {}).get("fid"),
+            "lpips": _mean([r.get("lpips") for r in group]) if first["policy"] != REFERENCE else None,
+            "psnr": _psnr_mean(group) if first["policy"] != REFERENCE else None,
+            "ssim": _mean([r.get("ssim") for r in group]) if first["policy"] != REFERENCE else None,
+            "token_agreement": _mean([r.get("token_agreement_mean") for r in group]) if first["policy"] != REFERENCE else None,
+            "seconds_per_image": latency,
+            "speedup": (ref_latency / latency) if ref_latency and latency else None,
+        })
+    return out
+
+
+def _fmt(value, spec: str, none: str = "–") -> str:
+    if value is None:
+        return none
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return format(value, spec)
+
+
+SUMMARY_COLUMNS = ("policy", "budget", "tokens/layer", "KV MiB (last read)", "KV MiB peak", "FID↓", "LPIPS↓",
+                   "PSNR↑", "SSIM↑", "token agr.↑", "s/image", "speed-up")
+
+
+def summary_table(summary: Sequence[dict]) -> str:
+    """Markdown table like ScaleKV's Table 1 (per image; KV bytes count both CFG rows)."""
+    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    for s in summary:
+        cells = [
+            "full (reference)" if s["policy"] == REFERENCE else s["policy"], s["budget"] or "–",
+            _fmt(s["budget_tokens"], "d"), _fmt(s["kv_mib_last_read"], ".3f"), _fmt(s["kv_mib_peak"], ".3f"),
+            _fmt(s["fid"], ".2f"), _fmt(s["lpips"], ".3f"), _fmt(s["psnr"], ".2f"), _fmt(s["ssim"], ".4f"),
+            _fmt(s["token_agreement"], ".4f"), _fmt(s["seconds_per_image"], ".3f"), _fmt(s["speedup"], ".2f") + "×",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_summary(path: Path, summary: Sequence[dict], *, settings: dict, notes: Sequence[str] = ()) -> None:
+    conds = settings.get("conditions", [])
+    text = [
+        f"# kvpolicy compare: {settings['model']}",
+        "",
+        f"{len(conds)} condition(s) x {len(settings.get('seeds', []))} seed(s), device {settings['device']}, "
+        f"dtype {settings['dtype']}, batch size {settings['batch_size']}, {settings['repeats']} timed repeat(s) "
+        f"after {settings['warmup']} warm-up call(s) per configuration.",
+        "Fidelity is measured against the full-cache image of the same condition and seed (ScaleKV protocol). "
+        "KV MiB are counted bytes per image (both CFG rows, all layers): the cache the last scale reads and the "
+        "peak including one layer's uncompressed current map. Latency is the median seconds per image; "
+        "speed-up is the reference's median latency divided by the configuration's, measured in this run.",
+        "",
+        summary_table(summary),
+        "",
+    ]
+    if notes:
+        text += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    text += ["Plots: `fidelity_vs_budget.png`, `kv_bytes_per_scale.png`, `latency_per_scale.png`; "
+             "images side by side: `contact_sheet.png`; every row: `results.jsonl`.", ""]
+    Path(path).write_text("\n".join(text), encoding="utf-8")
+
+
+# -- plots ------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_fidelity_vs_budget(path: Path, summary: Sequence[dict]) -> None:
+    """PSNR and SSIM (and LPIPS where measured) against tokens per layer, one line per policy."""
+    plt = _pyplot()
+    metrics = [("psnr", "PSNR (dB) ↑"), ("ssim", "SSIM ↑")]
+    if any(s["lpips"] is not None for s in summary):
+        metrics.append(("lpips", "LPIPS ↓"))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    policies = [s for s in summary if s["policy"] != REFERENCE]
+    for ax, (key, title) in zip(axes[0], metrics):
+        for name in dict.fromkeys(s["policy"] for s in policies):
+            pts = sorted((s["budget_tokens"], s[key]) for s in policies if s["policy"] == name
+                         and s["budget_tokens"] is not None and s[key] is not None and math.isfinite(s[key]))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xlabel("budget (tokens per layer)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _per_scale_means(rows: Sequence[dict], field: str) -> list[float]:
+    columns = list(zip(*[r[field] for r in rows]))
+    return [sum(c) / len(c) for c in columns]
+
+
+def plot_per_scale(path: Path, rows: Sequence[dict], *, field: str, ylabel: str, scale_by: float = 1.0,
+                   logy: bool = False, full_field: Optional[str] = None) -> None:
+    """Mean per-scale curve of ``field`` for every configuration."""
+    plt = _pyplot()
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["config_id"], []).append(row)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for config_id, group in sorted(groups.items(), key=lambda kv: kv[1][0]["policy"] != REFERENCE):
+        values = [v / scale_by for v in _per_scale_means(group, field)]
+        style = dict(color="black", linewidth=2.2) if group[0]["policy"] == REFERENCE else {}
+        ax.plot(range(len(values)), values, marker=".", label=config_label(group[0]), **style)
+    ax.set_xlabel("scale")
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- contact sheet ----------------------------------------------------------------------------------
+
+THUMB = 128
+LABEL_H = 16
+PAD = 4
+
+
+def contact_sheet(path: Path, grid: Sequence[Sequence[Optional[Path]]], column_labels: Sequence[str],
+                  thumb: int = THUMB) -> tuple[int, int]:
+    """Images side by side: one row per condition, one column per configuration (reference first).
+
+    Size: width = cols * (thumb + PAD) + PAD, height = LABEL_H + rows * (thumb + PAD) + PAD.
+    A missing image leaves a grey cell. Returns (width, height)."""
+    from PIL import Image, ImageDraw
+
+    rows, cols = len(grid), len(column_labels)
+    width, height = cols * (thumb + PAD) + PAD, LABEL_H + rows * (thumb + PAD) + PAD
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, label in enumerate(column_labels):
+        x = PAD + c * (thumb + PAD)
+        draw.text((x, 2), label[: thumb // 6], fill="black")
+    for r, row in enumerate(grid):
+        for c, image_path in enumerate(row):
+            x, y = PAD + c * (thumb + PAD), LABEL_H + PAD + r * (thumb + PAD)
+            if image_path is not None and Path(image_path).is_file():
+                with Image.open(image_path) as im:
+                    sheet.paste(im.convert("RGB").resize((thumb, thumb), Image.BICUBIC), (x, y))
+            else:
+                draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], fill=(200, 200, 200))
+    sheet.save(path)
+    return width, height

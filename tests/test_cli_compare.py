@@ -1,0 +1,259 @@
+"""`kvpolicy compare` end to end: every output file's content, resume, reproducibility, bad arguments.
+
+The harness logic (jobs, resume, reports) is exercised on a small deterministic next-scale model
+built here on the shared cached-attention path (fast, and its generate calls are counted); the
+same command then runs on the real embedded ``infinity-tiny`` in test_cli_compare_tiny.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import kvpolicy
+from adapters import geometry
+from adapters.attention import cached_self_attention
+from adapters.base import GenerationOutput
+from benchmarks import compare as compare_mod
+from benchmarks import reports
+from benchmarks.cli import build_parser, main
+
+FAKE = "infinity-fake-harness"
+geometry.register_geometry(FAKE, "infinity", 2, 2, 8, 256)  # Infinity 256^2 schedule: 7 scales up to 16x16
+
+
+class ToyNextScaleModel:
+    """A deterministic toy next-scale generator: per scale, a state map is embedded, attends over
+    the cached history of every layer (with the policy compressing the cache), and is classified
+    into one of 8 tokens; the last map's tokens become a 32x32 image. Policies change the image."""
+
+    def __init__(self, name=FAKE, width=16, classes=8):
+        g = geometry.get_geometry(name)
+        self.schedule, self.layers, self.heads, self.head_dim = g.schedule, g.num_layers, g.num_heads, g.head_dim
+        gen = torch.Generator().manual_seed(1234)
+        inner = self.heads * self.head_dim
+        self.w_qkv = [torch.randn(width, 3 * inner, generator=gen) / width ** 0.5 for _ in range(self.layers)]
+        self.w_out = torch.randn(inner, classes, generator=gen) / inner ** 0.5
+        self.embed = torch.randn(classes, width, generator=gen)
+        self.palette = torch.randint(0, 256, (classes, 3), generator=gen, dtype=torch.uint8)
+        self.width, self.classes = width, classes
+        self.calls = []
+
+    def generate(self, conditions, *, policy=None, budget=None, seed=0, batch_size=None, stats=None, progress=None, **kw):
+        from adapters.base import resolve_policy
+
+        self.calls.append((tuple(conditions), None if policy is None else policy.to_config(), seed))
+        policy = resolve_policy(policy, budget)
+        cache = kvpolicy.KVCache(self.layers, self.schedule, policy)
+        rows = len(conditions)
+        cond_seed = [sum(map(ord, str(c))) for c in conditions]
+        gen = torch.Generator().manual_seed(seed)
+        state = torch.stack([torch.randn(self.width, generator=torch.Generator().manual_seed(s)) for s in cond_seed])[:, None, None, :]
+        tokens = []
+        for scale, (h, w) in enumerate(self.schedule.shapes):
+            cache.start_scale(scale)
+            x = F.interpolate(state.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=False)
+            x = x.permute(0, 2, 3, 1).reshape(rows, h * w, self.width) + 0.3 * torch.randn(rows, h * w, self.width, generator=gen)
+            for layer in range(self.layers):
+                q, k, v = (x @ self.w_qkv[layer]).split(self.heads * self.head_dim, dim=-1)
+                q, k, v = (t.reshape(rows, h * w, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+                out = cached_self_attention(cache, layer, scale, 4 * F.normalize(q, dim=-1), F.normalize(k, dim=-1), v,
+                                            raw_queries=q, stats=stats)
+                x = x + out.transpose(1, 2).reshape(rows, h * w, -1)[..., : self.width]
+            logits = out.transpose(1, 2).reshape(rows, h * w, -1) @ self.w_out
+            tok = logits.argmax(-1)
+            tokens.append(tok)
+            state = self.embed[tok].reshape(rows, h, w, self.width)
+            cache.end_scale(scale)
+        h, w = self.schedule.shapes[-1]
+        img = self.palette[tokens[-1]].reshape(rows, h, w, 3)
+        img = img.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+        return GenerationOutput(images=img, tokens=tokens, cache_report=cache.report(), seconds=0.0,
+                                config={"seed": seed, "policy": None if policy is None else policy.to_config()})
+
+
+def _args(tmp_path, *extra):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\na red cube\n\na blue sphere on grass\n")
+    return build_parser().parse_args(["compare", "--model", FAKE, "--prompts", str(prompts), "--policies",
+                                      "sliding_window,snapkv", "--budgets", "20%,150", "--out",
+                                      str(tmp_path / "run"), "--no-progress", "--no-learned-metrics", *extra])
+
+
+def _run(args, model=None):
+    settings = compare_mod.settings_from_args(args)
+    comparison = compare_mod.Comparison(settings, model=model or ToyNextScaleModel(), log=lambda m: None)
+    return comparison, comparison.run()
+
+
+def test_compare_writes_every_file_with_consistent_content(tmp_path):
+    args = _args(tmp_path, "--warmup", "1", "--repeats", "2")
+    comparison, result = _run(args)
+    out = tmp_path / "run"
+    rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    # 2 prompts x (reference + 2 policies x 2 budgets)
+    assert len(rows) == 2 * 5 and len({r["key"] for r in rows}) == 10
+    # calls: per configuration 1 warm-up + per prompt 2 timed repeats
+    assert comparison.generate_calls == 5 * 1 + 10 * 2
+    refs = {r["prompt"]: r for r in rows if r["policy"] == "reference"}
+    assert set(refs) == {"a red cube", "a blue sphere on grass"}
+    schedule = geometry.get_geometry(FAKE).schedule
+    n_ref = schedule.reference_length
+    for r in rows:
+        assert r["versions"]["torch"] == torch.__version__ and r["versions"]["kvpolicy"] == kvpolicy.__version__
+        assert r["settings"] == {"device": "cpu", "dtype": "fp32", "batch_size": 1, "repeats": 2, "warmup": 1,
+                                 "resolution": None, "aspect_ratio": 1.0}
+        assert len(r["seconds_per_call_repeats"]) == 2 and r["seconds_per_image"] > 0
+        assert len(r["kv_bytes_per_scale"]) == schedule.num_scales == len(r["scale_seconds_per_image"])
+        assert r["kv_bytes_final"] == r["kv_bytes_per_scale"][-1]
+        assert r["kv_bytes_last_read"] == r["kv_bytes_per_scale"][-2]
+        assert r["device_peak_bytes"] is None  # CPU
+        img = Image.open(out / r["image"])
+        assert img.size == (32, 32)
+        if r["policy"] == "reference":
+            assert r["psnr"] is None and r["kv_bytes_per_scale"] == r["full_kv_bytes_per_scale"]
+            continue
+        ref = refs[r["prompt"]]
+        assert r["full_kv_bytes_per_scale"] == ref["kv_bytes_per_scale"]
+        tokens = {"20%": round(0.2 * n_ref), "150": 150}[r["budget"]]
+        assert r["budget_tokens"] == tokens and r["policy_config"]["name"] == r["policy"]
+        # 2 layers x 2 heads x 8 dims x fp32 x K and V, one row: bytes per kept token per layer = 128
+        assert r["kv_bytes_last_read"] == tokens * 2 * 128
+        assert r["kept_lengths_last_read"] == [tokens, tokens]
+        assert r["peak_kv_bytes"] < r["full_peak_kv_bytes"]
+        assert -1 <= r["ssim"] <= 1 and r["lpips"] is None
+        assert r["identical_to_reference"] in (True, False)
+        if not r["identical_to_reference"]:
+            assert math.isfinite(r["psnr"])
+        per_scale = r["token_agreement_per_scale"]
+        assert len(per_scale) == schedule.num_scales and per_scale[:3] == [1.0, 1.0, 1.0]  # nothing evicted early
+        assert r["token_agreement_mean"] == pytest.approx(sum(per_scale) / len(per_scale))
+        # the recorded PSNR/SSIM are those of the saved PNGs
+        from benchmarks.metrics import psnr, ssim
+        mine = torch.from_numpy(__import__("numpy").array(Image.open(out / r["image"]).convert("RGB")))
+        theirs = torch.from_numpy(__import__("numpy").array(Image.open(out / ref["image"]).convert("RGB")))
+        assert ssim(mine, theirs)[0] == pytest.approx(r["ssim"], abs=1e-12)
+
+    summary_md = (out / "summary.md").read_text()
+    table = [l for l in summary_md.splitlines() if l.startswith("| ") and "policy" not in l]
+    assert len(table) == 5 and table[0].startswith("| full (reference) |")
+    by_label = {s["label"]: s for s in result["summary"]}
+    for policy in ("sliding_window", "snapkv"):
+        for budget in ("20%", "150"):
+            s = by_label[f"{policy}@{budget}"]
+            group = [r for r in rows if r["policy"] == policy and r["budget"] == budget]
+            assert s["images"] == 2
+            assert s["ssim"] == pytest.approx(sum(r["ssim"] for r in group) / 2)
+            line = next(l for l in table if l.startswith(f"| {policy} | {budget} |"))
+            assert f"{s['ssim']:.4f}" in line and f"{s['kv_mib_last_read']:.3f}" in line
+            assert s["fid"] is None and "–" in line
+    assert "disabled" in summary_md  # the reason LPIPS/FID are absent is written down
+    for plot in ("fidelity_vs_budget.png", "kv_bytes_per_scale.png", "latency_per_scale.png"):
+        with Image.open(out / plot) as im:
+            im.load()
+            assert im.size[0] > 300 and im.size[1] > 200
+    with Image.open(out / "contact_sheet.png") as sheet:
+        # 2 rows (prompts) x 5 columns (reference + 4 configurations), 128 px thumbnails
+        assert sheet.size == (5 * (reports.THUMB + reports.PAD) + reports.PAD,
+                              reports.LABEL_H + 2 * (reports.THUMB + reports.PAD) + reports.PAD)
+    set_metrics = json.loads((out / "set_metrics.json").read_text())
+    assert len(set_metrics) == 4 and all(v["fid"] is None and v["images"] == 2 for v in set_metrics.values())
+
+
+def test_resume_recomputes_only_missing_rows_and_fidelity_is_reproducible(tmp_path):
+    args = _args(tmp_path, "--warmup", "0")
+    first, result = _run(args)
+    out = tmp_path / "run"
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert first.generate_calls == 10
+    # Simulate an interruption: the last two rows never got written, the one before was cut mid-line.
+    (out / "results.jsonl").write_text("\n".join(lines[:-3]) + "\n" + lines[-3][: len(lines[-3]) // 2])
+    kept = [json.loads(l) for l in lines[:-3]]
+    model = ToyNextScaleModel()
+    second, result2 = _run(args, model)
+    assert second.generate_calls == 3  # exactly the three lost rows, nothing finished is redone
+    all_lines = (out / "results.jsonl").read_text().splitlines()
+    assert all_lines[len(kept)] == lines[-3][: len(lines[-3]) // 2]  # the cut line stays, on its own line
+    new_rows = [json.loads(l) for l in all_lines[len(kept) + 1:]]
+    assert len(new_rows) == 3
+    lost = {json.loads(l)["key"] for l in lines[-2:]}
+    assert lost <= {r["key"] for r in new_rows}
+    for r in kept:  # untouched
+        assert r["finished_at"] in (out / "results.jsonl").read_text()
+    # Same fidelity numbers as the uninterrupted run, and a third run computes nothing.
+    def fidelity(res):
+        return {s["label"]: (s["psnr"], s["ssim"], s["token_agreement"], s["kv_mib_last_read"]) for s in res["summary"]}
+    assert fidelity(result2) == fidelity(result)
+    third, result3 = _run(args)
+    assert third.generate_calls == 0 and fidelity(result3) == fidelity(result)
+
+
+def test_same_command_twice_gives_same_fidelity(tmp_path):
+    _, a = _run(_args(tmp_path, "--warmup", "0"))
+    args_b = _args(tmp_path, "--warmup", "0")
+    args_b.out = str(tmp_path / "run2")
+    _, b = _run(args_b)
+    strip = lambda res: [(s["label"], s["psnr"], s["ssim"], s["token_agreement"]) for s in res["summary"]]
+    assert strip(a) == strip(b)
+    ra = sorted((r["key"], r["psnr"], r["ssim"]) for r in a["rows"])
+    rb = sorted((r["key"], r["psnr"], r["ssim"]) for r in b["rows"])
+    assert ra == rb
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    _run(_args(tmp_path, "--warmup", "0", "--limit", "1"))
+    with pytest.raises(ValueError, match="other settings"):
+        _run(_args(tmp_path, "--warmup", "0", "--limit", "1", "--batch-size", "2"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--policies", "snapkvv"], "unknown policy 'snapkvv'; did you mean 'snapkv'"),
+    (["--budgets", "120%"], "120%"),
+    (["--budgets", "0"], "budget"),
+    (["--budgets", "100000"], "out of range"),
+    (["--prompts", "/nonexistent/prompts.txt"], "does not exist"),
+    (["--labels", "1,2"], "--labels are class labels for VAR"),
+    (["--seeds", "a"], "--seeds"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--calibration", "x.json"], "scalekv"),
+])
+def test_bad_arguments_fail_clearly(tmp_path, capsys, extra, message):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n")
+    argv = ["compare", "--model", FAKE, "--policies", "snapkv", "--budgets", "10%", "--out", str(tmp_path / "o"),
+            "--no-progress"]
+    if "--prompts" not in extra and "--labels" not in extra:
+        argv += ["--prompts", str(prompts)]
+    code = main(argv + extra)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kvpolicy compare: error:") and message in err
+    assert not (tmp_path / "o" / "results.jsonl").exists()
+
+
+def test_unwritable_output_folder_fails_clearly(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n")
+    for out in (blocker, blocker / "sub"):
+        code = main(["compare", "--model", FAKE, "--policies", "snapkv", "--budgets", "10%", "--prompts", str(prompts),
+                     "--out", str(out), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and str(out) in err and ("not a folder" in err or "not writable" in err)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not __import__("os").access(ro, __import__("os").W_OK):  # root ignores permissions
+            code = main(["compare", "--model", FAKE, "--policies", "snapkv", "--budgets", "10%", "--prompts",
+                         str(prompts), "--out", str(ro / "x"), "--no-progress"])
+            assert code == 2 and "not writable" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o700)
