@@ -1,0 +1,128 @@
+"""VAR and VQVAE configurations and the presets (VAR, arXiv 2404.02905; ``shared/reference/var.md`` §1, §7, §8).
+
+Widths follow ``build_vae_var``: heads = depth, C = 64 * depth, FFN 4C, LayerNorm eps 1e-6. The
+VQVAE is the official ``vae_ch160v4096z32`` (ch 160, ch_mult 1,1,2,2,4, Cvae 32, V 4096).
+``var-tiny`` keeps every structural choice (256^2 patch list 1..16, V 4096, decoder ch_mult) at a
+small width so that a generation runs on a CPU in about a second; its weights are random.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+
+from adapters.geometry import VAR_PATCH_NUMS
+
+HUB_REPO = "FoundationVision/var"
+VAE_FILE = "vae_ch160v4096z32.pth"
+
+
+def _positive(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be a positive int, got {value!r}")
+
+
+def _patch_nums(instance, attribute, value):
+    if not value or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in value):
+        raise ValueError(f"patch_nums must be a non-empty sequence of positive ints, got {value!r}")
+    if len(value) < 2:
+        raise ValueError(f"patch_nums needs at least two scales (the guidance ramp divides by K-1), got {value!r}")
+    if any(b <= a for a, b in zip(value, value[1:])):
+        raise ValueError(f"patch_nums must increase strictly (small to large maps), got {value!r}")
+
+
+@attrs.frozen
+class VARConfig:
+    """The transformer: ``VAR(depth, embed_dim, num_heads, patch_nums, shared_aln, ...)``."""
+
+    depth: int = attrs.field(validator=_positive)
+    embed_dim: int = attrs.field(validator=_positive)
+    num_heads: int = attrs.field(validator=_positive)
+    patch_nums: tuple[int, ...] = attrs.field(converter=tuple, validator=_patch_nums)
+    vocab_size: int = attrs.field(default=4096, validator=_positive)
+    cvae: int = attrs.field(default=32, validator=_positive)
+    num_classes: int = attrs.field(default=1000, validator=_positive)
+    shared_aln: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    mlp_ratio: float = attrs.field(default=4.0, validator=attrs.validators.gt(0))
+    norm_eps: float = attrs.field(default=1e-6, validator=attrs.validators.gt(0))
+
+    def __attrs_post_init__(self):
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return round(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(p * p for p in self.patch_nums)
+
+    @classmethod
+    def official(cls, depth: int, patch_nums=VAR_PATCH_NUMS[256], shared_aln: bool = False, **kw) -> "VARConfig":
+        """``build_vae_var(depth=...)``: heads = depth, width = 64 * depth."""
+        return cls(depth=depth, embed_dim=64 * depth, num_heads=depth, patch_nums=patch_nums, shared_aln=shared_aln, **kw)
+
+
+@attrs.frozen
+class VQVAEConfig:
+    """The decoder side of ``VQVAE(vocab_size, z_channels, ch, share_quant_resi, v_patch_nums)``."""
+
+    vocab_size: int = attrs.field(default=4096, validator=_positive)
+    z_channels: int = attrs.field(default=32, validator=_positive)
+    ch: int = attrs.field(default=160, validator=_positive)
+    ch_mult: tuple[int, ...] = attrs.field(default=(1, 1, 2, 2, 4), converter=tuple)
+    num_res_blocks: int = attrs.field(default=2, validator=_positive)
+    using_sa: bool = True
+    using_mid_sa: bool = True
+    quant_resi: float = 0.5
+    share_quant_resi: int = attrs.field(default=4)
+
+    @share_quant_resi.validator
+    def _check_share(self, attribute, value):
+        # 0 (one phi per scale) and 1 (one phi for all) exist in the official code, but no released
+        # checkpoint uses them; the partially shared variant (K >= 2 convs) is what the files hold.
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"share_quant_resi must be an int >= 2 (partially shared phi; released files use 4), got {value!r}")
+
+    @ch_mult.validator
+    def _check_mult(self, attribute, value):
+        if not value or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in value):
+            raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {value!r}")
+        if any((self.ch * m) % 32 for m in value):
+            raise ValueError(f"every decoder width ch*ch_mult must be a multiple of 32 (GroupNorm groups), got ch={self.ch}, ch_mult={value}")
+
+    @property
+    def upsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@attrs.frozen
+class VARPreset:
+    """A named model: its configs, the pixel size and where the official files live."""
+
+    name: str
+    var: VARConfig
+    vqvae: VQVAEConfig
+    resolution: int
+    hub_file: Optional[str]  # None: random weights only (tiny)
+
+
+def _official(depth: int, resolution: int, shared_aln: bool) -> VARPreset:
+    return VARPreset(name=f"var-d{depth}", var=VARConfig.official(depth, VAR_PATCH_NUMS[resolution], shared_aln),
+                     vqvae=VQVAEConfig(), resolution=resolution, hub_file=f"var_d{depth}.pth")
+
+
+PRESETS: dict[str, VARPreset] = {
+    **{f"var-d{d}": _official(d, 256, False) for d in (16, 20, 24, 30)},
+    "var-d36": _official(36, 512, True),  # README: "-s means saln=1"; 512 patch list
+    "var-tiny": VARPreset(
+        name="var-tiny",
+        var=VARConfig(depth=4, embed_dim=256, num_heads=4, patch_nums=VAR_PATCH_NUMS[256]),
+        vqvae=VQVAEConfig(ch=32), resolution=256, hub_file=None),
+}

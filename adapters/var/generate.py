@@ -1,0 +1,290 @@
+"""VAR generation: ``VAR.autoregressive_infer_cfg`` with a pluggable KV-cache policy
+(``shared/reference/var.md`` §5–§6; sampling as in ``shared/golden/README.md``).
+
+Per scale si of K: run the blocks on the current map (2B rows: conditional first), mix the logits
+with the ramped guidance t = cfg·si/(K-1): (1+t)·cond − t·uncond, top-k then top-p masking, one
+multinomial draw per token, codebook lookup, f_hat += phi(bicubic up), next input = area-resized
+f_hat. The image is (clamp(decoder(post_quant_conv(f_hat)), -1, 1) + 1) / 2.
+
+Deviation (for reproducibility across devices): draws use one CPU ``torch.Generator`` seeded once
+per ``generate`` call (the official code uses a generator on the model's device, so its CUDA
+samples differ from its CPU ones; on CPU both agree). Probabilities are moved to the CPU for the
+draw. With ``batch_size`` smaller than the number of labels the batches run one after another
+on the same generator, so, as in the official code, samples depend on the batch composition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import time
+from typing import Callable, Optional, Sequence
+
+import attrs
+import torch
+import torch.nn as nn
+
+from adapters.base import GenerationOutput, resolve_policy
+from adapters.geometry import ModelGeometry
+from kvpolicy import KVCache, ScaleSchedule
+
+from .model import VARTransformer
+from .vqvae import VQVAE
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype {dtype!r} is not one of float32, bfloat16, float16 (torch dtypes or those names)")
+
+
+def mask_top_k_top_p_(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """In place, as the official sampler: drop logits below the k-th largest (ties kept), then, on the
+    ascending sort, the tokens whose cumulative probability is <= 1 - top_p (never the largest)."""
+    if top_k > 0:
+        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        drop = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        drop[..., -1:] = False
+        logits.masked_fill_(drop.scatter(drop.ndim - 1, order, drop), -torch.inf)
+    return logits
+
+
+def sample_indices(logits: torch.Tensor, generator: torch.Generator, top_k: int, top_p: float) -> torch.Tensor:
+    """One multinomial draw per token from (B, l, V) logits (masked in place); (B, l) int64."""
+    b, l, v = logits.shape
+    probs = mask_top_k_top_p_(logits, top_k, top_p).softmax(dim=-1).view(-1, v)
+    drawn = torch.multinomial(probs.cpu(), num_samples=1, replacement=True, generator=generator)
+    return drawn.view(b, l).to(logits.device)
+
+
+def gumbel_codes(masked_logits: torch.Tensor, ratio: float, generator: torch.Generator,
+                 codebook: torch.Tensor) -> torch.Tensor:
+    """``more_smooth`` (visualisation only): softmax((logits·(1+ratio) + Gumbel)/g) @ codebook with
+    g = max(0.27·(1 − 0.95·ratio), 0.005); (B, l, Cvae)."""
+    tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+    exp = torch.empty(masked_logits.shape, dtype=masked_logits.dtype).exponential_(generator=generator)
+    gumbels = -exp.to(masked_logits.device).log()
+    weights = ((masked_logits.mul(1 + ratio) + gumbels) / tau).softmax(dim=-1)
+    return weights @ codebook.to(weights.dtype).unsqueeze(0)
+
+
+def check_labels(labels, num_classes: int) -> list[int]:
+    """Class labels 0..num_classes-1 as a list (an int, a sequence or a 1-D integer tensor)."""
+    if isinstance(labels, torch.Tensor):
+        if labels.dim() > 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"labels tensor must be 1-D integer, got {labels.dtype} {tuple(labels.shape)}")
+        labels = labels.reshape(-1).tolist()
+    elif isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
+        labels = [labels]
+    elif isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+        raise TypeError(f"labels must be class indices (an int, a list of ints or a 1-D tensor), got {labels!r}")
+    out = []
+    for label in labels:
+        if isinstance(label, bool) or not isinstance(label, numbers.Integral):
+            raise TypeError(f"class label {label!r} is not an int; VAR takes ImageNet class indices 0..{num_classes - 1}")
+        if not 0 <= label < num_classes:
+            raise ValueError(f"class label {label} is out of range 0..{num_classes - 1}")
+        out.append(int(label))
+    if not out:
+        raise ValueError("labels is empty; give at least one class index")
+    return out
+
+
+@attrs.define
+class TeacherForcedOutput:
+    """Per-scale CFG-mixed fp32 logits (B, pn², V), f_hat (B, Cvae, pn, pn), images in [0, 1] (B, 3, H, W)."""
+
+    logits: list[torch.Tensor]
+    f_hat: torch.Tensor
+    images: torch.Tensor
+
+
+class VARModel(nn.Module):
+    """A loaded VAR: transformer + VQVAE decoder, with ``generate`` and ``geometry``."""
+
+    def __init__(self, name: str, transformer: VARTransformer, vqvae: VQVAE, *, resolution: int, sources: dict | None = None):
+        super().__init__()
+        if transformer.config.vocab_size != vqvae.config.vocab_size or transformer.config.cvae != vqvae.config.z_channels:
+            raise ValueError(f"VAR (V={transformer.config.vocab_size}, Cvae={transformer.config.cvae}) and VQVAE "
+                             f"(V={vqvae.config.vocab_size}, Cvae={vqvae.config.z_channels}) do not fit together")
+        self.name = name
+        self.transformer = transformer
+        self.vqvae = vqvae
+        self.resolution = resolution
+        self.sources = dict(sources or {})
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    @property
+    def schedule(self) -> ScaleSchedule:
+        return ScaleSchedule(self.config.patch_nums)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.head.weight.dtype
+
+    def geometry(self) -> ModelGeometry:
+        c = self.config
+        return ModelGeometry(name=self.name, family="var", num_layers=c.depth, num_heads=c.num_heads,
+                             head_dim=c.head_dim, schedule=self.schedule, cfg=True)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _precision(self, dtype):
+        """Run in the weights' dtype, or under autocast to a lower one (as the official demo's fp16)."""
+        compute = self.dtype if dtype is None else parse_dtype(dtype)
+        if compute == self.dtype:
+            return contextlib.nullcontext(), compute
+        if self.dtype != torch.float32:
+            raise ValueError(f"generate(dtype={compute}) needs float32 weights to autocast from; this model holds "
+                             f"{self.dtype} weights (load it with dtype={compute} instead)")
+        return torch.autocast(self.device.type, dtype=compute), compute
+
+    def _run(self, labels: list[int], cfg: float, choose: Callable, cache: KVCache, *, stats=None,
+             bar=None, keep_logits: bool = False, synchronize=None):
+        t, v = self.transformer, self.vqvae
+        patch_nums = self.config.patch_nums
+        count = len(patch_nums)
+        b = len(labels)
+        label_tensor = torch.tensor(labels, dtype=torch.long, device=self.device)
+        cond = t.condition(label_tensor)
+        level_pos = t.level_positions()
+        x = t.first_input(cond, level_pos)
+        f_hat = cond.new_zeros(b, self.config.cvae, patch_nums[-1], patch_nums[-1])
+        tokens, kept_logits = [], []
+        for si, pn in enumerate(patch_nums):
+            cache.start_scale(si, synchronize)
+            ratio = si / (count - 1)
+            logits = t.step(x, cond, cache, si, stats=stats, stats_rows=b)
+            guidance = cfg * ratio
+            logits = (1 + guidance) * logits[:b] - guidance * logits[b:]
+            if keep_logits:
+                kept_logits.append(logits.clone())
+            indices, codes = choose(si, ratio, logits)
+            if codes is None:
+                h = v.quantize.lookup(indices, pn)
+            else:
+                h = codes.transpose(1, 2).reshape(b, self.config.cvae, pn, pn)
+            f_hat, next_map = v.quantize.accumulate(si, patch_nums, f_hat, h)
+            if next_map is not None:
+                x = t.next_input(next_map, si + 1, level_pos)
+            tokens.append(indices)
+            cache.end_scale(si, synchronize)
+            if bar is not None:
+                bar.update(1)
+        return tokens, f_hat, kept_logits
+
+    def _decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+        return self.vqvae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+
+    # -- public -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, labels, *, policy=None, budget=None, seed: int = 0, cfg: float = 4.0, top_k: int = 900,
+                 top_p: float = 0.95, batch_size: Optional[int] = None, dtype=None, stats=None, progress=None,
+                 more_smooth: bool = False) -> GenerationOutput:
+        """Class-conditional images for ``labels`` (ImageNet indices 0..999), ``policy`` applied to
+        every self-attention layer's cache. Defaults are the official demo's (cfg 4, top-k 900,
+        top-p 0.95); the FID setting is cfg 1.5, top-p 0.96."""
+        labels = check_labels(labels, self.config.num_classes)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if isinstance(cfg, bool) or not isinstance(cfg, numbers.Real) or not cfg >= 0:
+            raise ValueError(f"cfg must be a real number >= 0, got {cfg!r}")
+        vocab = self.config.vocab_size
+        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 <= top_k <= vocab:
+            raise ValueError(f"top_k must be an int in 0..{vocab} (0 = off), got {top_k!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 <= top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1] (0 = off), got {top_p!r}")
+        if batch_size is None:
+            batch_size = len(labels)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        resolved = resolve_policy(policy, budget)
+        autocast, compute = self._precision(dtype)
+        generator = torch.Generator().manual_seed(int(seed))
+        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else None
+
+        def choose(si, ratio, logits):
+            indices = sample_indices(logits, generator, int(top_k), float(top_p))
+            if not more_smooth:
+                return indices, None
+            # logits were masked in place by the sampler, as in the official loop
+            return indices, gumbel_codes(logits, ratio, generator, self.vqvae.quantize.embedding.weight)
+
+        from tqdm.auto import tqdm
+
+        batches = [labels[i:i + batch_size] for i in range(0, len(labels), batch_size)]
+        bar = tqdm(total=len(batches) * len(self.config.patch_nums), desc=f"{self.name} scales",
+                   disable=not progress, leave=False)
+        started = time.perf_counter()
+        tokens_per_batch, images, reports, decode_seconds = [], [], [], 0.0
+        cache = KVCache(self.config.depth, self.schedule, resolved)
+        with bar, autocast:
+            for batch in batches:
+                cache.reset()
+                tokens, f_hat, _ = self._run(batch, float(cfg), choose, cache, stats=stats, bar=bar,
+                                             synchronize=synchronize)
+                decode_started = time.perf_counter()
+                images.append(_to_uint8(self._decode(f_hat)))
+                if synchronize is not None:
+                    synchronize()
+                decode_seconds += time.perf_counter() - decode_started
+                tokens_per_batch.append([tok.cpu() for tok in tokens])
+                reports.append(cache.report())
+        seconds = time.perf_counter() - started
+        report = reports[0]  # the first batch is the largest: its bytes are the peak
+        report.scale_seconds = [sum(r.scale_seconds[s] for r in reports) for s in range(len(report.scale_seconds))]
+        report.extra.update({"batch_size": batch_size, "num_batches": len(batches), "rows_per_batch": 2 * len(batches[0]),
+                             "decode_seconds": decode_seconds})
+        tokens = [torch.cat([t[s] for t in tokens_per_batch]) for s in range(len(self.config.patch_nums))]
+        config = {
+            "model": self.name, "labels": labels, "policy": None if resolved is None else resolved.to_config(),
+            "seed": int(seed), "cfg": float(cfg), "top_k": int(top_k), "top_p": float(top_p),
+            "more_smooth": bool(more_smooth), "batch_size": batch_size, "dtype": str(compute).replace("torch.", ""),
+            "weights_dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
+            "resolution": self.resolution, "sampling": "cpu_generator", "weights": self.sources,
+        }
+        return GenerationOutput(images=torch.cat(images), tokens=tokens, cache_report=report, seconds=seconds, config=config)
+
+    @torch.no_grad()
+    def teacher_forced(self, labels, indices: Sequence[torch.Tensor], *, cfg: float = 4.0, policy=None, budget=None,
+                       dtype=None, stats=None) -> TeacherForcedOutput:
+        """Run the loop feeding the given indices (B, pn²) per scale instead of samples; returns the
+        mixed logits per scale, f_hat and the decoded images (parity checks, token agreement)."""
+        labels = check_labels(labels, self.config.num_classes)
+        patch_nums = self.config.patch_nums
+        if len(indices) != len(patch_nums):
+            raise ValueError(f"need indices for all {len(patch_nums)} scales, got {len(indices)}")
+        fed = []
+        for si, (pn, idx) in enumerate(zip(patch_nums, indices)):
+            idx = torch.as_tensor(idx).to(device=self.device, dtype=torch.long).reshape(len(labels), -1)
+            if idx.shape[1] != pn * pn:
+                raise ValueError(f"scale {si}: expected {pn * pn} indices per image, got {idx.shape[1]}")
+            if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+                raise ValueError(f"scale {si}: indices must lie in 0..{self.config.vocab_size - 1}")
+            fed.append(idx)
+        autocast, _ = self._precision(dtype)
+        cache = KVCache(self.config.depth, self.schedule, resolve_policy(policy, budget))
+        with autocast:
+            _, f_hat, logits = self._run(labels, float(cfg), lambda si, ratio, _: (fed[si], None), cache,
+                                         stats=stats, keep_logits=True)
+            images = self._decode(f_hat)
+        return TeacherForcedOutput(logits=logits, f_hat=f_hat.float(), images=images.float())
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8 on the CPU (round to nearest)."""
+    return images.float().mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()

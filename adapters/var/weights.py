@@ -1,0 +1,223 @@
+"""Finding, checking and loading VAR / VQVAE weights (``shared/reference/var.md`` §2, §7, §8).
+
+Official files are flat pickled state dicts on https://huggingface.co/FoundationVision/var
+(``var_d16.pth`` … ``var_d36.pth``, ``vae_ch160v4096z32.pth``). Unlike the official loader we
+never load silently: every missing or mis-shaped key is an error, and the extras we accept are
+listed explicitly:
+
+- VAR: ``lvl_1L`` (must equal the scale index of each position), ``attn_bias_for_masking``
+  (training mask, shape checked), ``blocks.i.attn.zero_k_bias`` (must be all zero);
+- VQVAE: ``encoder.*``, ``quant_conv.*`` (encoding only) and ``quantize.ema_vocab_hit_SV``
+  (a training statistic).
+
+Random weights (``weights="random"``) follow the golden README's recipe so that they exercise the
+same paths (top-p masking, the ln 100 temperature clamp, clamped pixels).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .config import HUB_REPO, VAE_FILE, VARConfig
+from .model import VARTransformer
+from .vqvae import VQVAE
+
+WeightSpec = Union[str, os.PathLike, Mapping[str, torch.Tensor], None]
+RANDOM = "random"
+
+_VAE_IGNORED = re.compile(r"^(encoder\.|quant_conv\.|quantize\.ema_vocab_hit_SV$)")
+_ZERO_K_BIAS = re.compile(r"^blocks\.(\d+)\.attn\.zero_k_bias$")
+
+
+class WeightsUnavailableError(FileNotFoundError):
+    """The checkpoint files are neither local nor downloadable."""
+
+
+def hf_hub_download(*args, **kwargs):  # indirection so tests can substitute the hub
+    import huggingface_hub
+
+    return huggingface_hub.hf_hub_download(*args, **kwargs)
+
+
+def _offline_message(model: str, files: list[str], reason: str) -> str:
+    weights_file = next((f for f in files if f != VAE_FILE), "var_dXX.pth")
+    return (f"cannot get the {model} weights ({', '.join(files)}) from the Hugging Face hub repo "
+            f"{HUB_REPO!r}: {reason}. Download them once (e.g. `huggingface-cli download {HUB_REPO} "
+            f"{' '.join(files)}`) or pass local paths: load_model({model!r}, "
+            f"weights='/path/{weights_file}', vae_weights='/path/{VAE_FILE}'); "
+            f"weights='random' builds random weights of the same shapes.")
+
+
+def resolve_file(spec: WeightSpec, filename: str, *, model: str, all_files: list[str]) -> Path:
+    """A local file for ``spec``: None -> the hub (or its local cache), a file, or a folder holding ``filename``."""
+    if spec is None:
+        try:
+            return Path(hf_hub_download(repo_id=HUB_REPO, filename=filename))
+        except Exception as exc:  # offline, no cache, network or auth error: say what to do instead
+            raise WeightsUnavailableError(_offline_message(model, all_files, f"{type(exc).__name__}: {exc}")) from exc
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / filename
+    if not path.is_file():
+        raise WeightsUnavailableError(f"{model}: weight file {str(path)!r} does not exist (expected the official "
+                                      f"{filename!r}; pass a file path or a folder containing it)")
+    return path
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A flat state dict from a ``.pth`` (pickled, loaded with weights_only) or ``.safetensors`` file."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:  # mmap avoids a second copy of multi-GB files; files in the legacy format cannot be mapped
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a flat state dict of tensors (as the official files), got "
+                         f"{type(state).__name__} with keys {list(state)[:5] if isinstance(state, Mapping) else '-'}")
+    return dict(state)
+
+
+def _describe(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f", … ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def _check_and_copy(module: nn.Module, state: Mapping[str, torch.Tensor], ignored: set[str], what: str) -> None:
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected and k not in ignored]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_describe(missing)}")
+    if shapes:
+        problems.append("mis-shaped keys: " + "; ".join(shapes[:8]) + (f"; … ({len(shapes)} in all)" if len(shapes) > 8 else ""))
+    if unexpected:
+        problems.append(f"unexpected keys: {_describe(unexpected)}")
+    if problems:
+        raise ValueError(f"{what} does not match the model: " + " | ".join(problems))
+    with torch.no_grad():
+        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            tensor.copy_(state[name])
+
+
+def load_var_state_dict(model: VARTransformer, state: Mapping[str, torch.Tensor], what: str = "VAR state dict") -> None:
+    """Strict load of an official VAR state dict, checking the derived buffers it also carries."""
+    config: VARConfig = model.config
+    ignored = set()
+    if "lvl_1L" in state:
+        if not torch.equal(state["lvl_1L"].to(torch.long), model.level_index()):
+            raise ValueError(f"{what}: lvl_1L does not match patch_nums {config.patch_nums} "
+                             f"(the file was made for another patch list)")
+        ignored.add("lvl_1L")
+    if "attn_bias_for_masking" in state:
+        L = config.total_tokens
+        if tuple(state["attn_bias_for_masking"].shape) != (1, 1, L, L):
+            raise ValueError(f"{what}: attn_bias_for_masking has shape {tuple(state['attn_bias_for_masking'].shape)}, "
+                             f"expected (1, 1, {L}, {L}) for patch_nums {config.patch_nums}")
+        ignored.add("attn_bias_for_masking")
+    for key, tensor in state.items():
+        match = _ZERO_K_BIAS.match(key)
+        if match and int(match.group(1)) < config.depth:
+            if tuple(tensor.shape) != (config.embed_dim,) or bool(tensor.float().abs().max() != 0):
+                raise ValueError(f"{what}: {key} must be a zero vector of length {config.embed_dim} "
+                                 f"(VAR adds no key bias), got shape {tuple(tensor.shape)}")
+            ignored.add(key)
+    _check_and_copy(model, state, ignored, what)
+
+
+def load_vqvae_state_dict(model: VQVAE, state: Mapping[str, torch.Tensor], what: str = "VQVAE state dict") -> None:
+    """Strict load of the decoding half; encoder keys, quant_conv and ema_vocab_hit_SV are ignored."""
+    _check_and_copy(model, state, {k for k in state if _VAE_IGNORED.match(k)}, what)
+
+
+# -- random weights ------------------------------------------------------------------------------
+def _normal(shape, std: float, generator: torch.Generator, mean: float = 0.0) -> torch.Tensor:
+    return torch.randn(shape, generator=generator) * std + mean
+
+
+@torch.no_grad()
+def init_random_var(model: VARTransformer, seed: int) -> None:
+    """Golden recipe: N(0, 0.02), except per-block AdaLN biases / ada_gss N(0, 0.3), head.weight
+    N(0, 0.1), scale_mul_1H11 = log of 3, 12, 45, 120 cycled over (layer, head)."""
+    gen = torch.Generator().manual_seed(seed)
+    temperatures = torch.tensor([3.0, 12.0, 45.0, 120.0]).log()
+    heads = model.config.num_heads
+    for name, param in model.named_parameters():
+        if name.endswith("scale_mul_1H11"):
+            layer = int(name.split(".")[1])
+            idx = (layer * heads + torch.arange(heads)) % len(temperatures)
+            value = temperatures[idx].view(1, heads, 1, 1)
+        elif name.endswith("ada_gss") or re.fullmatch(r"blocks\.\d+\.ada_lin\.1\.bias", name):
+            value = _normal(param.shape, 0.3, gen)
+        elif name == "head.weight":
+            value = _normal(param.shape, 0.1, gen)
+        else:
+            value = _normal(param.shape, 0.02, gen)
+        param.copy_(value)
+
+
+@torch.no_grad()
+def init_random_vqvae(model: VQVAE, seed: int) -> None:
+    """Codebook N(0, 0.5); conv weights N(0, 1/fan_in) (conv_out 0.08); GroupNorm 1 + N(0, 0.1);
+    biases N(0, 0.02)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name == "quantize.embedding.weight":
+            value = _normal(param.shape, 0.5, gen)
+        elif name.endswith(".bias"):
+            value = _normal(param.shape, 0.02, gen)
+        elif param.dim() == 1:  # GroupNorm weight
+            value = _normal(param.shape, 0.1, gen, mean=1.0)
+        elif name == "decoder.conv_out.weight":
+            value = _normal(param.shape, 0.08, gen)
+        else:
+            fan_in = param.shape[1] * param.shape[2] * param.shape[3]
+            value = _normal(param.shape, fan_in ** -0.5, gen)
+        param.copy_(value)
+
+
+def materialize(module: nn.Module, device, dtype) -> nn.Module:
+    """Storage for a module built on the meta device (values are filled by the loaders)."""
+    return module.to_empty(device=device).to(dtype=dtype)
+
+
+def fill_var(model: VARTransformer, spec: WeightSpec, *, seed: int, model_name: str, files: list[str],
+             hub_file: Optional[str]) -> str:
+    """Fill the transformer from ``spec``; returns a description of the source."""
+    if isinstance(spec, str) and spec == RANDOM:
+        init_random_var(model, seed)
+        return f"random(seed={seed})"
+    if isinstance(spec, Mapping):
+        load_var_state_dict(model, spec)
+        return "state dict"
+    if spec is None and hub_file is None:
+        raise ValueError(f"{model_name} has no released weights: use weights='random' or a local file")
+    path = resolve_file(spec, hub_file or "var.pth", model=model_name, all_files=files)
+    load_var_state_dict(model, read_state_dict(path), what=str(path))
+    return str(path)
+
+
+def fill_vqvae(model: VQVAE, spec: WeightSpec, *, seed: int, model_name: str, files: list[str],
+               official: bool) -> str:
+    if isinstance(spec, str) and spec == RANDOM:
+        init_random_vqvae(model, seed)
+        return f"random(seed={seed})"
+    if isinstance(spec, Mapping):
+        load_vqvae_state_dict(model, spec)
+        return "state dict"
+    if spec is None and not official:
+        raise ValueError(f"{model_name} has no released VQVAE: use vae_weights='random' or a local file")
+    path = resolve_file(spec, VAE_FILE, model=model_name, all_files=files)
+    load_vqvae_state_dict(model, read_state_dict(path), what=str(path))
+    return str(path)
