@@ -264,7 +264,7 @@ class BudgetFile:
                     raise ValueError(f"{where}: row {key!r} has no {name!r}")
             if not flags or sorted(flags) != list(range(len(flags))):
                 missing = sorted(set(range(max(flags, default=-1) + 1)) - set(flags))
-                raise ValueError(f"{where}: row {key!r} must flag 'Block 0' … 'Block L−1'; missing {missing or ['Block 0']}")
+                raise ValueError(f"{where}: row {key!r} must flag 'Block 0' … 'Block L−1'; missing {['Block %d' % i for i in missing] or ['Block 0']}")
             if extra["Max"] < extra["Min"]:
                 raise ValueError(f"{where}: row {key!r} gives drafters (Max {extra['Max']}) less than refiners (Min {extra['Min']})")
             widths.add(len(flags))
@@ -373,3 +373,235 @@ def plan_to_budget_file(plan: CapacityPlan, schedule: ScaleSchedule) -> BudgetFi
         flags = tuple(1 if r == DRAFTER else 0 for r in roles)
         rows[n] = {"flags": flags, "max": high, "min": low, "high": sum(flags), "limit": limit}
     return BudgetFile(rows=rows)
+
+
+# -- calibration: attention statistics -> Attention Selectivity Index -----------------------------
+
+OPERATORS = ("multiplicative", "additive")
+# Attention entries materialised at once while observing (per block of sampled queries).
+_BLOCK_ELEMENTS = 1 << 23
+
+
+class AttentionStatsCollector:
+    """Accumulates ScaleKV's two attention statistics per (layer, scale) during calibration runs.
+
+    Adapters call ``observe`` after a layer's attention at a scale with the conditional rows'
+    queries (B, Hq, n, D), such that q·kᵀ are the model's logits (scale, norm and RoPE applied),
+    and the layer's whole cache keys (B, Hkv, L, D) whose positions >= ``current_start`` are the
+    current map. For at most ``max_queries`` sampled query positions (seeded, the same for every
+    call at a (layer, scale)) the attention probabilities over all L keys are computed block by
+    block (never a full n × L matrix), and two numbers are averaged over heads, rows, sampled
+    queries and calls:
+
+    - current attention ratio: probability mass on the current map (paper: Σ_{j∈C_k} α_ij);
+    - history top-K′ ratio: the sum of the K′ = ``top_k`` largest history probabilities (paper:
+      TopKSum′; K′ is not given in the paper, default 16, the window size). Scale 0 has no history
+      and records only the first.
+    """
+
+    def __init__(self, num_layers: int, num_scales: int, *, top_k: int = 16, max_queries: int = 256, seed: int = 0):
+        _check_int("num_layers", num_layers, 1)
+        _check_int("num_scales", num_scales, 1)
+        _check_int("top_k", top_k, 1)
+        _check_int("max_queries", max_queries, 1)
+        _check_int("seed", seed, 0)
+        self.num_layers, self.num_scales = num_layers, num_scales
+        self.top_k, self.max_queries, self.seed = top_k, max_queries, seed
+        shape = (num_layers, num_scales)
+        self._current_sum = torch.zeros(shape, dtype=torch.float64)
+        self._history_sum = torch.zeros(shape, dtype=torch.float64)
+        self._count = torch.zeros(shape, dtype=torch.long)
+        self._history_count = torch.zeros(shape, dtype=torch.long)
+        self.calls = 0
+
+    def _sample(self, layer: int, scale: int, n: int) -> torch.Tensor:
+        if n <= self.max_queries:
+            return torch.arange(n)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer * 1009 + scale)
+        return torch.randperm(n, generator=generator)[: self.max_queries].sort().values
+
+    @torch.no_grad()
+    def observe(self, layer: int, scale: int, queries: torch.Tensor, keys: torch.Tensor, *, current_start: int) -> None:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer!r} out of range 0..{self.num_layers - 1}")
+        if isinstance(scale, bool) or not isinstance(scale, int) or not 0 <= scale < self.num_scales:
+            raise IndexError(f"scale {scale!r} out of range 0..{self.num_scales - 1}")
+        if not isinstance(queries, torch.Tensor) or queries.dim() != 4 or not isinstance(keys, torch.Tensor) or keys.dim() != 4:
+            raise ValueError("queries must be (B, Hq, n, D) and keys (B, Hkv, L, D) tensors")
+        batch, q_heads, n, dim = queries.shape
+        kv_batch, kv_heads, length, kv_dim = keys.shape
+        if kv_batch != batch or kv_dim != dim or q_heads % kv_heads:
+            raise ValueError(f"queries {tuple(queries.shape)} do not fit keys {tuple(keys.shape)}: need the same B "
+                             "and D and a multiple of the key heads")
+        if isinstance(current_start, bool) or not isinstance(current_start, int) or current_start < 0 or current_start + n != length:
+            raise ValueError(f"current_start={current_start!r}: the {n} queries must be the last positions of the "
+                             f"{length}-token cache (current_start = {length - n})")
+        positions = self._sample(layer, scale, n).to(queries.device)
+        group = q_heads // kv_heads
+        grouped = queries.index_select(2, positions).reshape(batch, kv_heads, group, positions.numel(), dim)
+        keys32 = keys.float()
+        k_hist = min(self.top_k, current_start)
+        current_sum = history_sum = 0.0
+        block = max(1, _BLOCK_ELEMENTS // max(1, batch * q_heads * length))
+        for lo in range(0, positions.numel(), block):
+            logits = torch.einsum("bhgqd,bhld->bhgql", grouped[:, :, :, lo:lo + block].float(), keys32)
+            probs = torch.softmax(logits, dim=-1)
+            current_sum += float(probs[..., current_start:].sum(dtype=torch.float64))
+            if k_hist:
+                history_sum += float(probs[..., :current_start].topk(k_hist, dim=-1).values.sum(dtype=torch.float64))
+        count = batch * q_heads * positions.numel()
+        self._current_sum[layer, scale] += current_sum
+        self._count[layer, scale] += count
+        if k_hist:
+            self._history_sum[layer, scale] += history_sum
+            self._history_count[layer, scale] += count
+        self.calls += 1
+
+    def result(self, *, operator: str = "multiplicative", drafter_fraction: float = 0.075,
+               epsilon: float = 1e-6) -> "CalibrationResult":
+        def table(total, count):
+            return [[float(total[l, s] / count[l, s]) if count[l, s] else None for s in range(self.num_scales)]
+                    for l in range(self.num_layers)]
+
+        return CalibrationResult(
+            num_layers=self.num_layers, num_scales=self.num_scales,
+            current_ratio=table(self._current_sum, self._count),
+            history_topk=table(self._history_sum, self._history_count),
+            top_k=self.top_k, operator=operator, drafter_fraction=drafter_fraction, epsilon=epsilon,
+            samples=self._count.tolist(), calls=self.calls)
+
+
+def _grid(value):
+    return tuple(tuple(None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in row)
+                 for row in value)
+
+
+def _check_fraction(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"drafter_fraction must be in [0, 1], got {value!r}")
+
+
+@attrs.frozen
+class CalibrationResult:
+    """Calibrated attention statistics per (layer, scale) and the drafter ranking they imply.
+
+    ASI(l, k) = current_ratio · history_topk (``operator="multiplicative"``, Eq. 2 as printed) or
+    current_ratio + history_topk (``"additive"``, an unverified reading of the paper's ⊙, §2.1).
+    Z(l, k) = (ASI − μ_k)/(σ_k + ε) over the layers at scale k (population σ). The N_d pairs with the
+    lowest Z among the decision scales of a budget (``decision_scales``: those whose roles the plan
+    uses; scales before compression are never ranked) are drafters. N_d = ``num_drafters`` or
+    round(drafter_fraction · L · number of ranked scales); the default 0.075 is the 8B file's 15/200
+    (the 2B file has 9/160 = 0.056).
+    """
+
+    num_layers: int
+    num_scales: int
+    current_ratio: tuple = attrs.field(converter=_grid)  # [layer][scale], None = not observed
+    history_topk: tuple = attrs.field(converter=_grid)
+    top_k: int = 16
+    operator: str = attrs.field(default="multiplicative", validator=attrs.validators.in_(OPERATORS))
+    drafter_fraction: float = attrs.field(default=0.075, validator=_check_fraction)
+    epsilon: float = 1e-6
+    samples: Optional[tuple] = attrs.field(default=None, converter=attrs.converters.optional(
+        lambda rows: tuple(tuple(int(v) for v in row) for row in rows)))
+    calls: int = 0
+
+    def __attrs_post_init__(self):
+        for name in ("current_ratio", "history_topk"):
+            grid = getattr(self, name)
+            if len(grid) != self.num_layers or any(len(row) != self.num_scales for row in grid):
+                raise ValueError(f"{name} must be a [{self.num_layers} layers][{self.num_scales} scales] table")
+
+    def asi(self) -> list[list[Optional[float]]]:
+        out = []
+        for cur_row, hist_row in zip(self.current_ratio, self.history_topk):
+            row = []
+            for cur, hist in zip(cur_row, hist_row):
+                if cur is None or hist is None:
+                    row.append(None)
+                else:
+                    row.append(cur * hist if self.operator == "multiplicative" else cur + hist)
+            out.append(row)
+        return out
+
+    def zscores(self) -> list[list[Optional[float]]]:
+        """Z per (layer, scale), normalised over layers within each scale (None where unobserved)."""
+        asi = self.asi()
+        z = [[None] * self.num_scales for _ in range(self.num_layers)]
+        for s in range(self.num_scales):
+            column = [asi[l][s] for l in range(self.num_layers)]
+            if any(v is None for v in column):
+                continue
+            mean = sum(column) / len(column)
+            std = math.sqrt(sum((v - mean) ** 2 for v in column) / len(column))
+            for l, v in enumerate(column):
+                z[l][s] = (v - mean) / (std + self.epsilon)
+        return z
+
+    def drafter_pairs(self, scales: Sequence[int], num_drafters: Optional[int] = None) -> list[tuple[int, int]]:
+        """The (layer, scale) pairs with the lowest Z among ``scales``, lowest first."""
+        z = self.zscores()
+        for s in scales:
+            if not 0 <= s < self.num_scales:
+                raise ValueError(f"scale {s} out of range 0..{self.num_scales - 1}")
+            if z[0][s] is None:
+                raise ValueError(f"scale {s} was not observed for every layer (and with history) during "
+                                 "calibration; its drafters cannot be ranked")
+        if num_drafters is None:
+            num_drafters = math.floor(self.drafter_fraction * self.num_layers * len(scales) + 0.5)
+        total = self.num_layers * len(scales)
+        if isinstance(num_drafters, bool) or not isinstance(num_drafters, int) or not 0 <= num_drafters <= total:
+            raise ValueError(f"num_drafters must be an int in 0..{total}, got {num_drafters!r}")
+        ranked = sorted(((z[l][s], s, l) for s in scales for l in range(self.num_layers)))
+        return [(l, s) for _, s, l in ranked[:num_drafters]]
+
+    def drafters(self, schedule: ScaleSchedule, budget_tokens: int, num_drafters: Optional[int] = None) -> dict[int, list[int]]:
+        """{decision scale: sorted drafter layers} for a schedule and budget."""
+        if schedule.num_scales != self.num_scales:
+            raise ValueError(f"calibration covers {self.num_scales} scales, the schedule has {schedule.num_scales}")
+        scales = decision_scales(schedule, budget_tokens)
+        out = {s: [] for s in scales}
+        for layer, scale in self.drafter_pairs(scales, num_drafters):
+            out[scale].append(layer)
+        return {s: sorted(v) for s, v in out.items()}
+
+    def plan(self, schedule: ScaleSchedule, budget, *, num_drafters: Optional[int] = None,
+             allocation: str = "released", **allocation_options) -> CapacityPlan:
+        """A drafter/refiner plan for any budget (``allocate``'s options pass through)."""
+        from .budget import parse_budget
+
+        tokens = parse_budget(budget).tokens(schedule)
+        return allocate(schedule, self.num_layers, tokens, self.drafters(schedule, tokens, num_drafters),
+                        allocation=allocation, **allocation_options)
+
+    def to_budget_file(self, schedule: ScaleSchedule, budget, **plan_options) -> BudgetFile:
+        """The released budget-file format for this calibration at a budget."""
+        return plan_to_budget_file(self.plan(schedule, budget, **plan_options), schedule)
+
+    # -- JSON ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"kind": "scalekv-calibration", "num_layers": self.num_layers, "num_scales": self.num_scales,
+                "current_ratio": [list(r) for r in self.current_ratio],
+                "history_topk": [list(r) for r in self.history_topk], "top_k": self.top_k,
+                "operator": self.operator, "drafter_fraction": self.drafter_fraction, "epsilon": self.epsilon,
+                "samples": None if self.samples is None else [list(r) for r in self.samples], "calls": self.calls}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CalibrationResult":
+        if not isinstance(data, dict) or data.get("kind") != "scalekv-calibration":
+            raise ValueError("not a ScaleKV calibration JSON (expected 'kind': 'scalekv-calibration')")
+        fields = {f.name for f in attrs.fields(cls)}
+        unknown = set(data) - fields - {"kind"}
+        if unknown:
+            raise ValueError(f"unknown calibration fields {sorted(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k != "kind"})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationResult":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file {str(path)!r} does not exist")
+        return cls.from_dict(json.loads(path.read_text()))

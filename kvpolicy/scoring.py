@@ -185,3 +185,26 @@ def topk_plus_forced_exact(scores: torch.Tensor, forced: torch.Tensor, capacity:
         return topk_with_forced(scores, forced, capacity)
     chosen = torch.cat([top.indices, forced.to(scores.device).view(1, 1, -1).expand(batch, heads, -1)], dim=-1)
     return chosen.sort(dim=-1).values
+
+
+def observation_window_select(keys: torch.Tensor, ctx, *, raw: bool, window_size: int = 16,
+                              kernel_size: int = 5, pooling: str = "max") -> torch.Tensor:
+    """ScaleKV's selection for one (scale, layer): (B, H, capacity) kept indices, ascending.
+
+    The window (``observation_window_positions`` on the current map) is always kept; the rest is
+    ranked by the window queries' scores, pooled along the flattened cache. ``raw=True`` is the
+    released rule, bit for bit (``ctx.raw_queries``, summed raw logits with the window masked
+    before and after pooling, ``topk_plus_forced_exact``); ``raw=False`` is the paper's
+    (``ctx.queries`` whose products with the keys are the model's logits, softmax probabilities
+    summed over the window queries, window masked only after pooling).
+    """
+    h, w = ctx.current_shape
+    window = observation_window_positions(h, w, window_size, ctx.current_start, length=ctx.length,
+                                          device=keys.device)
+    if raw:
+        q = window_queries(ctx.raw_queries, window, ctx.current_start)
+        pooled = pool_scores(summed_window_logits(q, keys, window), kernel_size, pooling)
+        return topk_plus_forced_exact(pooled.index_fill(-1, window, float("-inf")), window, ctx.capacity)
+    q = window_queries(ctx.queries, window, ctx.current_start)
+    pooled = pool_scores(attention_scores(q, keys, softmax=True), kernel_size, pooling)
+    return topk_with_forced(pooled, window, ctx.capacity)

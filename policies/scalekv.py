@@ -106,7 +106,7 @@ def _optional_positive(instance, attribute, value):
 
 @attrs.define(kw_only=True)
 class WindowSelection:
-    """ScaleKV's token selection (shared with the ``uniform`` ablation): see the module docstring."""
+    """ScaleKV's token selection settings (``scoring.observation_window_select``): see the module docstring."""
 
     mode: str = attrs.field(default="attention", validator=attrs.validators.in_(MODES))
     window_size: int = attrs.field(default=16, validator=_positive)
@@ -130,23 +130,9 @@ class WindowSelection:
     def needs_raw_queries(self) -> bool:
         return self.mode == "reference"
 
-    def window(self, ctx, device) -> torch.Tensor:
-        h, w = ctx.current_shape
-        return scoring.observation_window_positions(h, w, self.window_size, ctx.current_start,
-                                                    length=ctx.length, device=device)
-
     def indices(self, keys: torch.Tensor, ctx) -> torch.Tensor:
-        window = self.window(ctx, keys.device)
-        if self.mode == "reference":
-            q = scoring.window_queries(ctx.raw_queries, window, ctx.current_start)
-            scores = scoring.summed_window_logits(q, keys, window)
-            pooled = scoring.pool_scores(scores, self.kernel_size, self.effective_pooling)
-            pooled = pooled.index_fill(-1, window, float("-inf"))
-            return scoring.topk_plus_forced_exact(pooled, window, ctx.capacity)
-        q = scoring.window_queries(ctx.queries, window, ctx.current_start)
-        scores = scoring.attention_scores(q, keys, softmax=True)
-        pooled = scoring.pool_scores(scores, self.kernel_size, self.effective_pooling)
-        return scoring.topk_with_forced(pooled, window, ctx.capacity)
+        return scoring.observation_window_select(keys, ctx, raw=self.mode == "reference", window_size=self.window_size,
+                                                 kernel_size=self.kernel_size, pooling=self.effective_pooling)
 
     def check_plan(self, plan: CapacityPlan, policy: str) -> CapacityPlan:
         low = min((c for row in plan.capacities for c in row if c is not None), default=None)
