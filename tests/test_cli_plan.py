@@ -1,0 +1,93 @@
+"""`kvpolicy plan` and `kvpolicy list`: printed numbers, JSON output, clear errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import kvpolicy
+from benchmarks.cli import main
+
+BUDGETS = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "scalekv" / "budgets"
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_plan_snapkv_650_tokens_batch_8_on_infinity_2b(capsys):
+    code, out, _ = _run(capsys, "plan", "--model", "infinity-2b", "--policy", "snapkv", "--budget", "650", "--batch", "8")
+    assert code == 0
+    rows = {int(m.group(1)): m for m in re.finditer(
+        r"^\s+(\d+)\s+(\d+)x(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, re.M)}
+    assert sorted(rows) == list(range(13))
+    # 32 layers x 16 heads x 128 dims x bf16 x (K, V) x 16 rows (batch 8 with CFG) = 4 MiB per token per layer... per cached token
+    per_token_mib = 32 * 16 * 128 * 2 * 2 * 16 / 2 ** 20
+    assert float(rows[11].group(5)) == pytest.approx(6425 * per_token_mib)  # full cache the last scale reads
+    assert float(rows[11].group(6)) == pytest.approx(650 * per_token_mib)
+    assert float(rows[11].group(7)) == pytest.approx(650 / 6425, abs=5e-5)
+    assert float(rows[6].group(7)) == 1.0  # 521 cached tokens < 650: nothing evicted yet
+    assert "ratio 0.101167 (budget 650/6425 = 0.101167)" in out
+
+
+def test_plan_json_has_exact_bytes(capsys):
+    code, out, _ = _run(capsys, "plan", "--model", "infinity-2b", "--policy", "snapkv", "--budget", "650", "--batch",
+                        "8", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["budget_tokens"] == 650 and d["reference_length"] == 6425
+    s = d["last_read_scale"]
+    assert s == 11 and d["kv_bytes"][s] * 6425 == d["full_kv_bytes"][s] * 650
+    assert d["last_read_ratio"] == 650 / 6425
+    assert d["full_kv_bytes"][s] == 6425 * 32 * 16 * 128 * 2 * 2 * 16
+
+
+def test_plan_ratio_budget_and_no_cfg(capsys):
+    _, out, _ = _run(capsys, "plan", "--model", "var-d16", "--policy", "sliding_window", "--budget", "50%", "--no-cfg",
+                     "--dtype", "fp32", "--json")
+    d = json.loads(out)
+    assert d["reference_length"] == 424 and d["budget_tokens"] == 212 and d["rows"] == 1
+    assert d["full_kv_bytes"][-2] == 424 * 16 * 16 * 64 * 4 * 2
+
+
+def test_plan_scalekv_shows_drafters_and_refiners(capsys):
+    path = BUDGETS / "infinity-2b-10pct.json"
+    if not path.is_file():
+        pytest.skip(f"released budget file absent at {path}")
+    code, out, _ = _run(capsys, "plan", "--model", "infinity-2b", "--policy", "scalekv", "--budget-file", str(path),
+                        "--batch", "8")
+    assert code == 0
+    assert re.search(r"^\s+11\s+48x48 .*1 drafter x \d+, 31 refiners x \d+", out, re.M)
+    assert "ratio 0.101167" in out
+
+
+def test_plan_scalekv_without_roles_explains_what_to_give(capsys):
+    code, _, err = _run(capsys, "plan", "--model", "var-d30", "--policy", "scalekv", "--budget", "10%")
+    assert code == 2 and "--budget-file" in err and "--calibration" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "infinity-2bb", "--policy", "snapkv", "--budget", "10%"], "did you mean 'infinity-2b'"),
+    (["--model", "infinity-2b", "--policy", "snapkw", "--budget", "10%"], "did you mean 'snapkv'"),
+    (["--model", "infinity-2b", "--policy", "snapkv", "--budget", "0%"], "'0%'"),
+    (["--model", "infinity-2b", "--policy", "snapkv", "--budget", "7000"], "at most 6425"),
+    (["--model", "infinity-2b", "--policy", "snapkv", "--budget", "10%", "--batch", "0"], "batch"),
+    (["--model", "infinity-2b", "--policy", "snapkv", "--budget", "10%", "--budget-file", "x.json"], "scalekv"),
+    (["--model", "var-d16", "--resolution", "512", "--policy", "snapkv", "--budget", "10%"], "256"),
+])
+def test_plan_errors(capsys, argv, message):
+    code, _, err = _run(capsys, "plan", *argv)
+    assert code == 2 and err.startswith("kvpolicy plan: error:") and message in err
+
+
+def test_list_policies_and_models(capsys):
+    code, out, _ = _run(capsys, "list")
+    assert code == 0
+    for name, description in kvpolicy.list_policies().items():
+        assert re.search(rf"^{name}\s+{re.escape(description)}$", out, re.M)
+    code, out, _ = _run(capsys, "list", "--models")
+    assert code == 0 and re.search(r"^infinity-2b\s", out, re.M) and re.search(r"^var-d30\s", out, re.M)
