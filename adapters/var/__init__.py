@@ -18,7 +18,7 @@ from .config import PRESETS, VAE_FILE, VARConfig, VARPreset, VQVAEConfig
 from .generate import TeacherForcedOutput, VARModel, check_labels, parse_dtype
 from .model import VARTransformer
 from .vqvae import VQVAE
-from .weights import WeightsUnavailableError, fill_var, fill_vqvae, materialize
+from .weights import WeightsUnavailableError, fill_var, fill_vqvae, materialize, resolve_source
 
 __all__ = ["PRESETS", "VARConfig", "VQVAEConfig", "VARModel", "VARTransformer", "VQVAE", "TeacherForcedOutput",
            "WeightsUnavailableError", "build_model", "load_var", "check_labels"]
@@ -30,15 +30,16 @@ def build_model(var_config: VARConfig, vqvae_config: VQVAEConfig, *, var_weights
     """Build a VAR from configs and fill it (``"random"``, a state dict, a file/folder, or None = hub)."""
     dtype = parse_dtype(dtype)
     device = torch.device(device)
+    files = [f for f in (hub_file, VAE_FILE if official_vae else None) if f]
+    var_source = resolve_source(var_weights, filename=hub_file, model_name=name, files=files, what="var")
+    vae_source = resolve_source(vae_weights, filename=VAE_FILE if official_vae else None, model_name=name,
+                                files=files, what="vae")
     with torch.device("meta"):  # no throw-away initialisation of billions of parameters
         transformer, vqvae = VARTransformer(var_config), VQVAE(vqvae_config)
     materialize(transformer, device, dtype)
     materialize(vqvae, device, dtype)
-    files = [f for f in (hub_file, VAE_FILE if official_vae else None) if f]
-    sources = {
-        "var": fill_var(transformer, var_weights, seed=seed, model_name=name, files=files, hub_file=hub_file),
-        "vae": fill_vqvae(vqvae, vae_weights, seed=seed + 1, model_name=name, files=files, official=official_vae),
-    }
+    sources = {"var": fill_var(transformer, var_source, seed=seed),
+               "vae": fill_vqvae(vqvae, vae_source, seed=seed + 1)}
     if resolution is None:
         resolution = var_config.patch_nums[-1] * vqvae_config.upsample_factor
     return VARModel(name, transformer, vqvae, resolution=resolution, sources=sources).eval()

@@ -48,10 +48,10 @@ def hf_hub_download(*args, **kwargs):  # indirection so tests can substitute the
 def _offline_message(model: str, files: list[str], reason: str) -> str:
     weights_file = next((f for f in files if f != VAE_FILE), "var_dXX.pth")
     return (f"cannot get the {model} weights ({', '.join(files)}) from the Hugging Face hub repo "
-            f"{HUB_REPO!r}: {reason}. Download them once (e.g. `huggingface-cli download {HUB_REPO} "
+            f"{HUB_REPO!r} ({reason.rstrip('. ')}). Download them once (e.g. `huggingface-cli download {HUB_REPO} "
             f"{' '.join(files)}`) or pass local paths: load_model({model!r}, "
             f"weights='/path/{weights_file}', vae_weights='/path/{VAE_FILE}'); "
-            f"weights='random' builds random weights of the same shapes.")
+            f"weights='random', vae_weights='random' build random weights of the same shapes.")
 
 
 def resolve_file(spec: WeightSpec, filename: str, *, model: str, all_files: list[str]) -> Path:
@@ -192,32 +192,38 @@ def materialize(module: nn.Module, device, dtype) -> nn.Module:
     return module.to_empty(device=device).to(dtype=dtype)
 
 
-def fill_var(model: VARTransformer, spec: WeightSpec, *, seed: int, model_name: str, files: list[str],
-             hub_file: Optional[str]) -> str:
-    """Fill the transformer from ``spec``; returns a description of the source."""
+def resolve_source(spec: WeightSpec, *, filename: Optional[str], model_name: str, files: list[str], what: str):
+    """``"random"``, a state dict, or the path of a local (or downloaded) file; done before any
+    model memory is allocated so that a missing file fails fast."""
     if isinstance(spec, str) and spec == RANDOM:
+        return RANDOM
+    if isinstance(spec, Mapping):
+        return spec
+    if spec is None and filename is None:
+        raise ValueError(f"{model_name} has no released {what} weights: pass a local file or 'random'")
+    if spec is not None and not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"{what} weights must be None (hub), 'random', a path or a state dict, got {type(spec).__name__}")
+    return resolve_file(spec, filename or f"{what}.pth", model=model_name, all_files=files)
+
+
+def fill_var(model: VARTransformer, source, *, seed: int) -> str:
+    """Fill the transformer from a resolved source; returns a description of it."""
+    if isinstance(source, str) and source == RANDOM:
         init_random_var(model, seed)
         return f"random(seed={seed})"
-    if isinstance(spec, Mapping):
-        load_var_state_dict(model, spec)
+    if isinstance(source, Mapping):
+        load_var_state_dict(model, source)
         return "state dict"
-    if spec is None and hub_file is None:
-        raise ValueError(f"{model_name} has no released weights: use weights='random' or a local file")
-    path = resolve_file(spec, hub_file or "var.pth", model=model_name, all_files=files)
-    load_var_state_dict(model, read_state_dict(path), what=str(path))
-    return str(path)
+    load_var_state_dict(model, read_state_dict(source), what=str(source))
+    return str(source)
 
 
-def fill_vqvae(model: VQVAE, spec: WeightSpec, *, seed: int, model_name: str, files: list[str],
-               official: bool) -> str:
-    if isinstance(spec, str) and spec == RANDOM:
+def fill_vqvae(model: VQVAE, source, *, seed: int) -> str:
+    if isinstance(source, str) and source == RANDOM:
         init_random_vqvae(model, seed)
         return f"random(seed={seed})"
-    if isinstance(spec, Mapping):
-        load_vqvae_state_dict(model, spec)
+    if isinstance(source, Mapping):
+        load_vqvae_state_dict(model, source)
         return "state dict"
-    if spec is None and not official:
-        raise ValueError(f"{model_name} has no released VQVAE: use vae_weights='random' or a local file")
-    path = resolve_file(spec, VAE_FILE, model=model_name, all_files=files)
-    load_vqvae_state_dict(model, read_state_dict(path), what=str(path))
-    return str(path)
+    load_vqvae_state_dict(model, read_state_dict(source), what=str(source))
+    return str(source)
