@@ -61,7 +61,7 @@ def policy_class(name: str) -> type[Policy]:
     except KeyError:
         known = sorted(_REGISTRY)
         close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = f"; did you mean {close[0]!r}?" if close else "."
         raise ValueError(f"unknown policy {name!r}{hint} Known policies: {', '.join(known) or '(none)'}") from None
 
 

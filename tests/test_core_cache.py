@@ -1,0 +1,94 @@
+"""KVCache: compact storage and byte accounting (per scale, full, peak) against hand-computed numbers."""
+
+import pytest
+import torch
+
+import kvpolicy
+from kvpolicy import KVCache, ScaleSchedule
+
+SCHEDULE = ScaleSchedule([1, 2, 3])  # 1, 4, 9 tokens; cumulative 1, 5, 14
+ROWS, HEADS, DIM = 2, 3, 4
+TOKEN_BYTES = 2 * ROWS * HEADS * DIM * 4  # K and V, float32: bytes of one token in one layer = 192
+
+
+def run(cache, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    for scale in range(SCHEDULE.num_scales):
+        for layer in range(cache.num_layers):
+            n = SCHEDULE.tokens(scale)
+            k = torch.randn(ROWS, HEADS, n, DIM, generator=g).to(dtype)
+            cache.append(layer, scale, k, torch.randn(ROWS, HEADS, n, DIM, generator=g).to(dtype))
+            cache.compress(layer, scale)
+    return cache.report()
+
+
+def test_sliding_window_bytes_by_hand():
+    report = run(KVCache(2, SCHEDULE, kvpolicy.get_policy("sliding_window", budget=4)))
+    assert TOKEN_BYTES == 192
+    # Held tokens after each scale's compression: [1, 1], [4, 4], [4, 4].
+    assert report.kv_bytes == [2 * 192, 8 * 192, 8 * 192] == [384, 1536, 1536]
+    assert report.full_kv_bytes == [2 * 192, 10 * 192, 28 * 192] == [384, 1920, 5376]
+    # Peak: at scale 2, layer 0 holds 4 kept + 9 new = 13 tokens while layer 1 holds 4 -> 17 tokens.
+    assert report.peak_kv_bytes == 17 * 192 == 3264
+    assert report.full_peak_kv_bytes == 28 * 192
+    assert report.kept_lengths == [[1, 1], [4, 4], [4, 4]]
+    assert report.capacities == [[4, 4]] * 3
+    assert report.read_by_last_scale_ratio == 1536 / 1920  # after the second-to-last scale
+    assert report.policy == "sliding_window"
+    table = report.table()
+    assert "peak (incl. one layer's current map before compression)" in table and "0.8000" in table
+
+
+def test_full_cache_and_no_policy():
+    full = run(KVCache(2, SCHEDULE, kvpolicy.get_policy("full")))
+    none = run(KVCache(2, SCHEDULE))
+    for report in (full, none):
+        assert report.kv_bytes == report.full_kv_bytes == [384, 1920, 5376]
+        assert report.peak_kv_bytes == report.full_peak_kv_bytes == 5376
+        assert report.kept_lengths == [[1, 1], [5, 5], [14, 14]]
+    assert none.capacities == [[None, None]] * 3 and none.policy == "full"
+
+
+def test_bf16_and_replicas():
+    report = run(KVCache(2, SCHEDULE, kvpolicy.get_policy("sliding_window", budget=4), replicas=5), dtype=torch.bfloat16)
+    assert report.kv_bytes == [5 * 96 * t for t in (2, 8, 8)]  # bf16: 96 bytes per token and layer
+    assert report.peak_kv_bytes == 5 * 96 * 17
+
+
+def test_storage_is_compact_and_state_resets():
+    cache = KVCache(1, SCHEDULE, kvpolicy.get_policy("h2o", budget=3))
+    g = torch.Generator().manual_seed(1)
+    for scale in range(3):
+        n = SCHEDULE.tokens(scale)
+        k = torch.randn(1, 1, n, DIM, generator=g)
+        cache.append(0, scale, k, k.clone())
+        cache.compress(0, scale, queries=torch.randn(1, 1, n, DIM, generator=g))
+        assert cache.keys[0].shape[2] == cache.length(0) == min(3, SCHEDULE.cumulative_length(scale))
+        assert cache.states[0].shape == (1, 1, cache.length(0))
+    cache.reset()
+    assert cache.keys == [None] and cache.states == [None] and cache.length(0) == 0 and cache.peak_kv_bytes == 0
+
+
+def test_misuse_raises():
+    cache = KVCache(2, SCHEDULE, kvpolicy.get_policy("sliding_window", budget=4))
+    k = torch.zeros(1, 1, 4, DIM)
+    with pytest.raises(ValueError, match=r"scale 0 has 1 tokens; got keys \(1, 1, 4, 4\)"):
+        cache.append(0, 0, k, k)
+    with pytest.raises(RuntimeError, match=r"layer 0 received scale 1 after scale -1; scales must arrive in order"):
+        cache.append(0, 1, k, k)
+    with pytest.raises(RuntimeError, match=r"compress\(layer=0, scale=0\) before append at that scale"):
+        cache.compress(0, 0)
+    one = torch.zeros(1, 1, 1, DIM)
+    cache.append(0, 0, one, one)
+    with pytest.raises(RuntimeError, match="call reset"):
+        cache.append(0, 0, one, one)  # a second generation without reset
+    with pytest.raises(ValueError, match="num_layers must be >= 1, got 0"):
+        KVCache(0, SCHEDULE)
+    with pytest.raises(ValueError, match="needs a budget"):
+        KVCache(2, SCHEDULE, kvpolicy.get_policy("snapkv"))  # fails early, before any tensor
+
+
+def test_declared_needs():
+    assert KVCache(1, SCHEDULE, kvpolicy.get_policy("snapkv", budget=40)).needs_queries
+    assert not KVCache(1, SCHEDULE, kvpolicy.get_policy("sliding_window", budget=4)).needs_queries
+    assert not KVCache(1, SCHEDULE).needs_raw_queries

@@ -1,0 +1,119 @@
+"""compress: input validation, the keep-all path, checks on what a policy returns, simple baselines."""
+
+import attrs
+import pytest
+import torch
+
+import kvpolicy
+from kvpolicy import Policy, ScaleSchedule, Selection, compress
+
+SCHEDULE = ScaleSchedule([1, 2, 4, 6])  # cumulative 1, 5, 21, 57
+KW = dict(schedule=SCHEDULE, scale=3, layer=0, num_layers=2)
+
+
+def tensors(batch=2, heads=2, length=57, dim=4, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, heads, length, dim, generator=g).to(dtype),
+            torch.randn(batch, heads, length, dim, generator=g).to(dtype))
+
+
+@attrs.define(kw_only=True)
+class Returns(Policy):
+    """Returns whatever the test hands it (unregistered)."""
+
+    indices: object = None
+
+    def select(self, keys, values, ctx):
+        return Selection(self.indices, ctx.state)
+
+
+def test_keep_all_when_under_capacity():
+    keys, values = tensors(length=21)
+    result = compress(kvpolicy.get_policy("sliding_window", budget=21), keys, values, **{**KW, "scale": 2})
+    assert result.keys is keys and result.values is values and result.capacity == 21
+    assert torch.equal(result.indices, torch.arange(21).expand(2, 2, 21))
+
+
+def test_sliding_window_and_streamingllm_exact_indices():
+    keys, values = tensors(dtype=torch.bfloat16)
+    result = compress(kvpolicy.get_policy("sliding_window", budget=10), keys, values, **KW)
+    assert result.indices.tolist() == [[list(range(47, 57))] * 2] * 2
+    assert torch.equal(result.keys, keys[:, :, 47:]) and torch.equal(result.values, values[:, :, 47:])
+    assert result.keys.dtype == torch.bfloat16 and result.keys.is_contiguous()
+    result = compress(kvpolicy.get_policy("streamingllm", budget=10), keys, values, **KW)
+    assert result.indices[0, 0].tolist() == [0, 1, 2, 3] + list(range(51, 57))
+    result = compress(kvpolicy.get_policy("streamingllm", budget=3, num_sinks=4), keys, values, **KW)
+    assert result.indices[1, 1].tolist() == [0, 1, 2]  # budget below the sink count: first B sinks
+    result = compress(kvpolicy.get_policy("streamingllm", budget=5, num_sinks=0), keys, values, **KW)
+    assert result.indices[1, 0].tolist() == list(range(52, 57))
+    # The kept tensors are compact copies: the input can be freed or overwritten.
+    kept = result.keys.clone()
+    keys.zero_()
+    assert torch.equal(result.keys, kept)
+
+
+def test_gqa_queries_are_accepted_and_checked():
+    keys, values = tensors()
+    policy = kvpolicy.get_policy("snapkv", budget=20, window_size=4)
+    result = compress(policy, keys, values, queries=torch.randn(2, 4, 36, 4), **KW)
+    assert result.indices.shape == (2, 2, 20)
+    with pytest.raises(ValueError, match=r"queries shape \(2, 3, 36, 4\) does not fit keys \(2, 2, 57, 4\)"):
+        compress(policy, keys, values, queries=torch.randn(2, 3, 36, 4), **KW)
+    with pytest.raises(ValueError, match=r"queries shape \(1, 2, 36, 4\)"):
+        compress(policy, keys, values, queries=torch.randn(1, 2, 36, 4), **KW)
+    with pytest.raises(ValueError, match=r"queries must be a \(B, H, n_current, D\) tensor, got torch.Size\(\[2, 36, 4\]\)"):
+        compress(policy, keys, values, queries=torch.randn(2, 36, 4), **KW)
+    with pytest.raises(ValueError, match="queries is on meta but keys are on cpu"):
+        compress(policy, keys, values, queries=torch.randn(2, 2, 36, 4, device="meta"), **KW)
+    with pytest.raises(ValueError, match=r"policy 'snapkv' needs queries= \(the current map's attention queries\)"):
+        compress(policy, keys, values, **KW)
+
+
+def test_shape_dtype_device_errors():
+    keys, values = tensors()
+    policy = kvpolicy.get_policy("sliding_window", budget=10)
+    cases = [
+        (dict(keys=keys, values=values[:, :1]), ValueError, r"keys \(2, 2, 57, 4\) and values \(2, 1, 57, 4\) must agree on \(B, H, L\)"),
+        (dict(keys=keys, values=values[:1]), ValueError, "must agree on"),
+        (dict(keys=keys[0], values=values), ValueError, r"keys must be a \(B, H, L, D\) tensor, got torch.Size\(\[2, 57, 4\]\)"),
+        (dict(keys=keys.numpy(), values=values), ValueError, r"keys must be a \(B, H, L, D\) tensor"),
+        (dict(keys=keys, values=values.to(torch.int32)), TypeError, "values must be floating point, got torch.int32"),
+        (dict(keys=keys, values=values.to("meta")), ValueError, "keys are on cpu but values on meta"),
+        (dict(keys=keys[:, :, :20], values=values[:, :, :20]), ValueError, r"cache length 20 at scale 3 must lie in 36\.\.57"),
+        (dict(keys=keys, values=values, scale=4), IndexError, r"scale 4 out of range 0\.\.3"),
+        (dict(keys=keys, values=values, layer=-1), IndexError, r"layer -1 out of range 0\.\.1"),
+        (dict(keys=keys, values=values, num_layers=0), ValueError, "num_layers must be a positive int, got 0"),
+        (dict(keys=keys, values=values, schedule=[1, 2, 4, 6]), TypeError, "schedule must be a ScaleSchedule, got list"),
+    ]
+    for overrides, error, pattern in cases:
+        args = {**KW, **overrides}
+        with pytest.raises(error, match=pattern):
+            compress(policy, args.pop("keys"), args.pop("values"), **args)
+    with pytest.raises(TypeError, match="policy must be a Policy"):
+        compress("sliding_window", keys, values, **KW)
+    # Values may have their own head dim.
+    assert compress(policy, keys, torch.randn(2, 2, 57, 7), **KW).values.shape == (2, 2, 10, 7)
+
+
+@pytest.mark.parametrize("indices,pattern", [
+    (None, r"kept all 57 tokens over capacity 5"),
+    (torch.arange(6).expand(2, 2, 6).clone(), r"kept 6 tokens over capacity 5"),
+    (torch.tensor([0, 2, 1, 3, 4]).expand(2, 2, 5).clone(), "not unique, ascending and in 0..56"),
+    (torch.tensor([0, 1, 1, 3, 4]).expand(2, 2, 5).clone(), "not unique, ascending"),
+    (torch.tensor([0, 1, 2, 3, 57]).expand(2, 2, 5).clone(), "in 0..56"),
+    (torch.tensor([-1, 1, 2, 3, 4]).expand(2, 2, 5).clone(), "in 0..56"),
+    (torch.arange(5, dtype=torch.int32).expand(2, 2, 5).clone(), r"need \(B=2, H=2, k\) int64"),
+    (torch.arange(5).expand(2, 5).clone(), r"returned indices \(2, 5\)"),
+])
+def test_bad_policy_output_is_caught(indices, pattern):
+    keys, values = tensors()
+    with pytest.raises(RuntimeError, match=pattern):
+        compress(Returns(budget=5, indices=indices), keys, values, **KW)
+
+
+def test_fewer_than_capacity_is_allowed_and_gathered():
+    keys, values = tensors()
+    picked = torch.tensor([[[3, 9], [0, 56]], [[1, 2], [10, 11]]])
+    result = compress(Returns(budget=5, indices=picked), keys, values, **KW)
+    assert torch.equal(result.indices, picked)
+    assert torch.equal(result.keys[1, 0], keys[1, 0, [1, 2]]) and torch.equal(result.values[0, 1], values[0, 1, [0, 56]])
