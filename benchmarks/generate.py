@@ -1,0 +1,67 @@
+"""``kvpolicy generate``: one generate call with a policy; writes PNGs and prints the cache report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .compare import model_family, save_png
+from .plan import parse_resolution, resolve_geometry
+from .policy_spec import build_policy, check_budget, parse_dtype
+
+
+def output_paths(out: str, n: int) -> list[Path]:
+    """``image.png`` for one image, ``image_0.png``, ``image_1.png``, … for a batch."""
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--out {out!r} must name a .png file")
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(n)]
+
+
+def generate_command(args) -> int:
+    family = model_family(args.model)
+    if args.label is not None and family != "var":
+        raise ValueError(f"{args.model} is a text-to-image model: use --prompt, not --label")
+    if args.prompt is not None and family == "var":
+        raise ValueError(f"{args.model} is class-conditional: use --label N, not --prompt")
+    conditions = args.prompt if args.prompt is not None else args.label
+    if args.budget is not None and args.policy is None:
+        raise ValueError("--budget needs --policy (e.g. --policy scalekv --budget 10%)")
+    resolution = parse_resolution(args.resolution)
+    geometry = resolve_geometry(args.model, resolution, args.aspect_ratio)
+    budget = None if args.budget is None else check_budget(args.budget, geometry.schedule, args.model)
+    policy = None
+    if args.policy is not None:
+        policy = build_policy(args.policy, budget, budget_file=args.budget_file, calibration=args.calibration)
+        policy.plan(geometry.schedule, geometry.num_layers)  # a bad budget fails before the model loads
+    elif args.budget_file or args.calibration:
+        raise ValueError("--budget-file/--calibration need --policy scalekv")
+    paths = output_paths(args.out, len(conditions))
+    for p in paths:
+        if p.parent and not p.parent.exists():
+            raise ValueError(f"folder {str(p.parent)!r} for --out does not exist")
+    device = args.device
+    dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
+    from adapters import load_model
+
+    model = load_model(args.model, device=device, dtype=parse_dtype(dtype))
+    kwargs = {}
+    if resolution is not None:
+        kwargs["resolution"] = resolution
+    if args.aspect_ratio != 1.0:
+        kwargs["aspect_ratio"] = args.aspect_ratio
+    started = time.perf_counter()
+    out = model.generate(list(conditions), policy=policy, seed=args.seed, batch_size=len(conditions), **kwargs)
+    elapsed = time.perf_counter() - started
+    for image, path in zip(out.images, paths):
+        save_png(image, path)
+    report = out.cache_report
+    print(f"{args.model}, policy {policy if policy is not None else 'full cache'}, seed {args.seed}, "
+          f"{len(conditions)} image(s) in {elapsed:.2f} s ({device}, {dtype})")
+    print(report.table())
+    if report.scale_seconds:
+        print("seconds per scale: " + " ".join(f"{t:.3f}" for t in report.scale_seconds))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
