@@ -395,8 +395,10 @@ class AttentionStatsCollector:
 
     - current attention ratio: probability mass on the current map (paper: Σ_{j∈C_k} α_ij);
     - history top-K′ ratio: the sum of the K′ = ``top_k`` largest history probabilities (paper:
-      TopKSum′; K′ is not given in the paper, default 16, the window size). Scale 0 has no history
-      and records only the first.
+      TopKSum′; K′ is not given in the paper, default 16, the window size), and the same sum as a
+      share of the query's whole history mass (its concentration, for ``history="share"``).
+
+    Scale 0 has no history and records only the first.
     """
 
     def __init__(self, num_layers: int, num_scales: int, *, top_k: int = 16, max_queries: int = 256, seed: int = 0):
@@ -410,6 +412,7 @@ class AttentionStatsCollector:
         shape = (num_layers, num_scales)
         self._current_sum = torch.zeros(shape, dtype=torch.float64)
         self._history_sum = torch.zeros(shape, dtype=torch.float64)
+        self._share_sum = torch.zeros(shape, dtype=torch.float64)
         self._count = torch.zeros(shape, dtype=torch.long)
         self._history_count = torch.zeros(shape, dtype=torch.long)
         self.calls = 0
@@ -441,23 +444,28 @@ class AttentionStatsCollector:
         grouped = queries.index_select(2, positions).reshape(batch, kv_heads, group, positions.numel(), dim)
         keys32 = keys.float()
         k_hist = min(self.top_k, current_start)
-        current_sum = history_sum = 0.0
+        current_sum = history_sum = share_sum = 0.0
         block = max(1, _BLOCK_ELEMENTS // max(1, batch * q_heads * length))
         for lo in range(0, positions.numel(), block):
             logits = torch.einsum("bhgqd,bhld->bhgql", grouped[:, :, :, lo:lo + block].float(), keys32)
             probs = torch.softmax(logits, dim=-1)
             current_sum += float(probs[..., current_start:].sum(dtype=torch.float64))
             if k_hist:
-                history_sum += float(probs[..., :current_start].topk(k_hist, dim=-1).values.sum(dtype=torch.float64))
+                history = probs[..., :current_start]
+                top = history.topk(k_hist, dim=-1).values.sum(dim=-1, dtype=torch.float64)
+                history_sum += float(top.sum())
+                mass = history.sum(dim=-1, dtype=torch.float64)
+                share_sum += float((top / mass.clamp_min(torch.finfo(torch.float64).tiny)).sum())
         count = batch * q_heads * positions.numel()
         self._current_sum[layer, scale] += current_sum
         self._count[layer, scale] += count
         if k_hist:
             self._history_sum[layer, scale] += history_sum
+            self._share_sum[layer, scale] += share_sum
             self._history_count[layer, scale] += count
         self.calls += 1
 
-    def result(self, *, operator: str = "multiplicative", drafter_fraction: float = 0.075,
+    def result(self, *, operator: str = "multiplicative", history: str = "mass", drafter_fraction: float = 0.075,
                epsilon: float = 1e-6) -> "CalibrationResult":
         def table(total, count):
             return [[float(total[l, s] / count[l, s]) if count[l, s] else None for s in range(self.num_scales)]
@@ -467,7 +475,8 @@ class AttentionStatsCollector:
             num_layers=self.num_layers, num_scales=self.num_scales,
             current_ratio=table(self._current_sum, self._count),
             history_topk=table(self._history_sum, self._history_count),
-            top_k=self.top_k, operator=operator, drafter_fraction=drafter_fraction, epsilon=epsilon,
+            history_share=table(self._share_sum, self._history_count),
+            top_k=self.top_k, operator=operator, history=history, drafter_fraction=drafter_fraction, epsilon=epsilon,
             samples=self._count.tolist(), calls=self.calls)
 
 
@@ -485,8 +494,14 @@ def _check_fraction(instance, attribute, value):
 class CalibrationResult:
     """Calibrated attention statistics per (layer, scale) and the drafter ranking they imply.
 
-    ASI(l, k) = current_ratio · history_topk (``operator="multiplicative"``, Eq. 2 as printed) or
-    current_ratio + history_topk (``"additive"``, an unverified reading of the paper's ⊙, §2.1).
+    ASI(l, k) = current_ratio · H (``operator="multiplicative"``, Eq. 2 as printed) or
+    current_ratio + H (``"additive"``, an unverified reading of the paper's ⊙, §2.1), where H is
+    the mean sum of the K′ largest history probabilities (``history="mass"``, the paper's wording,
+    default) or that sum as a share of the history mass (``history="share"``, an option of ours).
+    Caveat of the printed form: with H = mass, a layer that looks almost only at the current map
+    has H ≈ 0 and so a low product, and a layer that looks only at a few history tokens has a low
+    current ratio: both can rank as drafters although the paper calls them refiners; the additive
+    form (or H = share under the product) ranks them as refiners.
     Z(l, k) = (ASI − μ_k)/(σ_k + ε) over the layers at scale k (population σ). The N_d pairs with the
     lowest Z among the decision scales of a budget (``decision_scales``: those whose roles the plan
     uses; scales before compression are never ranked) are drafters. N_d = ``num_drafters`` or
@@ -498,8 +513,10 @@ class CalibrationResult:
     num_scales: int
     current_ratio: tuple = attrs.field(converter=_grid)  # [layer][scale], None = not observed
     history_topk: tuple = attrs.field(converter=_grid)
+    history_share: Optional[tuple] = attrs.field(default=None, converter=attrs.converters.optional(_grid))
     top_k: int = 16
     operator: str = attrs.field(default="multiplicative", validator=attrs.validators.in_(OPERATORS))
+    history: str = attrs.field(default="mass", validator=attrs.validators.in_(("mass", "share")))
     drafter_fraction: float = attrs.field(default=0.075, validator=_check_fraction)
     epsilon: float = 1e-6
     samples: Optional[tuple] = attrs.field(default=None, converter=attrs.converters.optional(
@@ -507,14 +524,19 @@ class CalibrationResult:
     calls: int = 0
 
     def __attrs_post_init__(self):
-        for name in ("current_ratio", "history_topk"):
+        if self.history == "share" and self.history_share is None:
+            raise ValueError("history='share' needs the history_share table (recorded by AttentionStatsCollector)")
+        for name in ("current_ratio", "history_topk", "history_share"):
             grid = getattr(self, name)
+            if grid is None:
+                continue
             if len(grid) != self.num_layers or any(len(row) != self.num_scales for row in grid):
                 raise ValueError(f"{name} must be a [{self.num_layers} layers][{self.num_scales} scales] table")
 
     def asi(self) -> list[list[Optional[float]]]:
         out = []
-        for cur_row, hist_row in zip(self.current_ratio, self.history_topk):
+        table = self.history_share if self.history == "share" else self.history_topk
+        for cur_row, hist_row in zip(self.current_ratio, table):
             row = []
             for cur, hist in zip(cur_row, hist_row):
                 if cur is None or hist is None:
@@ -582,8 +604,9 @@ class CalibrationResult:
     def to_dict(self) -> dict:
         return {"kind": "scalekv-calibration", "num_layers": self.num_layers, "num_scales": self.num_scales,
                 "current_ratio": [list(r) for r in self.current_ratio],
-                "history_topk": [list(r) for r in self.history_topk], "top_k": self.top_k,
-                "operator": self.operator, "drafter_fraction": self.drafter_fraction, "epsilon": self.epsilon,
+                "history_topk": [list(r) for r in self.history_topk],
+                "history_share": None if self.history_share is None else [list(r) for r in self.history_share],
+                "top_k": self.top_k, "operator": self.operator, "history": self.history, "drafter_fraction": self.drafter_fraction, "epsilon": self.epsilon,
                 "samples": None if self.samples is None else [list(r) for r in self.samples], "calls": self.calls}
 
     @classmethod

@@ -1,0 +1,142 @@
+"""ScaleKV calibration on synthetic attention maps: planted drafters must be recovered."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvpolicy import ScaleSchedule, get_policy
+from kvpolicy.calibration import AttentionStatsCollector, BudgetFile, CalibrationResult
+
+SCHEDULE = ScaleSchedule([1, 2, 4, 6, 8, 12])  # cumulative 1, 5, 21, 57, 121, 265
+DIM, HEADS = 16, 2
+# Layer kinds: drafters spread attention over everything; "current" refiners look mostly at the
+# current map (the rest of their attention on a few sink-like history tokens); "selective" refiners
+# put a large share on a few history tokens.
+KINDS = ["drafter", "current", "selective", "drafter", "current", "selective"]
+QUERY_DIRECTION = {"drafter": (0.0, 0.0), "current": (4.0, 4.0), "selective": (2.0, 5.0), "pure": (12.0, 0.0)}
+
+
+def _maps(scale, kind, generator, batch=2):
+    length, n = SCHEDULE.cumulative[scale], SCHEDULE.tokens(scale)
+    start = length - n
+    noise = torch.randn(batch, HEADS, length, DIM, generator=generator)
+    noise[..., :2] = 0
+    keys = F.normalize(noise, dim=-1) * 0.5
+    keys[:, :, start:, 0] = 1.0  # the current map shares direction e0
+    keys[:, :, :min(4, start), 1] = 1.0  # four history "anchors" share direction e1
+    q_noise = 0.2 * torch.randn(batch, HEADS, n, DIM, generator=generator)
+    towards_current, towards_anchors = QUERY_DIRECTION[kind]
+    queries = q_noise.clone()
+    queries[..., 0] += towards_current
+    queries[..., 1] += towards_anchors
+    return queries, keys, start
+
+
+def _calibrate(calls=2, max_queries=64, kinds=KINDS, **result_options):
+    collector = AttentionStatsCollector(len(kinds), SCHEDULE.num_scales, top_k=4, max_queries=max_queries, seed=3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(calls):  # "prompts"
+        for scale in range(SCHEDULE.num_scales):
+            for layer, kind in enumerate(kinds):
+                queries, keys, start = _maps(scale, kind, generator)
+                collector.observe(layer, scale, queries, keys, current_start=start)
+    return collector.result(**result_options)
+
+
+@pytest.mark.parametrize("operator", ["multiplicative", "additive"])
+def test_planted_drafters_are_recovered(operator):
+    result = _calibrate(operator=operator)
+    budget = 40  # compression starts after scale 3 (57 > 40): roles matter at scales 4 and 5
+    drafters = result.drafters(SCHEDULE, budget, num_drafters=4)
+    assert drafters == {4: [0, 3], 5: [0, 3]}
+    z = result.zscores()
+    for scale in (3, 4, 5):
+        lowest = sorted(range(len(KINDS)), key=lambda l: z[l][scale])[:2]
+        assert sorted(lowest) == [0, 3]
+
+
+@pytest.mark.parametrize("operator, history", [("additive", "mass"), ("multiplicative", "share")])
+def test_a_purely_current_focused_layer_is_a_refiner(operator, history):
+    # Such a layer has almost no history attention; the additive form and the history share
+    # still rank it above the drafters (see CalibrationResult: the printed product would not).
+    result = _calibrate(kinds=["drafter", "pure", "pure", "drafter"], operator=operator, history=history)
+    assert result.drafters(SCHEDULE, 40, num_drafters=4) == {4: [0, 3], 5: [0, 3]}
+
+
+def test_statistics_match_a_direct_computation():
+    collector = AttentionStatsCollector(1, SCHEDULE.num_scales, top_k=3, max_queries=1000)
+    generator = torch.Generator().manual_seed(1)
+    queries, keys, start = _maps(5, "selective", generator)
+    collector.observe(0, 5, queries, keys, current_start=start)
+    probs = torch.softmax(queries.double() @ keys.double().transpose(-1, -2), dim=-1)
+    result = collector.result()
+    assert result.current_ratio[0][5] == pytest.approx(float(probs[..., start:].sum(-1).mean()), rel=1e-5)
+    top = probs[..., :start].topk(3).values.sum(-1)
+    assert result.history_topk[0][5] == pytest.approx(float(top.mean()), rel=1e-5)
+    assert result.history_share[0][5] == pytest.approx(float((top / probs[..., :start].sum(-1)).mean()), rel=1e-5)
+    assert result.history_topk[0][0] is None and result.current_ratio[0][1] is None
+
+
+def test_grouped_query_heads_and_sampling_are_deterministic():
+    generator = torch.Generator().manual_seed(2)
+    queries, keys, start = _maps(5, "current", generator)
+    queries = queries.repeat_interleave(2, dim=1)  # 4 query heads over 2 key heads
+    results = []
+    for _ in range(2):
+        collector = AttentionStatsCollector(1, SCHEDULE.num_scales, max_queries=16, seed=5)
+        collector.observe(0, 5, queries, keys, current_start=start)
+        results.append(collector.result())
+    assert results[0] == results[1]
+    assert results[0].samples[0][5] == 2 * 4 * 16
+    assert results[0].current_ratio[0][5] > 0.9
+
+
+def test_observe_validates_inputs():
+    collector = AttentionStatsCollector(2, 3)
+    q, k = torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 9, 8)
+    with pytest.raises(ValueError, match="current_start=4"):
+        collector.observe(0, 1, q, k, current_start=4)
+    with pytest.raises(IndexError, match="layer 2"):
+        collector.observe(2, 1, q, k, current_start=5)
+    with pytest.raises(ValueError, match="do not fit"):
+        collector.observe(0, 1, torch.zeros(1, 3, 4, 8), k, current_start=5)
+
+
+def test_result_json_round_trip_and_policy_use(tmp_path):
+    result = _calibrate(calls=1, drafter_fraction=0.2)
+    path = tmp_path / "calib.json"
+    result.save(path)
+    loaded = CalibrationResult.load(path)
+    assert loaded == result
+    # 0.2 x 6 layers x 2 ranked scales = 2.4 -> 2 drafter pairs (the lowest Z overall)
+    assert sum(len(v) for v in loaded.drafters(SCHEDULE, 40).values()) == 2
+    policy = get_policy("scalekv", budget=40, calibration=str(path), num_drafters=4)
+    plan = policy.plan(SCHEDULE, 6)
+    assert plan == get_policy("scalekv", budget=40, calibration=result, num_drafters=4).plan(SCHEDULE, 6)
+    assert [plan.roles[4][l] for l in range(6)] == ["drafter", "refiner", "refiner", "drafter", "refiner", "refiner"]
+    for s in (3, 4, 5):
+        assert sum(plan.capacities[s]) == 40 * 6
+    config = json.loads(json.dumps(policy.to_config()))
+    assert type(policy).from_config(config).plan(SCHEDULE, 6) == plan
+    # Export to the released format and load it back as a budget file: same capacities.
+    exported = result.to_budget_file(SCHEDULE, 40, num_drafters=4, refiner_floor=16)
+    file_path = tmp_path / "budget.json"
+    exported.save(file_path)
+    again = get_policy("scalekv", budget_file=file_path).plan(SCHEDULE, 6)
+    assert again.capacities == plan.capacities  # the policy's floor is the window size here
+    assert BudgetFile.load(file_path).implied_budget() == 40
+
+
+def test_unobserved_scales_cannot_be_ranked():
+    collector = AttentionStatsCollector(2, SCHEDULE.num_scales)
+    generator = torch.Generator().manual_seed(0)
+    queries, keys, start = _maps(4, "drafter", generator)
+    collector.observe(0, 4, queries, keys, current_start=start)
+    with pytest.raises(ValueError, match="scale 4 was not observed"):
+        collector.result().drafters(SCHEDULE, 40)
+    with pytest.raises(FileNotFoundError, match="calibration file"):
+        CalibrationResult.load("/nonexistent/calib.json")
+    with pytest.raises(ValueError, match="num_drafters"):
+        _calibrate(calls=1).drafters(SCHEDULE, 40, num_drafters=99)
