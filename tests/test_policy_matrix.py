@@ -29,6 +29,7 @@ SCHEDULES = {"var256": VAR_256, "infinity7": INFINITY_7}
 POLICY_OPTIONS: dict[str, dict] = {
     "snapkv": {"window_size": 4, "kernel_size": 3},
     "pyramidkv": {"window_size": 4, "kernel_size": 3, "beta": 4},
+    "scalekv": {"drafters": [0], "window_size": 4, "kernel_size": 3},
 }
 
 

@@ -72,8 +72,9 @@ def build(name, budget, options, schedule, num_layers):
     try:
         policy.plan(schedule, num_layers)
     except ValueError as exc:
-        assert window is not None and budget.tokens(schedule) < window, f"unexpected plan error: {exc}"
-        assert "window" in str(exc) and str(budget.tokens(schedule)) in str(exc)
+        # The only refusal allowed: some capacity below the observation window (snapkv: the budget).
+        assert window is not None and "window" in str(exc), f"unexpected plan error: {exc}"
+        assert budget.tokens(schedule) < window or name not in ("snapkv", "pyramidkv"), f"unexpected: {exc}"
         return None
     return policy
 
