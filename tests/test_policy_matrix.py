@@ -30,6 +30,7 @@ POLICY_OPTIONS: dict[str, dict] = {
     "snapkv": {"window_size": 4, "kernel_size": 3},
     "pyramidkv": {"window_size": 4, "kernel_size": 3, "beta": 4},
     "scalekv": {"drafters": [0], "window_size": 4, "kernel_size": 3},
+    "uniform": {"window_size": 4, "kernel_size": 3},
 }
 
 

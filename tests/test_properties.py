@@ -68,7 +68,7 @@ def policy_cases(draw, name):
 def build(name, budget, options, schedule, num_layers):
     """The policy, or None when it rightly refuses the budget (budget below its observation window)."""
     policy = kvpolicy.get_policy(name, budget=budget, **options)
-    window = options.get("window_size")
+    window = getattr(policy, "window_size", None)
     try:
         policy.plan(schedule, num_layers)
     except ValueError as exc:
