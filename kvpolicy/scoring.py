@@ -149,18 +149,17 @@ def summed_window_logits(window_q: torch.Tensor, keys: torch.Tensor, window: tor
     """Released ScaleKV score: raw logits q·Kᵀ/√D of the window queries, window columns −inf, summed
     over the window queries -> (B, Hkv, L) in the keys' dtype.
 
-    Same operations in the same order as the released code (matmul, divide, mask, sum), so the
-    result is bit-identical to it. Grouped query heads are summed with the window queries.
+    The same arithmetic as the released code (matmul, divide, sum), so the result is bit-identical
+    to it; the window columns are set to −∞ after the sum instead of before (−∞ either way, and
+    every other column sums the same values in the same order), which skips a pass over the
+    (B, H, w, L) logits. Grouped query heads are summed with the window queries.
     """
     batch, kv_heads, length, dim = keys.shape
     q = _group_queries(window_q.to(keys.dtype), kv_heads)
     q = q.reshape(batch, kv_heads, q.shape[2] * q.shape[3], dim)
-    logits = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(dim)
-    if window.numel():
-        mask = torch.zeros(length, dtype=torch.bool, device=keys.device)
-        mask[window] = True
-        logits = logits.masked_fill(mask, float("-inf"))
-    return logits.sum(dim=2)
+    logits = torch.matmul(q, keys.transpose(2, 3))
+    scores = logits.div_(math.sqrt(dim)).sum(dim=2)
+    return scores.index_fill_(-1, window.to(keys.device), float("-inf")) if window.numel() else scores
 
 
 def topk_plus_forced_exact(scores: torch.Tensor, forced: torch.Tensor, capacity: int) -> torch.Tensor:
