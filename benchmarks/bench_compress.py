@@ -3,7 +3,9 @@
 Geometry (issue 2): keys/values (B, H=16, L=6425, D=128) bf16, the Infinity 1024^2 schedule at
 scale 11 (the 48x48 map: L = 6425 cached tokens, 2304 queries), budget 650 tokens, 32 layers
 (Infinity-2B depth; the timed layer is ``--layer``). Stateful policies get a zero state aligned
-with the history. Run: ``python -m benchmarks.bench_compress [--repeats N] [--batch B]``.
+with the history. Run: ``python -m benchmarks.bench_compress [--repeats N] [--batch B]``; scalekv
+runs with ``--budget-file`` (a released budget JSON, e.g. ``../shared/golden/scalekv/budgets/
+infinity-2b-10pct.json``), otherwise it is listed as not run with the reason.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 import kvpolicy
 from adapters.geometry import infinity_schedule
+from benchmarks.policy_spec import build_policy
 
 
 def make_inputs(batch: int, heads: int, head_dim: int, length: int, n_current: int, seed: int, dtype, device):
@@ -63,6 +66,8 @@ def main(argv=None) -> None:
     parser.add_argument("--policies", default="", help="comma-separated names (default: every registered policy)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--budget-file", default=None,
+                        help="ScaleKV released budget JSON (e.g. infinity-2b-10pct.json); scalekv needs its roles")
     args = parser.parse_args(argv)
     for name in ("repeats", "batch"):
         if getattr(args, name) < 1:
@@ -81,7 +86,7 @@ def main(argv=None) -> None:
     print(f"{'policy':<16} {'capacity':>8} {'median ms':>10} {'min ms':>9}")
     for name in names:
         try:
-            policy = kvpolicy.get_policy(name, budget=args.budget)
+            policy = build_policy(name, args.budget, budget_file=args.budget_file if name == "scalekv" else None)
             capacity = policy.capacity(schedule, num_layers, scale, args.layer)
         except Exception as exc:  # a policy that needs more than a budget (e.g. calibration data)
             print(f"{name:<16} not run: {type(exc).__name__}: {exc}")
