@@ -1,0 +1,209 @@
+"""The user-facing Infinity model: text encoder + transformer + BSQ-VAE decoder, and its loader.
+
+``load_infinity(name, weights=..., vae_weights=..., text_encoder=..., device=..., dtype=...)`` builds
+a preset from the official files (hub or local) or with seeded random weights (``'random'``;
+``infinity-tiny`` is random by default). ``InfinityModel.generate`` runs the official generation
+loop (``generate.py``) with any registered cache policy and returns ``adapters.base.GenerationOutput``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from adapters.base import GenerationOutput, resolve_policy
+from adapters.geometry import (INFINITY_PN_SCALES, INFINITY_RESOLUTION_PN, INFINITY_TEMPLATES, ModelGeometry,
+                               infinity_template)
+from kvpolicy import KVCache, ScaleSchedule
+
+from .bsq_vae import BSQVAEDecoder, images_to_uint8, load_bsq_vae
+from .config import PRESETS, InfinityPreset
+from .generate import LoopResult, run_generation
+from .hub import resolve_vae, resolve_weights
+from .model import InfinityTransformer
+from .text import TextEncoder, load_text_encoder, random_text_encoder
+from .weights import load_transformer_weights, random_init
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d) for d in DTYPES]}, got {dtype!r}")
+    return dtype
+
+
+class InfinityModel(nn.Module):
+    """Infinity text-to-image generation with a pluggable KV-cache policy."""
+
+    def __init__(self, transformer: InfinityTransformer, vae: Optional[BSQVAEDecoder] = None,
+                 text_encoder: Optional[TextEncoder] = None, *, name: str = "infinity", default_resolution: int = 1024):
+        super().__init__()
+        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+        self.name, self.default_resolution = name, default_resolution
+        c = transformer.config
+        if vae is not None and (vae.config.codebook_dim != c.codebook_dim or vae.config.spatial_patchify != c.spatial_patchify):
+            raise ValueError(f"VAE (codebook_dim {vae.config.codebook_dim}, patchify {vae.config.spatial_patchify}) does "
+                             f"not fit the transformer (codebook_dim {c.codebook_dim}, patchify {c.spatial_patchify})")
+        if text_encoder is not None and text_encoder.width != c.text_channels:
+            raise ValueError(f"text encoder width {text_encoder.width} != transformer text_channels {c.text_channels}")
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    # -- geometry ---------------------------------------------------------------------------------
+    def schedule(self, resolution=None, aspect_ratio: float = 1.0) -> tuple[ScaleSchedule, tuple, str]:
+        """(schedule, RoPE template, pn name) for a resolution (pn name or 256/512/768/1024)."""
+        resolution = self.default_resolution if resolution is None else resolution
+        if isinstance(resolution, bool) or not isinstance(resolution, (int, str)):
+            raise ValueError(f"resolution must be a pn name {list(INFINITY_PN_SCALES)} or one of "
+                             f"{sorted(INFINITY_RESOLUTION_PN)}, got {resolution!r}")
+        pn = INFINITY_RESOLUTION_PN.get(resolution, resolution) if isinstance(resolution, int) else resolution
+        if pn not in INFINITY_PN_SCALES:
+            raise ValueError(f"resolution {resolution!r} is not one of {sorted(INFINITY_RESOLUTION_PN)} or "
+                             f"{list(INFINITY_PN_SCALES)}")
+        if isinstance(aspect_ratio, bool) or not isinstance(aspect_ratio, (int, float)) or not aspect_ratio > 0:
+            raise ValueError(f"aspect_ratio (h/w) must be a positive number, got {aspect_ratio!r}")
+        template = INFINITY_TEMPLATES[infinity_template(float(aspect_ratio))]
+        return ScaleSchedule(template[: INFINITY_PN_SCALES[pn]]), template, pn
+
+    def geometry(self, resolution=None, aspect_ratio: float = 1.0) -> ModelGeometry:
+        c = self.config
+        return ModelGeometry(name=self.name, family="infinity", num_layers=c.depth, num_heads=c.num_heads,
+                             head_dim=c.head_dim, schedule=self.schedule(resolution, aspect_ratio)[0])
+
+    # -- generation -------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        if self.text_encoder is None:
+            raise RuntimeError(f"{self.name} has no text encoder; pass text features to generate_from_features")
+        return self.text_encoder(prompts)
+
+    @torch.no_grad()
+    def generate_from_features(self, features: Sequence[torch.Tensor], *, schedule: ScaleSchedule,
+                               template: Sequence[tuple[int, int]], policy=None, seed: int | torch.Generator = 0,
+                               cfg: float = 3.0, tau: float = 1.0, top_k: int = 900, top_p: float = 0.97,
+                               forced_bits=None, keep_logits: bool = False, stats=None, progress=None) -> LoopResult:
+        """The generation loop on given T5 features (one (tokens, text_channels) tensor per prompt).
+
+        Used by ``generate`` and by parity tests (``forced_bits`` = teacher forcing)."""
+        generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+        ctx = self.transformer.prepare_text(features, guidance=cfg != 1)
+        cache = KVCache(self.config.depth, schedule, policy)
+        return run_generation(self.transformer, ctx, schedule=schedule, template=template, cache=cache,
+                              generator=generator, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p,
+                              compute_dtype=self.transformer.block_dtype, forced_bits=forced_bits,
+                              keep_logits=keep_logits, stats=stats, progress=progress)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str] | str, *, policy=None, budget=None, seed: int = 0, cfg: float = 3.0,
+                 tau: float = 1.0, top_k: int = 900, top_p: float = 0.97, resolution=None, aspect_ratio: float = 1.0,
+                 batch_size: Optional[int] = None, dtype: Optional[torch.dtype] = None, stats=None,
+                 progress: Optional[bool] = None) -> GenerationOutput:
+        """Generate one image per prompt. Images are (N, H, W, 3) uint8 RGB; tokens are the bits per
+        scale (N, h, w, token_bits) uint8; the cache report counts KV bytes per scale and the peak.
+
+        With several batches (``batch_size`` < number of prompts) the random generator runs on across
+        batches, the cache report is the first (largest) batch's and its per-scale seconds are summed
+        over batches.
+        """
+        started = time.perf_counter()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+        if self.vae is None:
+            raise RuntimeError(f"{self.name} has no VAE decoder; load it with vae_weights=")
+        if batch_size is None:
+            batch_size = len(prompts)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        policy = resolve_policy(policy, budget)
+        schedule, template, pn = self.schedule(resolution, aspect_ratio)
+        if dtype is not None and _check_dtype(dtype) != self.transformer.block_dtype:
+            self.transformer.set_block_dtype(dtype)
+        if progress is None:
+            progress = sys.stderr.isatty()
+        wrap = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            def wrap(scales, _desc=f"{self.name} {pn}"):
+                return tqdm(scales, desc=_desc, unit="scale", leave=False)
+
+        generator = torch.Generator().manual_seed(seed)
+        images, bits, reports = [], None, []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            result = self.generate_from_features(self.encode(chunk), schedule=schedule, template=template,
+                                                 policy=policy, seed=generator, cfg=cfg, tau=tau, top_k=top_k,
+                                                 top_p=top_p, stats=stats, progress=wrap)
+            decoded = self.vae.decode(result.summed_codes.to(self.vae.conv_in.conv.weight.dtype))
+            images.append(images_to_uint8(decoded.float()).cpu())
+            bits = result.bits if bits is None else [torch.cat([a, b]) for a, b in zip(bits, result.bits)]
+            reports.append(result.cache.report())
+        report = reports[0]
+        report.scale_seconds = [sum(r.scale_seconds[s] for r in reports) for s in range(schedule.num_scales)]
+        report.extra.update({"batches": len(reports), "rows_per_batch": (2 if cfg != 1 else 1) * min(batch_size, len(prompts)),
+                             "dtype": str(self.transformer.block_dtype).replace("torch.", "")})
+        config = {
+            "model": self.name, "policy": None if policy is None else policy.to_config(), "seed": seed, "cfg": cfg,
+            "tau": tau, "top_k": top_k, "top_p": top_p, "resolution": pn, "aspect_ratio": aspect_ratio,
+            "schedule": [list(s) for s in schedule.shapes], "batch_size": batch_size, "num_prompts": len(prompts),
+            "dtype": str(self.transformer.block_dtype).replace("torch.", ""), "device": str(self.transformer.device),
+        }
+        return GenerationOutput(images=torch.cat(images), tokens=bits, cache_report=report,
+                                seconds=time.perf_counter() - started, config=config)
+
+
+def _random_vae(preset: InfinityPreset, seed: int, device) -> BSQVAEDecoder:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = BSQVAEDecoder(preset.vae())
+    return vae.eval().requires_grad_(False).to(device)
+
+
+def load_infinity(name: str, *, weights: Optional[str | os.PathLike] = None, vae_weights=None, text_encoder=None,
+                  device: Optional[str | torch.device] = None, dtype: Optional[torch.dtype] = None,
+                  seed: int = 0) -> InfinityModel:
+    """Build a preset. weights / vae_weights: a local path, None (the preset's hub file; random for
+    ``infinity-tiny``) or ``'random'``. text_encoder: a hub name or folder (default google/flan-t5-xl),
+    a ``TextEncoder``, or ``'random'`` (a small random T5 with the byte tokenizer). dtype: the blocks'
+    compute dtype (float32 default; bfloat16 on GPU), embeddings, head and VAE stay float32."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown Infinity preset {name!r}; known: {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    device = torch.device(device if device is not None else "cpu")
+    dtype = _check_dtype(torch.float32 if dtype is None else dtype)
+    random_weights = weights == "random" or (weights is None and preset.random_only)
+    random_vae = vae_weights == "random" or (vae_weights is None and preset.random_only)
+    # Resolve every file before reading any, so an offline error comes before minutes of loading.
+    weights_path = None if random_weights else resolve_weights(weights, preset)
+    vae_path = None if random_vae else resolve_vae(vae_weights, preset)
+
+    c = preset.model
+    with torch.device(device):
+        transformer = InfinityTransformer(c)
+    if random_weights:
+        random_init(transformer, seed)
+    else:
+        load_transformer_weights(transformer, weights_path)
+    transformer.eval().requires_grad_(False)
+    if dtype != torch.float32:
+        transformer.set_block_dtype(dtype)
+    vae = _random_vae(preset, seed + 1, device) if random_vae else load_bsq_vae(vae_path, preset.vae(), device=device)
+
+    if isinstance(text_encoder, TextEncoder):
+        encoder = text_encoder
+    elif text_encoder == "random" or (text_encoder is None and preset.text_encoder is None):
+        encoder = random_text_encoder(c.text_channels, seed=seed + 2, max_length=min(c.text_maxlen, 512))
+    else:
+        encoder = load_text_encoder(text_encoder or preset.text_encoder)
+    encoder = encoder.to(device)
+    return InfinityModel(transformer, vae, encoder, name=name, default_resolution=preset.default_resolution)
