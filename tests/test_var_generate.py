@@ -142,6 +142,8 @@ def test_bad_labels_are_rejected(model, labels, error, match):
     ({"batch_size": 0}, "batch_size must be a positive int"),
     ({"dtype": "int8"}, "dtype 'int8' is not one of"),
     ({"budget": "10%"}, "budget= was given without policy="),
+    ({"resolution": 512}, r"256x256 images only, got resolution=512"),
+    ({"aspect_ratio": 2.0}, "square images only"),
 ])
 def test_bad_settings_are_rejected(model, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -194,11 +194,16 @@ class VARModel(nn.Module):
     @torch.no_grad()
     def generate(self, labels, *, policy=None, budget=None, seed: int = 0, cfg: float = 4.0, top_k: int = 900,
                  top_p: float = 0.95, batch_size: Optional[int] = None, dtype=None, stats=None, progress=None,
-                 more_smooth: bool = False) -> GenerationOutput:
+                 more_smooth: bool = False, resolution: Optional[int] = None, aspect_ratio: float = 1.0) -> GenerationOutput:
         """Class-conditional images for ``labels`` (ImageNet indices 0..999), ``policy`` applied to
         every self-attention layer's cache. Defaults are the official demo's (cfg 4, top-k 900,
-        top-p 0.95); the FID setting is cfg 1.5, top-p 0.96."""
+        top-p 0.95); the FID setting is cfg 1.5, top-p 0.96. ``resolution`` / ``aspect_ratio`` are
+        accepted for a uniform harness interface but must be the model's own (square, fixed size)."""
         labels = check_labels(labels, self.config.num_classes)
+        if resolution is not None and resolution != self.resolution:
+            raise ValueError(f"{self.name} generates {self.resolution}x{self.resolution} images only, got resolution={resolution!r}")
+        if aspect_ratio != 1.0:
+            raise ValueError(f"{self.name} generates square images only (aspect ratio 1.0), got {aspect_ratio!r}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int, got {seed!r}")
         if isinstance(cfg, bool) or not isinstance(cfg, numbers.Real) or not cfg >= 0:
