@@ -95,13 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
 
     p = sub.add_parser("bench-gpu", help="GPU memory/latency of Infinity-2B/8B geometries with random weights")
-    p.add_argument("--models", default="infinity-2b,infinity-8b")
+    p.add_argument("--models", default=None, help="default infinity-2b,infinity-8b (dry run: infinity-tiny)")
     p.add_argument("--policies", default=None, help="default: every registered policy but full")
-    p.add_argument("--budget", default="10%")
-    p.add_argument("--batches", default="1,8")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--max-batch", type=int, default=64, help="upper end of the largest-batch search")
+    p.add_argument("--budget", default=None, help="default 650 tokens per layer, the paper's 10%% at 1024^2 "
+                   "(dry run: 50%%)")
+    p.add_argument("--budget-file", action="append", default=None, metavar="MODEL=PATH",
+                   help="ScaleKV budget file per model (default: the released 10%% files when ../shared has them)")
+    p.add_argument("--batches", default=None, help="default 1,8 (dry run: 1,2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement, median (default 3; dry run 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1; dry run 0)")
+    p.add_argument("--max-batch", type=int, default=None, help="cap of the largest-batch search (default 64; dry run 4)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: exercise the whole script without a GPU")
     return parser

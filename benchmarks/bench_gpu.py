@@ -1,0 +1,233 @@
+"""``kvpolicy bench-gpu``: memory and latency of full cache vs every policy on real model geometries.
+
+Issue 5 point 5: Infinity-2B and -8B geometries with random weights in bf16 at 1024^2; for full
+cache and each policy at the paper's 10 % (650 tokens per layer, shared/reference/scalekv.md §3.2):
+peak allocated GPU memory (``torch.cuda.max_memory_allocated`` after a reset, so weights count in
+every row), counted KV bytes, median latency per image at batch 1 and 8 (synchronised, after
+warm-up), and the largest batch that fits for full cache and for scalekv (doubling, then bisection,
+on ``torch.cuda.OutOfMemoryError``). One table of ratios, all measured in the same run, goes to
+stdout and to ``benchmarks/results/bench_gpu_<time>.{md,json}``.
+
+ScaleKV needs drafter/refiner roles: ``--budget-file MODEL=PATH`` (default: the released 10 % files
+in ../shared/golden/scalekv/budgets when present), else a calibration run of the same random model
+on two prompts (its roles then mean little, its memory and speed are what is measured).
+
+``--dry-run`` runs the whole script on the CPU with the tiny preset and small batches (no memory
+numbers): a smoke test for sessions without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import kvpolicy
+from .compare import library_versions
+from .plan import resolve_geometry
+from .policy_spec import build_policy, check_budget, split_list
+
+GIB = 2 ** 30
+SHARED_BUDGETS = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "scalekv" / "budgets"
+DEFAULT_BUDGET_FILES = {"infinity-2b": "infinity-2b-10pct.json", "infinity-8b": "infinity-8b-10pct.json"}
+CALIBRATION_PROMPTS = ["a red cube on a table", "a lighthouse at sunset"]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _conditions(family: str, batch: int) -> list:
+    return list(range(batch)) if family == "var" else [f"benchmark prompt {i}" for i in range(batch)]
+
+
+class Bench:
+    def __init__(self, args):
+        self.dry = bool(args.dry_run)
+        if not self.dry and not torch.cuda.is_available():
+            raise RuntimeError("bench-gpu needs a CUDA GPU and torch.cuda.is_available() is False here; "
+                               "run it on a GPU machine, or add --dry-run for a CPU smoke run on tiny sizes")
+        self.device = "cpu" if self.dry else "cuda"
+        self.dtype = torch.float32 if self.dry else torch.bfloat16
+        def pick(value, real, dry):
+            return value if value is not None else (dry if self.dry else real)
+
+        self.models = split_list(pick(args.models, "infinity-2b,infinity-8b", "infinity-tiny"), "--models")
+        names = [p for p in kvpolicy.list_policies() if p != "full"] if args.policies is None else split_list(args.policies, "--policies")
+        for name in names:
+            kvpolicy.policy_class(name)
+        self.policies = names
+        self.budget = pick(args.budget, "650", "50%")
+        batches = pick(args.batches, "1,8", "1,2")
+        try:
+            self.batches = [int(b) for b in split_list(batches, "--batches")]
+        except ValueError:
+            raise ValueError(f"--batches {batches!r} must be comma-separated positive integers") from None
+        if any(b < 1 for b in self.batches):
+            raise ValueError(f"--batches must be positive, got {batches}")
+        self.repeats, self.warmup = pick(args.repeats, 3, 1), pick(args.warmup, 1, 0)
+        self.max_batch = pick(args.max_batch, 64, 4)
+        if self.repeats < 1 or self.warmup < 0 or self.max_batch < 1:
+            raise ValueError("--repeats >= 1, --warmup >= 0 and --max-batch >= 1 are required")
+        self.budget_files = self._budget_files(getattr(args, "budget_file", None))
+        self.out = Path(args.out)
+        self.rows: list[dict] = []
+        self.max_batches: list[dict] = []
+
+    @staticmethod
+    def _budget_files(items) -> dict:
+        files = {m: SHARED_BUDGETS / f for m, f in DEFAULT_BUDGET_FILES.items() if (SHARED_BUDGETS / f).is_file()}
+        for item in items or []:
+            model, sep, path = item.partition("=")
+            if not sep or not Path(path).is_file():
+                raise ValueError(f"--budget-file {item!r} must be MODEL=PATH to an existing file")
+            files[model] = Path(path)
+        return files
+
+    def load(self, name: str):
+        from adapters import load_model
+
+        return load_model(name, weights="random", device=self.device, dtype=self.dtype)
+
+    def policy(self, name: str, model_name: str, model, geometry):
+        if name != "scalekv":
+            return build_policy(name, check_budget(self.budget, geometry.schedule, model_name))
+        if model_name in self.budget_files:
+            return build_policy("scalekv", check_budget(self.budget, geometry.schedule, model_name),
+                                budget_file=str(self.budget_files[model_name]))
+        from .calibrate import run_calibration
+
+        collector, _ = run_calibration(model, model_name, _conditions(geometry.family, 2) if geometry.family == "var"
+                                       else CALIBRATION_PROMPTS)
+        return build_policy("scalekv", check_budget(self.budget, geometry.schedule, model_name),
+                            calibration=collector.result())
+
+    def measure(self, model, family: str, policy, batch: int) -> dict:
+        conds = _conditions(family, batch)
+        for _ in range(self.warmup):
+            model.generate(conds, policy=policy, seed=0, batch_size=batch, progress=False)
+        seconds, peaks, report = [], [], None
+        for _ in range(self.repeats):
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            _sync(self.device)
+            start = time.perf_counter()
+            out = model.generate(conds, policy=policy, seed=0, batch_size=batch, progress=False)
+            _sync(self.device)
+            seconds.append(time.perf_counter() - start)
+            if self.device == "cuda":
+                peaks.append(torch.cuda.max_memory_allocated())
+            report = out.cache_report
+            del out
+        return {"seconds_per_image": statistics.median(seconds) / batch, "seconds_per_call": seconds,
+                "peak_allocated_bytes": max(peaks) if peaks else None,
+                "kv_peak_bytes": report.peak_kv_bytes, "kv_last_read_bytes": report.kv_bytes[max(0, len(report.kv_bytes) - 2)]}
+
+    def fits(self, model, family: str, policy, batch: int) -> bool:
+        try:
+            model.generate(_conditions(family, batch), policy=policy, seed=0, batch_size=batch, progress=False)
+            _sync(self.device)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+
+    def largest_batch(self, model, family: str, policy) -> tuple[int, bool]:
+        """Largest batch <= max_batch that runs; second value False when the cap was reached."""
+        good, bad, b = 0, None, 1
+        while b <= self.max_batch:
+            if self.fits(model, family, policy, b):
+                good, b = b, b * 2
+            else:
+                bad = b
+                break
+        if bad is None:
+            if good < self.max_batch and self.fits(model, family, policy, self.max_batch):
+                return self.max_batch, False
+            return good, False
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if self.fits(model, family, policy, mid) else (good, mid)
+        return good, True
+
+    def run(self) -> str:
+        for model_name in self.models:
+            geometry = resolve_geometry(model_name)
+            model = self.load(model_name)
+            configs = [("full", None)] + [(n, self.policy(n, model_name, model, geometry)) for n in self.policies]
+            for batch in self.batches:
+                full = None
+                for name, policy in configs:
+                    m = self.measure(model, geometry.family, policy, batch)
+                    full = m if name == "full" else full
+                    row = {"model": model_name, "batch": batch, "policy": name, "budget": None if policy is None else str(policy.budget), **m}
+                    row["memory_ratio"] = (m["peak_allocated_bytes"] / full["peak_allocated_bytes"]
+                                           if m["peak_allocated_bytes"] and full["peak_allocated_bytes"] else None)
+                    row["kv_ratio"] = m["kv_peak_bytes"] / full["kv_peak_bytes"]
+                    row["speedup"] = full["seconds_per_image"] / m["seconds_per_image"]
+                    self.rows.append(row)
+                    print(f"{model_name} batch {batch} {name}: {m['seconds_per_image']:.4f} s/image"
+                          + (f", peak {m['peak_allocated_bytes'] / GIB:.2f} GiB" if m["peak_allocated_bytes"] else ""),
+                          file=sys.stderr)
+            scalekv = dict(configs).get("scalekv")
+            for name, policy in [("full", None)] + ([("scalekv", scalekv)] if "scalekv" in dict(configs) else []):
+                largest, limited = self.largest_batch(model, geometry.family, policy)
+                self.max_batches.append({"model": model_name, "policy": name, "largest_batch": largest,
+                                         "out_of_memory_above": limited, "cap": self.max_batch})
+            del model
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+        return self.write()
+
+    def table(self) -> str:
+        lines = ["| model | batch | policy | budget | peak alloc GiB | KV peak GiB (counted) | s/image | memory ratio | KV ratio | speed-up |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            peak = "–" if r["peak_allocated_bytes"] is None else f"{r['peak_allocated_bytes'] / GIB:.2f}"
+            ratio = "–" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}"
+            lines.append(f"| {r['model']} | {r['batch']} | {r['policy']} | {r['budget'] or '–'} | {peak} | "
+                         f"{r['kv_peak_bytes'] / GIB:.3f} | {r['seconds_per_image']:.4f} | {ratio} | "
+                         f"{r['kv_ratio']:.3f} | {r['speedup']:.2f}× |")
+        lines += ["", "| model | policy | largest batch that fits |", "|---|---|---|"]
+        for r in self.max_batches:
+            value = str(r["largest_batch"]) if r["out_of_memory_above"] else f"≥ {r['largest_batch']} (cap)"
+            lines.append(f"| {r['model']} | {r['policy']} | {value} |")
+        return "\n".join(lines)
+
+    def write(self) -> str:
+        self.out.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        prefix = self.out / f"bench_gpu{'_dryrun' if self.dry else ''}_{stamp}"
+        device = "cpu (dry run)" if self.dry else torch.cuda.get_device_name(0)
+        table = self.table()
+        header = (f"# bench-gpu ({device})\n\nRandom weights, {'fp32' if self.dry else 'bf16'}, budget {self.budget}, "
+                  f"{self.repeats} timed repeat(s) after {self.warmup} warm-up; ratios are policy / full cache "
+                  "(speed-up: full / policy) from this run.\n\n")
+        Path(f"{prefix}.md").write_text(header + table + "\n")
+        Path(f"{prefix}.json").write_text(json.dumps({"device": device, "budget": self.budget, "rows": self.rows,
+                                                      "largest_batches": self.max_batches,
+                                                      "versions": library_versions(), "host": platform.node()}, indent=1))
+        print(table)
+        print(f"\nwrote {prefix}.md and {prefix}.json")
+        return table
+
+
+def bench_gpu_command(args) -> int:
+    Bench(args).run()
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import main
+
+    sys.exit(main(["bench-gpu", *sys.argv[1:]]))
