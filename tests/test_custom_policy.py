@@ -56,3 +56,10 @@ def test_custom_policy_passes_the_other_matrix_checks(custom_policy_name):
     full_budget_case(custom_policy_name)
     rows_alone_case(custom_policy_name)
     config_case(custom_policy_name)
+
+
+def test_custom_policy_appears_in_kvpolicy_list(custom_policy_name, capsys):
+    from benchmarks.cli import main
+
+    assert main(["list"]) == 0
+    assert re.search(rf"^{custom_policy_name}\s+Keep a seeded random subset", capsys.readouterr().out, re.M)
