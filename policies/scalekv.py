@@ -12,6 +12,12 @@ compressed scale. The roles come from exactly one of
   (layer, scale) pairs by the Attention Selectivity Index, with ``allocation=`` "released" or "paper";
 - ``drafters=``: ``{decision scale: [layers]}`` or one ``[layers]`` list for every decision scale.
 
+Decision scale d is the scale whose attention defines the roles; it sets the capacities after plan
+scale d − 1 (conventions in ``kvpolicy.calibration``). With ``calibration``/``drafters`` the budget
+is split by ``allocation="released"`` (default; ``refiner_floor`` defaults to max(window_size,
+⌈200·B/650⌉), at most B) or ``"paper"`` (``refiner_initial`` B_r(0), ``refiner_decay`` δ; defaults
+600 and 70 scaled by B/650); ``num_drafters`` overrides the calibration's drafter fraction.
+
 Selection, after a scale's attention, per batch row and head (vectorised): the observation window
 (centres of a 4 × 4 patch grid on the current map, ``scoring.observation_window_positions``) is
 always kept; every other token is scored by the window queries, pooled along the flattened cache

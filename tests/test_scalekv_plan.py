@@ -200,3 +200,12 @@ def test_allocation_invariants(sides, num_layers, budget, data, allocation):
                 assert min(r) >= default_refiner_floor(budget)
     if start is not None:
         assert plan_to_budget_file(plan, schedule).rows  # always exportable
+
+
+def test_export_refuses_plans_without_one_capacity_per_role():
+    uniform_plan = get_policy("uniform", budget=650).plan(INF, 4)
+    with pytest.raises(ValueError, match="roles"):
+        plan_to_budget_file(uniform_plan, INF)
+    nothing = allocate(INF, 4, 20000, {})
+    with pytest.raises(ValueError, match="compresses nothing"):
+        plan_to_budget_file(nothing, INF)
