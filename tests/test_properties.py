@@ -320,3 +320,18 @@ def test_pyramidkv_plan_on_infinity_1024():
             assert list(row) == [650] * 32
     assert plan.capacities[-1][0] == 1253 and plan.capacities[-1][-1] == 47
     assert "min 47 max 1253 mean 650.0" in str(plan)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_all_scores_tied(name):
+    # Identical keys and queries: every score ties. Exactly `capacity` unique tokens must still be
+    # kept (no duplicates, no silent extra eviction), the same way for every row and run.
+    base = make_inputs(VAR_256, num_layers=2, rows=2, heads=2, seed=1)
+    tensors = {key: (torch.ones_like(k) / math.sqrt(k.shape[-1]), v, torch.ones_like(q), torch.ones_like(r))
+               for key, (k, v, q, r) in base.tensors.items()}
+    inputs = type(base)(base.schedule, base.num_layers, tensors)
+    policy = kvpolicy.get_policy(name, budget="10%", **POLICY_OPTIONS.get(name, {}))
+    first = check_generation(policy, inputs)
+    assert first.same_selection(check_generation(policy, inputs))
+    alone = check_generation(policy, inputs.row(1))
+    assert all(torch.equal(first.indices[k][1:], alone.indices[k]) for k in first.indices)
