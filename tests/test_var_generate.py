@@ -150,6 +150,17 @@ def test_bad_settings_are_rejected(model, kwargs, match):
         model.generate([1], **kwargs)
 
 
+def test_labels_accept_ints_sequences_and_arrays():
+    import numpy as np
+
+    from adapters.var import check_labels
+
+    assert check_labels(7, 1000) == [7]
+    assert check_labels((1, 2), 1000) == [1, 2]
+    assert check_labels(np.array([3, 999]), 1000) == [3, 999]
+    assert check_labels(torch.tensor([0, 5]), 1000) == [0, 5]
+
+
 def test_geometry_matches_the_registry(model):
     assert model.geometry() == get_geometry("var-tiny")
     d30 = get_geometry("var-d30")

@@ -21,6 +21,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 import attrs
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -78,6 +79,8 @@ def gumbel_codes(masked_logits: torch.Tensor, ratio: float, generator: torch.Gen
 
 def check_labels(labels, num_classes: int) -> list[int]:
     """Class labels 0..num_classes-1 as a list (an int, a sequence or a 1-D integer tensor)."""
+    if isinstance(labels, np.ndarray):
+        labels = torch.from_numpy(labels)
     if isinstance(labels, torch.Tensor):
         if labels.dim() > 1 or labels.is_floating_point() or labels.dtype == torch.bool:
             raise ValueError(f"labels tensor must be 1-D integer, got {labels.dtype} {tuple(labels.shape)}")
