@@ -45,3 +45,40 @@ def test_shared_adaln_equals_per_block_adaln_with_the_same_modulation():
         s.blocks[1].ada_gss.zero_()
     c = shared.teacher_forced([1, 2], indices, cfg=2.0)
     assert (c.logits[-1] - a.logits[-1]).abs().max() > 1e-3
+
+
+def test_policies_receive_attention_queries_and_raw_projections():
+    """queries = normalize(raw + q_bias)·exp(min(scale_mul, ln 100)), raw = x·W_qᵀ (no bias), for all
+    2B rows; what a policy gets is what the model attended with."""
+    import attrs
+    import torch.nn.functional as F
+
+    from adapters import load_model
+    from kvpolicy import Policy, Selection, register_policy
+    from adapters.var.model import MAX_SCALE_MUL
+
+    seen = []
+
+    @register_policy("test_var_query_probe")
+    @attrs.define(kw_only=True)
+    class Probe(Policy):
+        needs_queries = True
+        needs_raw_queries = True
+        requires_budget = False
+        stateful = True  # so that select runs although nothing is evicted
+
+        def select(self, keys, values, ctx):
+            seen.append((ctx.layer, ctx.scale, ctx.queries, ctx.raw_queries, keys))
+            return Selection(None, ctx.state)
+
+    model = load_model("var-tiny")
+    model.generate([1, 2], seed=0, policy=Probe(), top_k=0, top_p=0)
+    depth, heads, hd = model.config.depth, model.config.num_heads, model.config.head_dim
+    assert len(seen) == depth * 10
+    for layer, scale, queries, raw, keys in seen:
+        attn = model.transformer.blocks[layer].attn
+        assert queries.shape == raw.shape == (4, heads, model.schedule.tokens(scale), hd)
+        expected = F.normalize(raw + attn.q_bias.view(1, heads, 1, hd), dim=-1)
+        expected = expected * attn.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp()
+        torch.testing.assert_close(queries, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(keys.norm(dim=-1), torch.ones(keys.shape[:3]), rtol=1e-5, atol=1e-5)
