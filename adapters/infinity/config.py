@@ -62,6 +62,8 @@ class InfinityConfig:
             raise ValueError(f"text_channels {self.text_channels} must be a positive multiple of "
                              f"{self.pool_head_width} (the text attention pool has text_channels // "
                              f"{self.pool_head_width} heads)")
+        if self.ffn_dim < 1:
+            raise ValueError(f"FFN width round({self.embed_dim} * {self.mlp_ratio} / 256) * 256 is 0; raise mlp_ratio")
         if self.spatial_patchify and self.token_bits % 4:
             raise ValueError(f"token_bits {self.token_bits} must be 4 x the VAE codebook_dim with spatial patchify")
         if self.embed_dim % self.pool_heads:

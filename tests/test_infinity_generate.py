@@ -1,0 +1,201 @@
+"""Infinity adapter: presets against the official key dumps, tiny generation, policies, calibration
+hook, counted KV bytes against ``kvpolicy.simulate``, dtypes and input validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters import load_model
+from adapters.geometry import get_geometry
+from adapters.infinity import InfinityConfig, InfinityModel, InfinityTransformer, random_text_encoder
+from adapters.infinity.bsq_vae import BSQVAEConfig, BSQVAEDecoder
+from adapters.infinity.config import PRESETS
+from adapters.infinity.weights import random_init
+from kvpolicy import get_policy, simulate
+
+KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("infinity-tiny")
+
+
+@pytest.mark.parametrize("name, dump", [
+    ("infinity-2b", "keys_infinity_2b.json"), ("infinity-8b", "keys_infinity_8b.json"),
+    ("infinity-layer12", "keys_infinity_layer12.json"), ("infinity-layer16", "keys_infinity_layer16.json"),
+    ("infinity-layer24", "keys_infinity_layer24.json"), ("infinity-layer32", "keys_infinity_layer32.json"),
+    ("infinity-layer40", "keys_infinity_layer40.json"), ("infinity-layer48", "keys_infinity_layer48.json"),
+])
+def test_presets_have_the_official_keys_shapes_and_parameter_counts(name, dump):
+    path = KEYS_DIR / dump
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    reference = json.loads(path.read_text())
+    with torch.device("meta"):
+        model = InfinityTransformer(PRESETS[name].model)
+    mine = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert mine == {k: list(v) for k, v in reference["keys"].items()}
+    assert sum(p.numel() for p in model.parameters()) == reference["params"]
+    geometry = get_geometry(name)
+    assert (geometry.num_layers, geometry.num_heads, geometry.head_dim) == (
+        model.config.depth, model.config.num_heads, model.config.head_dim)
+
+
+def test_tiny_generates_a_256_image_with_a_full_cache(tiny):
+    out = tiny.generate(["a red cube", "a blue sphere"], seed=1, progress=False)
+    assert out.images.shape == (2, 256, 256, 3) and out.images.dtype == torch.uint8
+    schedule = tiny.geometry(256).schedule
+    assert [tuple(b.shape) for b in out.tokens] == [(2, h, w, 32) for h, w in schedule.shapes]
+    assert all(b.dtype == torch.uint8 and int(b.max()) <= 1 for b in out.tokens)
+    report = out.cache_report
+    c = tiny.config
+    assert report.kept_lengths == [[n] * c.depth for n in schedule.cumulative]
+    per_token = 2 * 2 * c.num_heads * c.head_dim * 4  # K and V, 2 rows (cond + uncond), float32
+    assert report.kv_bytes == [c.depth * n * per_token * 2 for n in schedule.cumulative]
+    assert report.peak_kv_bytes == report.kv_bytes[-1] and len(report.scale_seconds) == schedule.num_scales
+    assert all(s > 0 for s in report.scale_seconds)
+    assert out.config["seed"] == 1 and out.config["resolution"] == "0.06M"
+    assert out.images.float().std() > 0
+
+
+def test_same_seed_same_image_other_seed_other_bits(tiny):
+    a = tiny.generate(["a cat"], seed=4, progress=False)
+    b = tiny.generate(["a cat"], seed=4, progress=False)
+    c = tiny.generate(["a cat"], seed=5, progress=False)
+    assert torch.equal(a.images, b.images) and all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
+    assert not all(torch.equal(x, y) for x, y in zip(a.tokens, c.tokens))
+
+
+def test_cfg_rows_conditional_first_and_no_guidance_rows_at_cfg_1(tiny):
+    features = tiny.encode(["abc", "defgh"])
+    ctx = tiny.transformer.prepare_text(features, guidance=True)
+    assert ctx.rows == 4 and ctx.mask.sum(1).tolist() == [4, 6, 4, 6]
+    uncond = tiny.transformer.cfg_uncond
+    expected = tiny.transformer.text_proj_for_ca(tiny.transformer.text_norm(uncond[:4]))
+    torch.testing.assert_close(ctx.text[2, :4], expected)  # row B + 0: cfg_uncond truncated to prompt 0's length
+    out = tiny.generate(["abc"], cfg=1.0, progress=False)
+    assert out.cache_report.extra["rows_per_batch"] == 1
+    assert tiny.generate(["abc"], cfg=3.0, progress=False).cache_report.extra["rows_per_batch"] == 2
+
+
+def test_policy_physically_reduces_the_cache(tiny):
+    policy = get_policy("streamingllm", budget=40)
+    out = tiny.generate(["a dog"], policy=policy, progress=False)
+    report = out.cache_report
+    assert all(k <= 40 for k in report.kept_lengths[-1])
+    assert report.kv_bytes[-1] < report.full_kv_bytes[-1] and report.peak_kv_bytes < report.full_peak_kv_bytes
+    assert out.config["policy"]["name"] == "streamingllm"
+
+
+def test_scalekv_on_tiny_uses_the_cache_plan(tiny):
+    out = tiny.generate(["a red cube"], policy=get_policy("scalekv", drafters=[0], budget="10%"), progress=False)
+    report = out.cache_report
+    for kept, caps in zip(report.kept_lengths, report.capacities):
+        assert all(cap is None or k <= cap for k, cap in zip(kept, caps))
+    assert report.kept_lengths[-1][0] > report.kept_lengths[-1][1]  # layer 0 drafts, the others refine
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = {}
+
+    def observe(self, layer, scale, queries, keys, *, current_start):
+        self.calls[(layer, scale)] = (tuple(queries.shape), tuple(keys.shape), current_start)
+
+
+def test_calibration_hook_sees_every_layer_and_scale(tiny):
+    recorder = _Recorder()
+    tiny.generate(["a", "b"], stats=recorder, progress=False)
+    c, schedule = tiny.config, tiny.geometry().schedule
+    assert set(recorder.calls) == {(l, s) for l in range(c.depth) for s in range(schedule.num_scales)}
+    for (layer, scale), (q, k, start) in recorder.calls.items():
+        n, total = schedule.tokens(scale), schedule.cumulative_length(scale)
+        assert q == (2, c.num_heads, n, c.head_dim)  # the two conditional rows only
+        assert k == (2, c.num_heads, total, c.head_dim) and start == total - n
+
+
+def test_attention_stats_collector_from_a_real_generation(tiny):
+    calibration = pytest.importorskip("kvpolicy.calibration")
+    if not hasattr(calibration, "AttentionStatsCollector"):
+        pytest.skip("kvpolicy.calibration.AttentionStatsCollector is not there yet")
+    schedule = tiny.geometry().schedule
+    collector = calibration.AttentionStatsCollector(tiny.config.depth, schedule.num_scales, max_queries=32)
+    tiny.generate(["a red cube"], stats=collector, progress=False)
+    assert collector.calls == tiny.config.depth * schedule.num_scales
+    result = collector.result()
+    assert result is not None
+
+
+def test_peak_kv_bytes_equal_simulate_on_the_1024_schedule():
+    """scalekv at 10% on the real 1:1 '1M' schedule (13 scales, 10521 tokens), a 2-layer tiny-width
+    model: the counted bytes of the generation equal kvpolicy.simulate for that geometry."""
+    config = InfinityConfig(depth=2, embed_dim=32, num_heads=2, block_chunks=1, token_bits=2,
+                            mlp_ratio=8.0, text_channels=128, text_maxlen=32)
+    transformer = random_init(InfinityTransformer(config), seed=3).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = BSQVAEDecoder(BSQVAEConfig(codebook_dim=2, base_channels=32, channel_multipliers=(1, 1), patch_size=2)).eval()
+    model = InfinityModel(transformer, vae, random_text_encoder(128, seed=1), name="infinity-2layer")
+    policy = get_policy("scalekv", drafters=[0], budget="10%")
+    out = model.generate(["a red cube"], policy=policy, resolution=1024, progress=False)
+    assert out.images.shape == (1, 128, 128, 3)
+    geometry = model.geometry(1024)
+    assert geometry.schedule.total == 10521
+    predicted = simulate(policy, schedule=geometry.schedule, num_layers=2, num_heads=2, head_dim=16, batch=1,
+                         cfg=True, dtype=torch.float32)
+    assert out.cache_report.peak_kv_bytes == predicted.peak_kv_bytes
+    assert out.cache_report.kv_bytes == predicted.kv_bytes
+    assert out.cache_report.kept_lengths == predicted.kept_lengths
+    assert out.cache_report.read_by_last_scale_ratio < 0.15  # about 10% of the 6425-token prefix
+
+
+def test_bfloat16_blocks_and_cache(tiny):
+    model = load_model("infinity-tiny", dtype=torch.bfloat16)
+    out = model.generate(["a red cube"], progress=False)
+    full = tiny.generate(["a red cube"], progress=False)
+    assert out.images.dtype == torch.uint8 and out.config["dtype"] == "bfloat16"
+    assert out.cache_report.kv_bytes[-1] * 2 == full.cache_report.kv_bytes[-1]  # bf16 K/V: half the bytes
+    assert model.transformer.blocks()[0].sa.mat_qkv.weight.dtype == torch.bfloat16
+    assert model.transformer.head.weight.dtype == torch.float32  # head, embeddings stay float32
+
+
+def test_geometry_matches_the_registered_tiny_geometry(tiny):
+    assert tiny.geometry() == get_geometry("infinity-tiny")
+    wide = tiny.geometry(512, aspect_ratio=0.5)
+    assert wide.schedule.shapes[-1] == (23, 46) and wide.schedule.num_scales == 10
+
+
+def test_batches_and_progress(tiny, capsys):
+    out = tiny.generate(["a", "b", "c"], batch_size=2, progress=True)
+    assert out.images.shape[0] == 3 and out.tokens[-1].shape[0] == 3
+    assert out.cache_report.extra["batches"] == 2
+    assert "scale" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"resolution": 300}, "resolution 300"),
+    ({"resolution": "2M"}, "resolution '2M'"),
+    ({"aspect_ratio": 0}, "aspect_ratio"),
+    ({"cfg": float("nan")}, "cfg"),
+    ({"tau": 0}, "tau"),
+    ({"top_k": -1}, "top_k"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"dtype": torch.int8}, "dtype"),
+    ({"budget": "10%"}, "without policy"),
+])
+def test_bad_arguments_fail_clearly(tiny, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny.generate(["a"], progress=False, **kwargs)
+
+
+def test_bad_prompts_fail_clearly(tiny):
+    with pytest.raises(ValueError, match="non-empty list of strings"):
+        tiny.generate([], progress=False)
+    with pytest.raises(ValueError, match="non-empty list of strings"):
+        tiny.generate([3], progress=False)
