@@ -94,7 +94,8 @@ class Bench:
     def load(self, name: str):
         from adapters import load_model
 
-        return load_model(name, weights="random", device=self.device, dtype=self.dtype)
+        extra = {"text_encoder": "random"} if name.startswith("infinity") else {}
+        return load_model(name, weights="random", vae_weights="random", device=self.device, dtype=self.dtype, **extra)
 
     def policy(self, name: str, model_name: str, model, geometry):
         if name != "scalekv":

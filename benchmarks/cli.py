@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="head-to-head comparison of policies and budgets against the full cache")
     _add_model_args(p, default_model="infinity-tiny")
     p.add_argument("--policies", default=None, help="comma-separated; default: every registered policy but full")
-    p.add_argument("--budgets", default="4%,10%,20%", help="comma-separated, e.g. 4%%,10%%,20%% or 265,650,1300")
+    p.add_argument("--budgets", default=None, help="comma-separated, e.g. 4%%,10%%,20%% or 265,650,1300 (the paper's "
+                   "4/10/20%% at 1024^2); default 4%%,10%%,20%%, and 20%%,40%% for the *-tiny models, whose 256^2 "
+                   "schedule (265 tokens) leaves 4%% = 11 tokens, below the observation windows of snapkv/scalekv")
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--prompts", default=None, help="text file / JSON list / COCO captions JSON (Infinity)")
     cond.add_argument("--labels", default=None, help="class labels for VAR models, e.g. 1,2,3 or 0-7")
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="kvpolicy-compare", help="output folder (resumed if it exists)")
     p.add_argument("--batch-size", type=int, default=1, help="conditions per generate call")
     p.add_argument("--repeats", type=int, default=1, help="timed generations per job (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed generations before each configuration's first job")
+    p.add_argument("--warmup", type=int, default=None, help="untimed generations before each configuration's first "
+                   "job (default 1 on CUDA, 0 on CPU; one untimed full-cache call always precedes all timing)")
     p.add_argument("--no-learned-metrics", action="store_true", help="skip LPIPS/FID even when their weights exist")
     p.add_argument("--no-progress", action="store_true")
     _add_run_args(p)

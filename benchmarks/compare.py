@@ -31,7 +31,9 @@ from .plan import parse_resolution, resolve_geometry
 from .policy_spec import build_policy, check_budget, check_policy_name, parse_dtype, split_list
 from .prompts import EVAL_PROMPTS, parse_labels, read_prompts
 
-DEFAULT_BUILTIN_PROMPTS = 4
+DEFAULT_BUILTIN_PROMPTS = 3
+# Table 1 order for the built-in policies; other registered policies follow alphabetically.
+CANONICAL_ORDER = ("uniform", "sliding_window", "streamingllm", "h2o", "snapkv", "pyramidkv", "scalekv")
 
 
 @attrs.define
@@ -69,6 +71,11 @@ def model_family(model: str) -> str:
     return "var" if model.startswith("var") else "infinity"
 
 
+def default_budgets(model: str) -> str:
+    """The paper's settings; larger fractions for the tiny presets (their 256^2 schedule is short)."""
+    return "20%,40%" if model.endswith("-tiny") else "4%,10%,20%"
+
+
 def settings_from_args(args) -> CompareSettings:
     """Validate every argument before any model is loaded."""
     family = model_family(args.model)
@@ -86,20 +93,22 @@ def settings_from_args(args) -> CompareSettings:
     else:
         conditions, kind = read_prompts(EVAL_PROMPTS, args.limit or DEFAULT_BUILTIN_PROMPTS), "prompt"
     if args.policies is None:
-        policies = [p for p in kvpolicy.list_policies() if p != "full"]
+        registered = [p for p in kvpolicy.list_policies() if p != "full"]
+        policies = [p for p in CANONICAL_ORDER if p in registered] + [p for p in registered if p not in CANONICAL_ORDER]
     else:
         policies = split_list(args.policies, "--policies")
     for name in policies:
         check_policy_name(name)
-    budgets = split_list(args.budgets, "--budgets")
+    budgets = split_list(args.budgets if args.budgets is not None else default_budgets(args.model), "--budgets")
     try:
         seeds = [int(s) for s in split_list(args.seeds, "--seeds")]
     except ValueError:
         raise ValueError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
-    for name, value, low in (("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):
+    device = str(args.device)
+    warmup = args.warmup if args.warmup is not None else (1 if device.startswith("cuda") else 0)
+    for name, value, low in (("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 1), ("--warmup", warmup, 0)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    device = str(args.device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
     if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
@@ -112,7 +121,7 @@ def settings_from_args(args) -> CompareSettings:
         raise ValueError("--calibration configures scalekv, which is not among --policies")
     return CompareSettings(model=args.model, policies=policies, budgets=budgets, conditions=conditions,
                            condition_kind=kind, seeds=seeds, out=Path(args.out), device=device, dtype=dtype,
-                           batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup,
+                           batch_size=args.batch_size, repeats=args.repeats, warmup=warmup,
                            resolution=parse_resolution(args.resolution), aspect_ratio=args.aspect_ratio,
                            budget_file=args.budget_file, calibration=args.calibration,
                            learned_metrics=not args.no_learned_metrics, progress=not args.no_progress)
@@ -152,14 +161,21 @@ def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def build_configs(settings: CompareSettings, schedule, num_layers: int) -> list[Config]:
+def build_configs(settings: CompareSettings, schedule, num_layers: int, *, calibration=None,
+                  skip: Sequence[str] = ()) -> list[Config]:
+    """The reference plus every (policy, budget); ``calibration`` overrides settings.calibration."""
+    calibration = settings.calibration if calibration is None else calibration
     configs = [Config(reports.REFERENCE, None, None, _digest({"policy": reports.REFERENCE}))]
     for name in settings.policies:
+        if name in skip:
+            for budget in settings.budgets:
+                check_budget(budget, schedule, settings.model)
+            continue
         budgets = [None] if name == "full" else settings.budgets
         for budget in budgets:
             parsed = None if budget is None else check_budget(budget, schedule, settings.model)
             policy = build_policy(name, parsed, budget_file=settings.budget_file if name == "scalekv" else None,
-                                  calibration=settings.calibration if name == "scalekv" else None)
+                                  calibration=calibration if name == "scalekv" else None)
             policy.plan(schedule, num_layers)  # fail now, not after an hour of generation
             config = policy.to_config()
             configs.append(Config(name, budget, policy, _digest(config)))
@@ -278,10 +294,37 @@ class Comparison:
                 self._reported_reasons.add(name)
                 self.log(f"note: {reason}")
 
+    @property
+    def auto_calibration(self) -> bool:
+        return "scalekv" in self.s.policies and not self.s.budget_file and not self.s.calibration
+
+    def _calibrate(self, geometry) -> Path:
+        """scalekv without --calibration/--budget-file: calibrate this model first, as the paper does,
+        on the shipped calibration prompts (VAR: labels 0-9); reused when the file exists (resume)."""
+        path = self.out / "calibration.json"
+        if path.is_file():
+            self.log(f"scalekv: using the calibration in {path}")
+            return path
+        from .calibrate import calibration_conditions, run_calibration
+
+        conditions = calibration_conditions(self.s.model)
+        self.log(f"scalekv: no --calibration or --budget-file given; calibrating {self.s.model} on "
+                 f"{len(conditions)} shipped calibration conditions -> {path}")
+        collector, _ = run_calibration(self._load_model(), self.s.model, conditions, resolution=self.s.resolution,
+                                       aspect_ratio=self.s.aspect_ratio)
+        collector.result().save(path)
+        return path
+
     def run(self) -> dict:
         prepare_output(self.out)
         geometry = resolve_geometry(self.s.model, self.s.resolution, self.s.aspect_ratio)
-        configs = build_configs(self.s, geometry.schedule, geometry.num_layers)
+        calibration = None
+        if self.auto_calibration:
+            # every other argument is checked before the model is loaded for calibration
+            build_configs(self.s, geometry.schedule, geometry.num_layers, skip=("scalekv",))
+            self._check_resume()
+            calibration = self._calibrate(geometry)
+        configs = build_configs(self.s, geometry.schedule, geometry.num_layers, calibration=calibration)
         self._check_resume()
         done = {r["key"] for r in reports.read_rows(self.results)}
         items = [(i, c) for i, c in enumerate(self.s.conditions)]
@@ -295,6 +338,8 @@ class Comparison:
         warmed: set[str] = set()
         if pending:
             self._load_model()
+            # One untimed full-cache call first: lazy initialisation must not be billed to the reference.
+            self._generate([c for _, c in pending[0][1]], configs[0], pending[0][0])
             from tqdm.auto import tqdm
 
             bar = tqdm(pending, desc="compare", unit="job", disable=not self.s.progress, file=sys.stderr)
@@ -394,6 +439,10 @@ class Comparison:
         rows = self.requested_rows(configs)
         set_metrics = self._set_metrics(configs, rows)
         summary = reports.summarize(rows, set_metrics)
+        # Table 1 layout: reference, then budgets from largest to smallest, policies in --policies order
+        order = {name: i for i, name in enumerate(self.s.policies)}
+        summary.sort(key=lambda e: (e["policy"] != reports.REFERENCE, -(e["budget_tokens"] or 10 ** 9),
+                                    order.get(e["policy"], len(order))))
         self._note_reasons()
         notes = [reason for reason in self.metrics.reasons.values()]
         reports.write_summary(self.out / "summary.md", summary, settings=self._settings_dict(), notes=notes)

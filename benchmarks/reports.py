@@ -201,11 +201,21 @@ def plot_per_scale(path: Path, rows: Sequence[dict], *, field: str, ylabel: str,
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["config_id"], []).append(row)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    # colour = policy, line style = budget, so every configuration stays distinguishable
+    policies = list(dict.fromkeys(g[0]["policy"] for g in groups.values() if g[0]["policy"] != REFERENCE))
+    budgets = list(dict.fromkeys(g[0]["budget"] for g in groups.values() if g[0]["policy"] != REFERENCE))
+    cmap = plt.get_cmap("tab10" if len(policies) <= 10 else "tab20")
+    dashes = ["-", "--", ":", "-."]
     for config_id, group in sorted(groups.items(), key=lambda kv: kv[1][0]["policy"] != REFERENCE):
         values = [v / scale_by for v in _per_scale_means(group, field)]
-        style = dict(color="black", linewidth=2.2) if group[0]["policy"] == REFERENCE else {}
-        ax.plot(range(len(values)), values, marker=".", label=config_label(group[0]), **style)
+        first = group[0]
+        if first["policy"] == REFERENCE:
+            style = dict(color="black", linewidth=2.2)
+        else:
+            style = dict(color=cmap(policies.index(first["policy"]) % cmap.N),
+                         linestyle=dashes[budgets.index(first["budget"]) % len(dashes)])
+        ax.plot(range(len(values)), values, marker=".", label=config_label(first), **style)
     ax.set_xlabel("scale")
     ax.set_ylabel(ylabel)
     if logy:

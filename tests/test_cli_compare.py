@@ -99,8 +99,8 @@ def test_compare_writes_every_file_with_consistent_content(tmp_path):
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     # 2 prompts x (reference + 2 policies x 2 budgets)
     assert len(rows) == 2 * 5 and len({r["key"] for r in rows}) == 10
-    # calls: per configuration 1 warm-up + per prompt 2 timed repeats
-    assert comparison.generate_calls == 5 * 1 + 10 * 2
+    # calls: 1 global warm-up, per configuration 1 warm-up, per prompt and configuration 2 timed repeats
+    assert comparison.generate_calls == 1 + 5 * 1 + 10 * 2
     refs = {r["prompt"]: r for r in rows if r["policy"] == "reference"}
     assert set(refs) == {"a red cube", "a blue sphere on grass"}
     schedule = geometry.get_geometry(FAKE).schedule
@@ -171,13 +171,13 @@ def test_resume_recomputes_only_missing_rows_and_fidelity_is_reproducible(tmp_pa
     first, result = _run(args)
     out = tmp_path / "run"
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert first.generate_calls == 10
+    assert first.generate_calls == 1 + 10
     # Simulate an interruption: the last two rows never got written, the one before was cut mid-line.
     (out / "results.jsonl").write_text("\n".join(lines[:-3]) + "\n" + lines[-3][: len(lines[-3]) // 2])
     kept = [json.loads(l) for l in lines[:-3]]
     model = ToyNextScaleModel()
     second, result2 = _run(args, model)
-    assert second.generate_calls == 3  # exactly the three lost rows, nothing finished is redone
+    assert second.generate_calls == 1 + 3  # warm-up + exactly the three lost rows, nothing finished is redone
     all_lines = (out / "results.jsonl").read_text().splitlines()
     assert all_lines[len(kept)] == lines[-3][: len(lines[-3]) // 2]  # the cut line stays, on its own line
     new_rows = [json.loads(l) for l in all_lines[len(kept) + 1:]]
