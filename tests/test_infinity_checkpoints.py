@@ -31,7 +31,10 @@ def files(source, tmp_path_factory):
     root = tmp_path_factory.mktemp("infinity_ckpt")
     state = {k: v.clone() for k, v in source.transformer.state_dict().items()}
     # As released files may: no zero_k_bias buffers, plus training buffers the official loader drops.
-    single = {k: v for k, v in state.items() if not k.endswith("zero_k_bias")}
+    # Parameters pickle through _rebuild_parameter / _rebuild_from_type_v2, like the released files.
+    buffers = {name for name, _ in source.transformer.named_buffers()}
+    single = {k: (v if k in buffers else torch.nn.Parameter(v, requires_grad=False))
+              for k, v in state.items() if not k.endswith("zero_k_bias")}
     single["lvl_1L"] = torch.zeros(1, 521)
     single["attn_bias_for_masking"] = torch.zeros(1, 1, 521, 521)
     torch.save(single, root / "infinity_tiny.pth")

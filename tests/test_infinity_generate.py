@@ -164,6 +164,13 @@ def test_bfloat16_blocks_and_cache(tiny):
     assert model.transformer.head.weight.dtype == torch.float32  # head, embeddings stay float32
 
 
+def test_official_kv_dtypes_keep_keys_float32_under_bf16():
+    model = load_model("infinity-tiny", dtype=torch.bfloat16, official_kv_dtypes=True)
+    plain = load_model("infinity-tiny", dtype=torch.bfloat16)
+    official = model.generate(["a red cube"], progress=False).cache_report.kv_bytes[-1]
+    assert official * 2 == plain.generate(["a red cube"], progress=False).cache_report.kv_bytes[-1] * 3  # 6 vs 4 bytes
+
+
 def test_geometry_matches_the_registered_tiny_geometry(tiny):
     assert tiny.geometry() == get_geometry("infinity-tiny")
     wide = tiny.geometry(512, aspect_ratio=0.5)

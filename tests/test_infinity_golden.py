@@ -142,3 +142,17 @@ def test_scalekv_reference_run_matches_official(golden_dir, monkeypatch):
     print("infinity_scalekv max relative logit error per scale:", ["%.2e" % e for e in errors])
     for s, (mine, gold) in enumerate(zip(result.sampled_bits, run["bits"])):
         assert torch.equal(mine, gold), f"scale {s}: sampled bits differ"
+
+
+def test_full_cache_run_on_the_1m_schedule_matches_official(golden_dir):
+    """The unpatched run of the same 32-layer model (13 scales, 10521 tokens): logits, bits, lengths."""
+    golden = _load_golden(golden_dir, "infinity_scalekv")
+    run = golden["runs"]["full"]
+    result = _run(_build(golden), golden, run, forced=True)
+    report = result.cache.report()
+    for scale, lengths in run["cached_len_per_layer"].items():
+        assert report.kept_lengths[int(scale)] == list(lengths)
+    errors = _assert_logits(result, run)
+    print("infinity_scalekv full-run max relative logit error per scale:", ["%.2e" % e for e in errors])
+    for s, (mine, gold) in enumerate(zip(result.sampled_bits, run["bits"])):
+        assert torch.equal(mine, gold), f"scale {s}: sampled bits differ"

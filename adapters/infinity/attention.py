@@ -49,7 +49,8 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
 
     def forward(self, h: torch.Tensor, *, cache, layer: int, scale: int, rope_table: torch.Tensor,
-                rope_start: int, compute_dtype: torch.dtype, stats=None, stats_rows: Optional[int] = None):
+                rope_start: int, compute_dtype: torch.dtype, key_dtype: Optional[torch.dtype] = None, stats=None,
+                stats_rows: Optional[int] = None):
         rows, length, width = h.shape
         heads, head_dim = self.num_heads, self.head_dim
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
@@ -64,7 +65,9 @@ class SelfAttention(nn.Module):
             weight = self.mat_qkv.weight[:width]
             return F.linear(h.to(weight.dtype), weight).view(rows, length, heads, head_dim).transpose(1, 2)
 
-        out = cached_self_attention(cache, layer, scale, q.to(compute_dtype), k.to(compute_dtype),
+        # Cached K in the compute dtype by default; key_dtype=float32 keeps the official bf16 layout
+        # (K float32 after the float32 norm and RoPE, V bf16: 6 bytes per channel, reference §9).
+        out = cached_self_attention(cache, layer, scale, q.to(compute_dtype), k.to(key_dtype or compute_dtype),
                                     v.to(compute_dtype), raw_queries=raw_queries, stats=stats,
                                     stats_rows=stats_rows)
         return linear(out.transpose(1, 2).reshape(rows, length, width), self.proj)

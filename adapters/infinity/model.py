@@ -81,6 +81,8 @@ class InfinityTransformer(nn.Module):
             BlockChunk([CrossAttentionBlock(width, c.num_heads, width, c.ffn_dim, c.norm_eps) for _ in range(per_chunk)])
             for _ in range(c.block_chunks))
         self._rope_tables: dict = {}
+        # None: cache K in the compute dtype; torch.float32: the official bf16 run's K layout (§9).
+        self.key_dtype: Optional[torch.dtype] = None
 
     # -- structure -------------------------------------------------------------------------------
     def blocks(self) -> list[CrossAttentionBlock]:
@@ -156,7 +158,7 @@ class InfinityTransformer(nn.Module):
         for layer, block in enumerate(self.blocks()):
             x = block(x, ctx.gss, ctx.text, ctx.mask, cache=cache, layer=layer, scale=scale,
                       rope_table=rope_table, rope_start=rope_start, compute_dtype=compute_dtype,
-                      stats=stats, stats_rows=ctx.num_prompts)
+                      key_dtype=self.key_dtype, stats=stats, stats_rows=ctx.num_prompts)
         return x
 
     def logits(self, hidden: torch.Tensor, ctx: TextContext) -> torch.Tensor:

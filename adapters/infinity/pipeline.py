@@ -171,11 +171,13 @@ def _random_vae(preset: InfinityPreset, seed: int, device) -> BSQVAEDecoder:
 
 def load_infinity(name: str, *, weights: Optional[str | os.PathLike] = None, vae_weights=None, text_encoder=None,
                   device: Optional[str | torch.device] = None, dtype: Optional[torch.dtype] = None,
-                  seed: int = 0) -> InfinityModel:
+                  seed: int = 0, official_kv_dtypes: bool = False) -> InfinityModel:
     """Build a preset. weights / vae_weights: a local path, None (the preset's hub file; random for
     ``infinity-tiny``) or ``'random'``. text_encoder: a hub name or folder (default google/flan-t5-xl),
     a ``TextEncoder``, or ``'random'`` (a small random T5 with the byte tokenizer). dtype: the blocks'
-    compute dtype (float32 default; bfloat16 on GPU), embeddings, head and VAE stay float32."""
+    compute dtype (float32 default; bfloat16 on GPU), embeddings, head and VAE stay float32.
+    official_kv_dtypes: cache K in float32 whatever the compute dtype, as the official bf16 run does
+    (K fp32 + V bf16; by default K is cached in the compute dtype, a third fewer bytes)."""
     if name not in PRESETS:
         raise ValueError(f"unknown Infinity preset {name!r}; known: {sorted(PRESETS)}")
     preset = PRESETS[name]
@@ -195,6 +197,7 @@ def load_infinity(name: str, *, weights: Optional[str | os.PathLike] = None, vae
     else:
         load_transformer_weights(transformer, weights_path)
     transformer.eval().requires_grad_(False)
+    transformer.key_dtype = torch.float32 if official_kv_dtypes else None
     if dtype != torch.float32:
         transformer.set_block_dtype(dtype)
     vae = _random_vae(preset, seed + 1, device) if random_vae else load_bsq_vae(vae_path, preset.vae(), device=device)

@@ -130,7 +130,9 @@ def random_init(model: InfinityTransformer, seed: int) -> InfinityTransformer:
     N(0, 1); the head N(0, 4/C) so bits are confident and top-p masking happens (as the golden
     recipe); per-head attention multipliers spread between 2.5 and 150 (ln-scaled).
     """
-    generator = torch.Generator().manual_seed(seed)
+    device = model.pos_start.device
+    device = device if device.type != "meta" else torch.device("cpu")
+    generator = torch.Generator(device).manual_seed(seed)  # seeded per device type
     width = model.config.embed_dim
     multipliers = torch.tensor([2.5, 6.0, 15.0, 40.0, 90.0, 150.0])
     with torch.no_grad():
@@ -138,12 +140,12 @@ def random_init(model: InfinityTransformer, seed: int) -> InfinityTransformer:
             shape = param.shape
 
             def normal(std):
-                return torch.randn(shape, generator=generator) * std
+                return torch.randn(shape, generator=generator, device=device) * std
 
             if key.endswith("scale_mul_1H11"):
                 layer = [i for i, b in enumerate(model.blocks()) if b.sa.scale_mul_1H11 is param][0]
                 idx = (torch.arange(shape[1]) + layer * shape[1]) % len(multipliers)
-                value = multipliers[idx].log().view(shape)
+                value = multipliers[idx].log().view(shape).to(device)
             elif key.endswith("ada_gss"):
                 value = normal(0.3)
             elif key == "cfg_uncond":
