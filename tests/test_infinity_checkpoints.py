@@ -140,7 +140,7 @@ def test_offline_without_local_files_says_what_is_needed(monkeypatch, name, need
     with pytest.raises(MissingFilesError) as info:
         load_model(name)
     message = str(info.value)
-    for item in needed + ["weights=", "vae_weights=", "text_encoder=", "huggingface-cli download"]:
+    for item in needed + ["weights=", "vae_weights=", "text_encoder=", "hf download"]:
         assert item in message, (item, message)
 
 

@@ -105,11 +105,9 @@ def run_generation(transformer: InfinityTransformer, ctx: TextContext, *, schedu
         cache.start_scale(si, synchronize)
         hidden = transformer.forward_scale(x, si, ctx, cache=cache, rope_table=table,
                                            rope_start=schedule.offset(si), compute_dtype=compute_dtype, stats=stats)
-        if guidance:
-            logits = transformer.logits(hidden, ctx).mul(1 / tau)
+        logits = transformer.logits(hidden, ctx).mul(1 / tau)
+        if guidance:  # conditional rows first, then unconditional (the official layout)
             logits = cfg * logits[:batch] + (1 - cfg) * logits[batch:]
-        else:
-            logits = transformer.logits(hidden, ctx).mul(1 / tau)
         logits = logits.reshape(batch, -1, 2)
         if keep_logits:
             all_logits.append(logits.detach().cpu())

@@ -26,8 +26,8 @@ def files_needed(preset: InfinityPreset) -> str:
     if preset.text_encoder:
         lines.append(f"  text encoder: {preset.text_encoder} (hub repository, transformers format)")
     files = " ".join(f for f in (preset.weights_file, preset.vae_file) if f)
-    lines.append(f"Download them (e.g. `huggingface-cli download {HUB_REPO} {files} --local-dir DIR`"
-                 + (f" and `huggingface-cli download {preset.text_encoder} --local-dir T5DIR`" if preset.text_encoder else "")
+    lines.append(f"Download them (e.g. `hf download {HUB_REPO} {files} --local-dir DIR`"
+                 + (f" and `hf download {preset.text_encoder} --local-dir T5DIR`" if preset.text_encoder else "")
                  + ") and pass local paths: load_model(" + repr(preset.name)
                  + ", weights='DIR/" + (preset.weights_file or "...") + "', vae_weights='DIR/"
                  + (preset.vae_file or "...") + "', text_encoder='T5DIR')")

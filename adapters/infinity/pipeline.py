@@ -110,7 +110,9 @@ class InfinityModel(nn.Module):
 
         With several batches (``batch_size`` < number of prompts) the random generator runs on across
         batches, the cache report is the first (largest) batch's and its per-scale seconds are summed
-        over batches.
+        over batches. ``dtype`` (float32 / bfloat16 / float16) recasts the blocks' linear layers in
+        place when it differs from their current dtype; ``stats`` receives every self-attention's
+        conditional-row queries and keys (``observe``, see ``adapters.attention``).
         """
         started = time.perf_counter()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
