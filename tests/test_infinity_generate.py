@@ -206,3 +206,37 @@ def test_bad_prompts_fail_clearly(tiny):
         tiny.generate([], progress=False)
     with pytest.raises(ValueError, match="non-empty list of strings"):
         tiny.generate([3], progress=False)
+
+
+def _patchify_model():
+    config = InfinityConfig(depth=2, embed_dim=64, num_heads=2, block_chunks=1, token_bits=8, spatial_patchify=True,
+                            text_channels=128, text_maxlen=32)
+    transformer = random_init(InfinityTransformer(config), seed=2).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = BSQVAEDecoder(BSQVAEConfig.tiny(codebook_dim=2, spatial_patchify=True)).eval()
+    return InfinityModel(transformer, vae, random_text_encoder(128, seed=1), name="infinity-8b-shaped",
+                         default_resolution=256)
+
+
+def test_spatial_patchify_round_trip_and_generation():
+    """8B layout: token channel k <-> VAE channel k // 4 at (2y + (k % 4) // 2, 2x + k % 2); the next
+    scale's input is the pixel-unshuffled latent, so bits -> codes -> unshuffle gives every token its
+    own bits back (as +-c)."""
+    import torch.nn.functional as F
+    from adapters.infinity.bsq_vae import bits_to_codes
+
+    bits = torch.randint(0, 2, (2, 3, 5, 8), dtype=torch.uint8)
+    codes = bits_to_codes(bits, 2, spatial_patchify=True)
+    assert codes.shape == (2, 2, 6, 10)
+    tokens = F.pixel_unshuffle(codes, 2).permute(0, 2, 3, 1)
+    assert torch.equal(tokens > 0, bits.bool())
+    one = torch.zeros(1, 3, 5, 8, dtype=torch.uint8)
+    one[0, 1, 2, 6] = 1  # token (y=1, x=2), channel 6 -> VAE channel 1 at (2 + 1, 4 + 0)
+    positive = (bits_to_codes(one, 2, spatial_patchify=True) > 0).nonzero().tolist()
+    assert positive == [[0, 1, 3, 4]]
+
+    model = _patchify_model()
+    out = model.generate(["a red cube"], progress=False)
+    assert out.images.shape == (1, 256, 256, 3)
+    assert [tuple(b.shape) for b in out.tokens] == [(1, h, w, 8) for h, w in model.geometry().schedule.shapes]

@@ -96,7 +96,7 @@ def run_generation(transformer: InfinityTransformer, ctx: TextContext, *, schedu
     latent_shapes = vae_shapes(schedule, c.spatial_patchify)
     summed = torch.zeros(batch, c.codebook_dim, *latent_shapes[-1], device=device)
     table = transformer.rope(template)
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else None
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     x = transformer.start_tokens(ctx)
     used, sampled, all_logits = [], [], [] if keep_logits else None
     scales = range(schedule.num_scales)

@@ -9,6 +9,8 @@ Deviation from the official loader (which calls ``load_state_dict(strict=False)`
 transformer keys, unexpected keys and wrong shapes are errors. Ignored on purpose, by name:
 ``lvl_1L``, ``attn_bias_for_masking``, ``Infinity_visible_kvlen``, ``Infinity_invisible_qlen``
 (training-time buffers the official loader drops). ``zero_k_bias`` buffers are optional (zeros).
+A ``cfg_uncond`` with another row count is a shape error too (the official loader truncates or pads
+it silently; released files have 512 rows).
 """
 
 from __future__ import annotations
