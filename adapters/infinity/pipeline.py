@@ -146,10 +146,11 @@ class InfinityModel(nn.Module):
             result = self.generate_from_features(self.encode(chunk), schedule=schedule, template=template,
                                                  policy=policy, seed=generator, cfg=cfg, tau=tau, top_k=top_k,
                                                  top_p=top_p, stats=stats, progress=wrap)
+            reports.append(result.cache.report())
+            result.cache.reset()  # free the K/V before decoding, as the official loop clears its caches
             decoded = self.vae.decode(result.summed_codes.to(self.vae.conv_in.conv.weight.dtype))
             images.append(images_to_uint8(decoded.float()).cpu())
             bits = result.bits if bits is None else [torch.cat([a, b]) for a, b in zip(bits, result.bits)]
-            reports.append(result.cache.report())
         report = reports[0]
         report.scale_seconds = [sum(r.scale_seconds[s] for r in reports) for s in range(schedule.num_scales)]
         report.extra.update({"batches": len(reports), "rows_per_batch": (2 if cfg != 1 else 1) * min(batch_size, len(prompts)),
