@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,22 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(n)]
 
 
+def auto_calibrate(model, model_name: str, path: Path, *, resolution=None, aspect_ratio: float = 1.0) -> Path:
+    """scalekv without --calibration/--budget-file: calibrate on the shipped conditions (as the paper
+    does before evaluating) and keep the result next to the image; an existing file is reused."""
+    if path.is_file():
+        print(f"scalekv: using the calibration in {path}", file=sys.stderr)
+        return path
+    from .calibrate import calibration_conditions, run_calibration
+
+    conditions = calibration_conditions(model_name)
+    print(f"scalekv: no --calibration or --budget-file given; calibrating {model_name} on {len(conditions)} "
+          f"shipped calibration conditions -> {path}", file=sys.stderr)
+    collector, _ = run_calibration(model, model_name, conditions, resolution=resolution, aspect_ratio=aspect_ratio)
+    collector.result().save(path)
+    return path
+
+
 def generate_command(args) -> int:
     family = model_family(args.model)
     if args.label is not None and family != "var":
@@ -32,21 +49,27 @@ def generate_command(args) -> int:
     resolution = parse_resolution(args.resolution)
     geometry = resolve_geometry(args.model, resolution, args.aspect_ratio)
     budget = None if args.budget is None else check_budget(args.budget, geometry.schedule, args.model)
+    paths = output_paths(args.out, len(conditions))
+    for p in paths:
+        if not p.parent.is_dir():
+            raise ValueError(f"folder {str(p.parent)!r} for --out does not exist")
+    auto_calibration = args.policy == "scalekv" and not args.budget_file and not args.calibration
     policy = None
-    if args.policy is not None:
+    if args.policy is not None and not auto_calibration:
         policy = build_policy(args.policy, budget, budget_file=args.budget_file, calibration=args.calibration)
         policy.plan(geometry.schedule, geometry.num_layers)  # a bad budget fails before the model loads
     elif args.budget_file or args.calibration:
         raise ValueError("--budget-file/--calibration need --policy scalekv")
-    paths = output_paths(args.out, len(conditions))
-    for p in paths:
-        if p.parent and not p.parent.exists():
-            raise ValueError(f"folder {str(p.parent)!r} for --out does not exist")
     device = args.device
     dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
     from adapters import load_model
 
     model = load_model(args.model, device=device, dtype=parse_dtype(dtype))
+    if auto_calibration:
+        calibration = auto_calibrate(model, args.model, Path(args.out).with_suffix(".calibration.json"),
+                                     resolution=resolution, aspect_ratio=args.aspect_ratio)
+        policy = build_policy("scalekv", budget, calibration=calibration)
+        policy.plan(geometry.schedule, geometry.num_layers)
     kwargs = {}
     if resolution is not None:
         kwargs["resolution"] = resolution

@@ -1,0 +1,160 @@
+"""The kvpolicy command on the real embedded models (infinity-tiny, var-tiny), CPU, small runs:
+compare end to end with resume and reproducibility, calibrate -> compare/generate with the
+calibration, generate, and bench-gpu's CPU dry run and its refusal without CUDA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from adapters import geometry, load_model
+from benchmarks import compare as compare_mod
+from benchmarks import reports
+from benchmarks.cli import build_parser, main
+
+
+class CountingModel:
+    """Wraps a real model and counts its generate calls (resume must not redo finished rows)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def generate(self, *args, **kwargs):
+        self.calls += 1
+        return self.model.generate(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def infinity_tiny():
+    return load_model("infinity-tiny")
+
+
+def _compare(tmp_path, model, out="run", *extra):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube on a table\na lighthouse at sunset\n")
+    args = build_parser().parse_args(["compare", "--model", "infinity-tiny", "--prompts", str(prompts), "--policies",
+                                      "streamingllm,snapkv", "--budgets", "20%,40%", "--out", str(tmp_path / out),
+                                      "--no-progress", "--no-learned-metrics", *extra])
+    counting = CountingModel(model)
+    comparison = compare_mod.Comparison(compare_mod.settings_from_args(args), model=counting, log=lambda m: None)
+    return comparison.run(), counting
+
+
+def test_infinity_tiny_compare_end_to_end_resume_and_reproducibility(tmp_path, infinity_tiny):
+    result, counting = _compare(tmp_path, infinity_tiny)
+    out = tmp_path / "run"
+    assert counting.calls == 1 + 2 * 5  # warm-up + 2 prompts x (reference + 2 policies x 2 budgets)
+    rows = reports.read_rows(out / "results.jsonl")
+    assert len(rows) == 10
+    schedule = geometry.get_geometry("infinity-tiny").schedule
+    by = {(r["prompt"], r["policy"], r["budget"]): r for r in rows}
+    for (prompt, policy, budget), r in by.items():
+        assert Image.open(out / r["image"]).size == (256, 256)
+        assert len(r["kv_bytes_per_scale"]) == schedule.num_scales
+        if policy == "reference":
+            continue
+        ref = by[(prompt, "reference", None)]
+        tokens = round({"20%": 0.2, "40%": 0.4}[budget] * schedule.reference_length)
+        assert r["budget_tokens"] == tokens
+        assert r["kept_lengths_last_read"] == [tokens] * len(r["kept_lengths_last_read"])
+        # compact cache: bytes scale exactly with kept tokens
+        assert r["kv_bytes_last_read"] * schedule.reference_length == ref["kv_bytes_last_read"] * tokens
+        assert r["full_kv_bytes_per_scale"] == ref["kv_bytes_per_scale"]
+        assert 5 < r["psnr"] < 60 and 0 < r["ssim"] < 1
+        agreement = r["token_agreement_per_scale"]
+        uncompressed = [s for s, n in enumerate(schedule.cumulative) if n <= tokens]
+        assert all(agreement[s] == 1.0 for s in uncompressed)  # identical until the first eviction
+        assert min(agreement) < 1.0
+    summary = {s["label"]: s for s in result["summary"]}
+    for policy in ("streamingllm", "snapkv"):  # a larger budget is closer to the full cache
+        assert summary[f"{policy}@40%"]["psnr"] > summary[f"{policy}@20%"]["psnr"]
+    text = (out / "summary.md").read_text()
+    assert text.count("| streamingllm |") == 2 and text.count("| snapkv |") == 2
+    with Image.open(out / "contact_sheet.png") as sheet:
+        assert sheet.size == (5 * (reports.THUMB + reports.PAD) + reports.PAD,
+                              reports.LABEL_H + 2 * (reports.THUMB + reports.PAD) + reports.PAD)
+
+    # interruption: lose the last 4 rows; the rerun generates exactly those
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:-4]) + "\n")
+    result2, counting2 = _compare(tmp_path, infinity_tiny)
+    assert counting2.calls == 1 + 4
+    fid = lambda res: sorted((s["label"], s["psnr"], s["ssim"], s["token_agreement"]) for s in res["summary"])
+    assert fid(result2) == fid(result)
+    # the same command into a fresh folder gives the same fidelity numbers
+    result3, _ = _compare(tmp_path, infinity_tiny, "again")
+    assert fid(result3) == fid(result)
+
+
+def test_var_tiny_calibrate_then_compare_and_generate_with_scalekv(tmp_path, capsys):
+    calib = tmp_path / "calib.json"
+    code = main(["calibrate", "--model", "var-tiny", "--labels", "1,2", "--out", str(calib), "--budget", "30%",
+                 "--num-drafters", "3"])
+    out = capsys.readouterr().out
+    assert code == 0 and "3 in all" in out
+    data = json.loads(calib.read_text())
+    assert data["kind"] == "scalekv-calibration" and data["num_layers"] == geometry.get_geometry("var-tiny").num_layers
+    code = main(["compare", "--model", "var-tiny", "--labels", "5", "--policies", "scalekv", "--budgets", "30%",
+                 "--calibration", str(calib), "--out", str(tmp_path / "cmp"), "--no-progress"])
+    assert code == 0
+    rows = reports.read_rows(tmp_path / "cmp" / "results.jsonl")
+    scalekv = next(r for r in rows if r["policy"] == "scalekv")
+    assert scalekv["label"] == 5 and scalekv["policy_config"]["calibration"]["current_ratio"] == data["current_ratio"]
+    capsys.readouterr()
+    code = main(["generate", "--model", "var-tiny", "--policy", "scalekv", "--budget", "30%", "--calibration",
+                 str(calib), "--label", "3", "--out", str(tmp_path / "img.png")])
+    out = capsys.readouterr().out
+    assert code == 0 and Image.open(tmp_path / "img.png").size[0] == 256
+    assert "peak (incl. one layer's current map" in out and "scalekv" in out
+
+
+def test_generate_infinity_tiny_writes_images_and_prints_the_report(tmp_path, capsys):
+    code = main(["generate", "--model", "infinity-tiny", "--policy", "sliding_window", "--budget", "10%", "--prompt",
+                 "a red cube", "--prompt", "a blue ball", "--out", str(tmp_path / "x.png")])
+    out = capsys.readouterr().out
+    assert code == 0
+    for i in (0, 1):
+        assert Image.open(tmp_path / f"x_{i}.png").size == (256, 256)
+    last = [l for l in out.splitlines() if l.strip().startswith("6 ")][0].split()
+    assert last[1] == "16x16" and float(last[3]) == 27.0  # 10% of 265 tokens
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "infinity-tiny", "--label", "3"], "use --prompt"),
+    (["generate", "--model", "var-tiny", "--prompt", "x"], "use --label"),
+    (["generate", "--model", "infinity-tiny", "--prompt", "x", "--out", "/nonexistent/dir/x.png"], "does not exist"),
+    (["generate", "--model", "infinity-tiny", "--prompt", "x", "--budget", "10%"], "--budget needs --policy"),
+    (["compare", "--model", "var-tiny", "--prompts", "p.txt"], "give --labels"),
+    (["compare", "--model", "var-tiny", "--labels", "1000"], "out of range"),
+    (["calibrate", "--model", "infinity-tiny", "--labels", "1", "--out", "c.json"], "takes --prompts"),
+    (["calibrate", "--model", "var-tiny", "--out", "c.json", "--num-drafters", "2"], "needs --budget"),
+])
+def test_model_command_errors(tmp_path, capsys, argv, message):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+
+
+def test_bench_gpu_refuses_without_cuda_and_dry_runs_on_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["bench-gpu", "--out", str(tmp_path)])
+    assert code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+    code = main(["bench-gpu", "--dry-run", "--models", "var-tiny", "--policies", "snapkv,scalekv", "--batches", "1",
+                 "--max-batch", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    data = json.loads(next(tmp_path.glob("bench_gpu_dryrun_*.json")).read_text())
+    assert [(r["policy"], r["batch"]) for r in data["rows"]] == [("full", 1), ("snapkv", 1), ("scalekv", 1)]
+    full = data["rows"][0]
+    for r in data["rows"]:
+        assert r["kv_ratio"] == pytest.approx(r["kv_peak_bytes"] / full["kv_peak_bytes"])
+        assert r["speedup"] == pytest.approx(full["seconds_per_image"] / r["seconds_per_image"])
+    assert data["rows"][1]["kv_ratio"] < 1
+    assert [(m["policy"], m["largest_batch"], m["out_of_memory_above"]) for m in data["largest_batches"]] == \
+        [("full", 2, False), ("scalekv", 2, False)]
+    assert "| var-tiny | scalekv | ≥ 2 (cap) |" in out
+    assert next(tmp_path.glob("bench_gpu_dryrun_*.md")).read_text().count("| var-tiny |") == 5
