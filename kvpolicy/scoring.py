@@ -146,20 +146,53 @@ def window_queries(queries: torch.Tensor, window: torch.Tensor, current_start: i
 
 
 def summed_window_logits(window_q: torch.Tensor, keys: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """Released ScaleKV score: raw logits q·Kᵀ/√D of the window queries, window columns −inf, summed
-    over the window queries -> (B, Hkv, L) in the keys' dtype.
+    """Released ScaleKV score: raw logits q·Kᵀ/√D summed over the window queries, window columns −∞
+    -> (B, Hkv, L), float32 (float64 for float64 keys).
 
-    The same arithmetic as the released code (matmul, divide, sum), so the result is bit-identical
-    to it; the window columns are set to −∞ after the sum instead of before (−∞ either way, and
-    every other column sums the same values in the same order), which skips a pass over the
-    (B, H, w, L) logits. Grouped query heads are summed with the window queries.
+    By linearity Σ_j q_j·k/√D = (Σ_j q_j)·k/√D, so the window queries (and grouped query heads) are
+    summed first and every key meets one vector: one multiply-add per key element instead of one
+    per window query (16×). The value is mathematically the released one; its float rounding
+    differs (the released code rounds each logit, divides, then sums), so on general float inputs a
+    score can differ in its last bits. On the golden inputs every product and partial sum is exact
+    (golden README, "Exact arithmetic"), so they match bit for bit. The window columns are set to
+    −∞ after the sum instead of before (−∞ either way).
     """
     batch, kv_heads, length, dim = keys.shape
-    q = _group_queries(window_q.to(keys.dtype), kv_heads)
-    q = q.reshape(batch, kv_heads, q.shape[2] * q.shape[3], dim)
-    logits = torch.matmul(q, keys.transpose(2, 3))
-    scores = logits.div_(math.sqrt(dim)).sum(dim=2)
+    acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    q = _group_queries(window_q.to(acc), kv_heads)
+    summed = q.reshape(batch, kv_heads, q.shape[2] * q.shape[3], dim).sum(dim=2)
+    scores = _rows_dot(keys, summed).div_(math.sqrt(dim))
     return scores.index_fill_(-1, window.to(keys.device), float("-inf")) if window.numel() else scores
+
+
+# Elements of the (B, H, block, D) product buffer in _rows_dot (4 MiB in float32: stays in L2/L3).
+_DOT_BLOCK_ELEMENTS = 1 << 20
+
+
+def _rows_dot(keys: torch.Tensor, vectors: torch.Tensor, *, blocked: bool | None = None) -> torch.Tensor:
+    """keys (B, H, L, D) · vectors (B, H, D) -> (B, H, L) in the vectors' dtype, keys read once and
+    never copied whole (no dtype conversion of the cache).
+
+    On CPU a batched matrix-vector product (MKL gemv through bmm) reads the keys at a fraction of
+    the memory speed (measured: 3-5× slower than a multiply and a row sum), so the product is
+    formed in blocks of cache positions that fit in cache; elsewhere one batched matmul.
+    ``blocked`` forces either form (tests compare them).
+    """
+    batch, heads, length, dim = keys.shape
+    if blocked is None:
+        blocked = keys.device.type == "cpu"
+    if not blocked:
+        return torch.matmul(keys, vectors.to(keys.dtype).unsqueeze(-1)).squeeze(-1).to(vectors.dtype)
+    out = torch.empty(batch, heads, length, dtype=vectors.dtype, device=keys.device)
+    rows = max(64, _DOT_BLOCK_ELEMENTS // max(1, batch * heads * dim))
+    buffer = torch.empty(batch, heads, min(rows, length), dim, dtype=vectors.dtype, device=keys.device)
+    vec = vectors.unsqueeze(2)
+    for start in range(0, length, rows):
+        stop = min(length, start + rows)
+        product = buffer[:, :, :stop - start]
+        torch.mul(keys[:, :, start:stop], vec, out=product)
+        torch.sum(product, dim=-1, out=out[:, :, start:stop])
+    return out
 
 
 def topk_plus_forced_exact(scores: torch.Tensor, forced: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -179,7 +212,8 @@ def topk_plus_forced_exact(scores: torch.Tensor, forced: torch.Tensor, capacity:
     if n_forced > capacity:
         raise ValueError(f"{n_forced} positions are forced to stay but the capacity is {capacity}")
     keep = min(capacity - n_forced, length - n_forced)
-    top = scores.topk(keep, dim=-1)
+    # Unsorted: torch.topk picks its set before ordering it (ties included), and we sort indices anyway.
+    top = scores.topk(keep, dim=-1, sorted=False)
     if keep and bool(torch.isneginf(top.values).any() | torch.isnan(top.values).any()):
         return topk_with_forced(scores, forced, capacity)
     chosen = torch.cat([top.indices, forced.to(scores.device).view(1, 1, -1).expand(batch, heads, -1)], dim=-1)
@@ -192,18 +226,24 @@ def observation_window_select(keys: torch.Tensor, ctx, *, raw: bool, window_size
 
     The window (``observation_window_positions`` on the current map) is always kept; the rest is
     ranked by the window queries' scores, pooled along the flattened cache. ``raw=True`` is the
-    released rule, bit for bit (``ctx.raw_queries``, summed raw logits with the window masked
-    before and after pooling, ``topk_plus_forced_exact``); ``raw=False`` is the paper's
-    (``ctx.queries`` whose products with the keys are the model's logits, softmax probabilities
-    summed over the window queries, window masked only after pooling).
+    released rule (``ctx.raw_queries``, summed raw logits with the window masked before and after
+    pooling, ``topk_plus_forced_exact``), the window queries summed before the product with the
+    keys (``summed_window_logits``: bit-identical on the golden inputs, last-bit float differences
+    possible elsewhere); ``raw=False`` is the paper's (``ctx.queries`` whose products with the keys
+    are the model's logits, softmax probabilities summed over the window queries, window masked
+    only after pooling).
     """
     h, w = ctx.current_shape
     window = observation_window_positions(h, w, window_size, ctx.current_start, length=ctx.length,
                                           device=keys.device)
     if raw:
         q = window_queries(ctx.raw_queries, window, ctx.current_start)
-        pooled = pool_scores(summed_window_logits(q, keys, window), kernel_size, pooling)
-        return topk_plus_forced_exact(pooled.index_fill(-1, window, float("-inf")), window, ctx.capacity)
-    q = window_queries(ctx.queries, window, ctx.current_start)
-    pooled = pool_scores(attention_scores(q, keys, softmax=True), kernel_size, pooling)
-    return topk_with_forced(pooled, window, ctx.capacity)
+        scores = summed_window_logits(q, keys, window)
+    else:
+        q = window_queries(ctx.queries, window, ctx.current_start)
+        scores = attention_scores(q, keys, softmax=True)
+    # pool_scores returns a fresh tensor (or the fresh scores themselves): mask it in place.
+    pooled = pool_scores(scores, kernel_size, pooling).index_fill_(-1, window, float("-inf"))
+    # Attention mode: probabilities are finite, so this is exactly topk_with_forced's choice without
+    # its lifting copies (a NaN or −∞ reaching the top-k falls back to topk_with_forced).
+    return topk_plus_forced_exact(pooled, window, ctx.capacity)

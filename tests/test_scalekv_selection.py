@@ -148,3 +148,29 @@ def test_selection_properties(mode, scale, seed, budget, layer, pooling, history
         for b in range(kept.shape[0]):
             for hh in range(kept.shape[1]):
                 assert set(window.tolist()) <= set(kept[b, hh].tolist())
+
+
+def test_summed_window_logits_sum_queries_first(monkeypatch):
+    """(Σ q_j)·k/√D: exact on small-integer inputs (as the golden ones), float-close on general ones,
+    and the blocked CPU product (here 11 blocks of 64 positions, the last partial) equals one matmul."""
+    monkeypatch.setattr(scoring, "_DOT_BLOCK_ELEMENTS", 1)
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randint(-8, 9, (2, 3, 300, 16), generator=g).float() / 8
+    q = torch.randint(-8, 9, (2, 3, 16, 16), generator=g).float() / 16
+    window = torch.tensor([3, 40, 299])
+    released = (q @ keys.transpose(2, 3) / 4).sum(dim=2).index_fill(-1, window, float("-inf"))
+    assert torch.equal(scoring.summed_window_logits(q, keys, window), released)
+
+    keys, _, raw = _inputs(6, length=700, n=144, dim=32)
+    q = raw[:, :, :16]
+    released = (q @ keys.transpose(2, 3) / math.sqrt(32)).sum(dim=2).index_fill(-1, window, float("-inf"))
+    mine = scoring.summed_window_logits(q, keys, window)
+    assert mine.dtype == torch.float32
+    torch.testing.assert_close(mine, released, rtol=1e-5, atol=1e-5)
+    vectors = q.sum(dim=2)
+    torch.testing.assert_close(scoring._rows_dot(keys, vectors, blocked=True),
+                               scoring._rows_dot(keys, vectors, blocked=False), rtol=1e-5, atol=1e-5)
+    # bfloat16 keys are read as they are and accumulated in float32.
+    half = scoring.summed_window_logits(q, keys.bfloat16(), window)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, released, rtol=0.05, atol=0.05)
