@@ -7,6 +7,7 @@ cache code a real generation uses), so the bytes are counted, not estimated.
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Optional
 
 import torch
@@ -60,6 +61,33 @@ def _role_summary(plan, scale: int) -> str:
     return ", ".join(parts)
 
 
+def placeholder_drafters(schedule, num_layers: int, budget) -> tuple[dict, str]:
+    """Drafters for planning memory when no calibration or budget file is given.
+
+    Counted bytes depend on how many layers are drafters at each scale, not on which: take the
+    calibration default count (round(0.075 x layers x compressed scales), spread evenly over the
+    scales, as the released files roughly do) at placeholder layers 0, 1, ..."""
+    from kvpolicy.calibration import CalibrationResult, decision_scales
+
+    if budget is None:
+        raise ValueError("scalekv needs --budget (e.g. 10%) to plan without a budget file")
+    scales = decision_scales(schedule, budget.tokens(schedule))
+    fraction = attrs_default(CalibrationResult, "drafter_fraction")
+    total = math.floor(fraction * num_layers * len(scales) + 0.5)
+    per_scale = {s: total // len(scales) + (1 if i < total % len(scales) else 0) for i, s in enumerate(scales)} if scales else {}
+    drafters = {s: list(range(n)) for s, n in per_scale.items()}
+    note = (f"no --calibration or --budget-file: {total} drafters ({fraction:g} of {num_layers} layers x {len(scales)} "
+            f"compressed scales) at placeholder layers; the bytes depend only on the drafter count per scale. "
+            f"Use --calibration (kvpolicy calibrate) or --budget-file for the real roles.")
+    return drafters, note
+
+
+def attrs_default(cls, name: str):
+    import attrs
+
+    return next(f.default for f in attrs.fields(cls) if f.name == name)
+
+
 def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect_ratio: float = 1.0,
                 batch: int = 1, dtype: torch.dtype = torch.bfloat16, cfg: bool = True,
                 budget_file: Optional[str] = None, calibration=None) -> dict:
@@ -69,7 +97,12 @@ def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect
     g = resolve_geometry(model, resolution, aspect_ratio)
     schedule = g.schedule
     parsed = None if budget is None else check_budget(budget, schedule, model)
-    policy = build_policy(policy_name, parsed, budget_file=budget_file, calibration=calibration)
+    note = None
+    if policy_name == "scalekv" and budget_file is None and calibration is None:
+        drafters, note = placeholder_drafters(schedule, g.num_layers, parsed)
+        policy = build_policy("scalekv", parsed, options={"drafters": drafters})
+    else:
+        policy = build_policy(policy_name, parsed, budget_file=budget_file, calibration=calibration)
     common = dict(schedule=schedule, num_layers=g.num_layers, num_heads=g.num_heads, head_dim=g.head_dim,
                   batch=batch, cfg=cfg, dtype=dtype)
     report = kvpolicy.simulate(policy, **common)
@@ -87,7 +120,7 @@ def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect
         "roles": None if plan.roles is None else [list(r) for r in plan.roles],
         "role_summary": [_role_summary(plan, s) for s in range(schedule.num_scales)] if plan.roles is not None else None,
         "peak_kv_bytes": report.peak_kv_bytes, "full_peak_kv_bytes": report.full_peak_kv_bytes,
-        "last_read_scale": last_read,
+        "last_read_scale": last_read, "note": note,
         "last_read_ratio": report.kv_bytes[last_read] / report.full_kv_bytes[last_read],
     }
 
@@ -127,4 +160,6 @@ def format_plan(d: dict) -> str:
     lines.append(f"peak (incl. one layer's current map before compression): full {d['full_peak_kv_bytes'] / MIB:.2f} MiB, "
                  f"{d['policy']['name']} {d['peak_kv_bytes'] / MIB:.2f} MiB, "
                  f"ratio {d['peak_kv_bytes'] / d['full_peak_kv_bytes']:.4f}")
+    if d.get("note"):
+        lines.append("note: " + d["note"])
     return "\n".join(lines)

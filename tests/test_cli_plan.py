@@ -65,9 +65,14 @@ def test_plan_scalekv_shows_drafters_and_refiners(capsys):
     assert "ratio 0.101167" in out
 
 
-def test_plan_scalekv_without_roles_explains_what_to_give(capsys):
-    code, _, err = _run(capsys, "plan", "--model", "var-d30", "--policy", "scalekv", "--budget", "10%")
-    assert code == 2 and "--budget-file" in err and "--calibration" in err
+def test_plan_scalekv_without_roles_uses_placeholder_drafters_and_says_so(capsys):
+    code, out, _ = _run(capsys, "plan", "--model", "var-d30", "--policy", "scalekv", "--budget", "10%")
+    assert code == 0
+    # 10% of VAR's 424-token reference = 42 tokens; 0.075 x 30 layers x 5 compressed scales = 11 drafters
+    assert "budget 10% = 42 tokens" in out and "note: no --calibration or --budget-file: 11 drafters" in out
+    counts = [int(m.group(1)) for m in re.finditer(r"(\d+) drafters? x", out)]
+    assert sum(counts) == 11
+    assert "ratio 0.099057 (budget 42/424" in out
 
 
 @pytest.mark.parametrize("argv, message", [
