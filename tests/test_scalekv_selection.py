@@ -152,7 +152,7 @@ def test_selection_properties(mode, scale, seed, budget, layer, pooling, history
 
 def test_summed_window_logits_sum_queries_first(monkeypatch):
     """(Σ q_j)·k/√D: exact on small-integer inputs (as the golden ones), float-close on general ones,
-    and the blocked CPU product (here 11 blocks of 64 positions, the last partial) equals one matmul."""
+    and the blocked CPU product (here 6 blocks of 128 positions, the last partial) equals one matmul."""
     monkeypatch.setattr(scoring, "_DOT_BLOCK_ELEMENTS", 1)
     g = torch.Generator().manual_seed(5)
     keys = torch.randint(-8, 9, (2, 3, 300, 16), generator=g).float() / 8
