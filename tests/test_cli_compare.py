@@ -257,3 +257,39 @@ def test_unwritable_output_folder_fails_clearly(tmp_path, capsys):
             assert code == 2 and "not writable" in capsys.readouterr().err
     finally:
         ro.chmod(0o700)
+
+
+def test_learned_metrics_are_recorded_when_their_weights_exist(tmp_path, monkeypatch):
+    """With local LPIPS/FID weight files (random here) every row gets an LPIPS value and every
+    configuration a set-level FID, and the summary shows them."""
+    from benchmarks import metrics
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
+    alex = {}
+    for idx, shape in shapes.items():
+        alex[f"features.{idx}.weight"] = torch.randn(*shape, generator=g) * 0.05
+        alex[f"features.{idx}.bias"] = torch.zeros(shape[0])
+    torch.save(alex, tmp_path / metrics.ALEXNET_FILE)
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
+                for i, c in enumerate((64, 192, 384, 256, 256))}, tmp_path / metrics.LPIPS_LIN_FILE)
+
+    class Features(torch.nn.Module):
+        def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+            return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1) / 255.0
+
+    torch.jit.script(Features()).save(str(tmp_path / metrics.INCEPTION_FILE))
+    monkeypatch.setenv("KVPOLICY_LPIPS_DIR", str(tmp_path))
+    monkeypatch.setenv("KVPOLICY_FID_INCEPTION", str(tmp_path / metrics.INCEPTION_FILE))
+    args = _args(tmp_path, "--warmup", "0")
+    args.no_learned_metrics = False
+    _, result = _run(args)
+    rows = [r for r in result["rows"] if r["policy"] != "reference"]
+    assert rows and all(r["lpips"] is not None and r["lpips"] >= 0 for r in rows)
+    assert any(r["lpips"] > 0 for r in rows if not r["identical_to_reference"])
+    for s in result["summary"][1:]:
+        assert s["fid"] is not None and s["fid"] >= -1e-9 and s["lpips"] is not None
+    text = (tmp_path / "run" / "summary.md").read_text()
+    line = next(l for l in text.splitlines() if l.startswith("| snapkv | 20% |"))
+    s = next(s for s in result["summary"] if s["label"] == "snapkv@20%")
+    assert f"{s['fid']:.2f}" in line and f"{s['lpips']:.3f}" in line
