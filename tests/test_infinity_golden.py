@@ -38,11 +38,13 @@ def _features(golden):
     return [text["kv_compact"][a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def _run(model, golden, run, *, forced, policy=None):
+def _run(model, golden, run, *, forced, policy=None, cache_class=None):
     args = golden["args"]
     schedule = ScaleSchedule(golden["scale_schedule"])
+    cache = None if cache_class is None else cache_class(model.config.depth, schedule, policy)
     return model.generate_from_features(
-        _features(golden), schedule=schedule, template=INFINITY_TEMPLATES[args["h_div_w"]], policy=policy,
+        _features(golden), schedule=schedule, template=INFINITY_TEMPLATES[args["h_div_w"]],
+        policy=None if cache is not None else policy, cache=cache,
         seed=args["g_seed"], cfg=args["cfg"], tau=args["tau"], top_k=args["top_k"], top_p=args["top_p"],
         forced_bits=run["bits"] if forced else None, keep_logits=True)
 
@@ -114,7 +116,7 @@ class _RecordingCache(KVCache):
         return result
 
 
-def test_scalekv_reference_run_matches_official(golden_dir, monkeypatch):
+def test_scalekv_reference_run_matches_official(golden_dir):
     """ScaleKV in reference mode with the released 2B 10% budget file: per-layer cache lengths after
     every scale, every selection (SHA-256 of the kept indices), teacher-forced logits and the bits."""
     golden = _load_golden(golden_dir, "infinity_scalekv")
@@ -123,11 +125,7 @@ def test_scalekv_reference_run_matches_official(golden_dir, monkeypatch):
     policy = get_policy("scalekv", mode="reference", budget_file=budget_file, window_size=config["window_size"],
                         kernel_size=config["kernel_size"], pooling=config["pooling"])
     run = golden["runs"]["scalekv"]
-    model = _build(golden)
-    import adapters.infinity.pipeline as pipeline
-
-    monkeypatch.setattr(pipeline, "KVCache", _RecordingCache)
-    result = _run(model, golden, run, forced=True, policy=policy)
+    result = _run(_build(golden), golden, run, forced=True, policy=policy, cache_class=_RecordingCache)
 
     report = result.cache.report()
     for scale, lengths in run["cached_len_per_layer"].items():

@@ -88,13 +88,18 @@ class InfinityModel(nn.Module):
     def generate_from_features(self, features: Sequence[torch.Tensor], *, schedule: ScaleSchedule,
                                template: Sequence[tuple[int, int]], policy=None, seed: int | torch.Generator = 0,
                                cfg: float = 3.0, tau: float = 1.0, top_k: int = 900, top_p: float = 0.97,
-                               forced_bits=None, keep_logits: bool = False, stats=None, progress=None) -> LoopResult:
+                               forced_bits=None, keep_logits: bool = False, stats=None, progress=None,
+                               cache: Optional[KVCache] = None) -> LoopResult:
         """The generation loop on given T5 features (one (tokens, text_channels) tensor per prompt).
 
-        Used by ``generate`` and by parity tests (``forced_bits`` = teacher forcing)."""
+        Used by ``generate`` and by parity tests (``forced_bits`` = teacher forcing). ``cache``: a
+        fresh ``KVCache`` (or subclass) for this model and schedule, instead of one built from ``policy``."""
         generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
         ctx = self.transformer.prepare_text(features, guidance=cfg != 1)
-        cache = KVCache(self.config.depth, schedule, policy)
+        if cache is None:
+            cache = KVCache(self.config.depth, schedule, policy)
+        elif policy is not None or cache.schedule != schedule or cache.num_layers != self.config.depth:
+            raise ValueError("pass either policy= or a cache built for this model's depth and this schedule")
         return run_generation(self.transformer, ctx, schedule=schedule, template=template, cache=cache,
                               generator=generator, cfg=cfg, tau=tau, top_k=top_k, top_p=top_p,
                               compute_dtype=self.transformer.block_dtype, forced_bits=forced_bits,
