@@ -174,6 +174,10 @@ class InfinityPreset:
     random_only: bool = False  # infinity-tiny: random weights, tiny T5, byte tokenizer
 
 
+# The d32 VAE pairs with every d32 transformer (layer12..48 have no public weights except layer12's).
+D32_VAE = "infinity_vae_d32reg.pth"
+
+
 def _sized(depth, width, heads, chunks=4):
     return InfinityConfig(depth=depth, embed_dim=width, num_heads=heads, block_chunks=chunks)
 
@@ -192,11 +196,16 @@ PRESETS: dict[str, InfinityPreset] = {
     "infinity-layer12": InfinityPreset("infinity-layer12", _sized(12, 768, 8), BSQVAEConfig.infinity_2b,
                                        default_resolution=256, weights_file="infinity_125M_256x256.pth",
                                        vae_file="infinity_vae_d32reg.pth"),
-    "infinity-layer16": InfinityPreset("infinity-layer16", _sized(16, 1152, 12), BSQVAEConfig.infinity_2b),
-    "infinity-layer24": InfinityPreset("infinity-layer24", _sized(24, 1536, 16), BSQVAEConfig.infinity_2b),
-    "infinity-layer32": InfinityPreset("infinity-layer32", _sized(32, 2080, 20), BSQVAEConfig.infinity_2b),
-    "infinity-layer40": InfinityPreset("infinity-layer40", _sized(40, 2688, 24), BSQVAEConfig.infinity_2b),
-    "infinity-layer48": InfinityPreset("infinity-layer48", _sized(48, 3360, 28), BSQVAEConfig.infinity_2b),
+    "infinity-layer16": InfinityPreset("infinity-layer16", _sized(16, 1152, 12), BSQVAEConfig.infinity_2b,
+                                       vae_file=D32_VAE),
+    "infinity-layer24": InfinityPreset("infinity-layer24", _sized(24, 1536, 16), BSQVAEConfig.infinity_2b,
+                                       vae_file=D32_VAE),
+    "infinity-layer32": InfinityPreset("infinity-layer32", _sized(32, 2080, 20), BSQVAEConfig.infinity_2b,
+                                       vae_file=D32_VAE),
+    "infinity-layer40": InfinityPreset("infinity-layer40", _sized(40, 2688, 24), BSQVAEConfig.infinity_2b,
+                                       vae_file=D32_VAE),
+    "infinity-layer48": InfinityPreset("infinity-layer48", _sized(48, 3360, 28), BSQVAEConfig.infinity_2b,
+                                       vae_file=D32_VAE),
     "infinity-tiny": InfinityPreset("infinity-tiny", TINY_CONFIG, BSQVAEConfig.tiny, default_resolution=256,
                                     text_encoder=None, random_only=True),
 }
