@@ -456,21 +456,39 @@ class Comparison:
         self._contact_sheet(configs)
         return {"rows": rows, "summary": summary, "set_metrics": set_metrics}
 
-    def _set_metrics(self, configs, rows) -> dict:
-        """FID between the full-cache set and each configuration's set (None with a reason if absent)."""
+    def _set_metrics(self, configs, rows, batch: int = 32) -> dict:
+        """FID between the full-cache set and each configuration's set (None with a reason if absent).
+
+        Features are extracted from the saved PNGs in batches (a COCO-sized run never holds every
+        image in memory), the reference set's once."""
         out = {}
         by_config: dict[str, dict] = {}
         for r in rows:
             by_config.setdefault(r["config_id"], {})[(r["condition_index"], r["seed"])] = r
         ref = by_config.get(configs[0].config_id, {})
+        ref_features: dict = {}
+
+        def features(entries: dict, keys, cache: Optional[dict] = None):
+            todo = [k for k in keys if cache is None or k not in cache]
+            found = {} if cache is None else cache
+            for i in range(0, len(todo), batch):
+                chunk = todo[i:i + batch]
+                f = self.metrics.features(torch.stack([load_png(self.out / entries[k]["image"]) for k in chunk]))
+                if f is None:
+                    return None
+                found.update(zip(chunk, f))
+            return torch.stack([found[k] for k in keys])
+
         for config in configs[1:]:
             mine = by_config.get(config.config_id, {})
             common = sorted(set(mine) & set(ref))
             fid = None
-            if common and self.metrics.enabled:
-                images = torch.stack([load_png(self.out / mine[k]["image"]) for k in common])
-                refs = torch.stack([load_png(self.out / ref[k]["image"]) for k in common])
-                fid = self.metrics.fid(images, refs)
+            if len(common) >= 2 and self.metrics.enabled:
+                ref_f = features(ref, common, ref_features)
+                if ref_f is not None:
+                    fid = self.metrics.fid_from_features(features(mine, common), ref_f)
+            elif common and self.metrics.enabled:
+                self.metrics.reasons.setdefault("fid_small", "FID needs at least 2 images per set")
             out[config.config_id] = {"label": reports.config_label(mine[common[0]]) if common else config.slug,
                                      "fid": fid, "images": len(common),
                                      "reason": None if fid is not None else self.metrics.reasons.get("fid") or

@@ -276,6 +276,17 @@ class LearnedMetrics:
         n = to_unit_float(images).shape[0]
         return [None] * n if model is None else [float(v) for v in model(images, reference)]
 
+    def features(self, images) -> Optional[torch.Tensor]:
+        """FID Inception features (N, 2048) of uint8 images, or None when FID cannot run."""
+        extractor = self._backend("fid")
+        return None if extractor is None else extractor(images)
+
+    def fid_from_features(self, features: torch.Tensor, reference: torch.Tensor) -> Optional[float]:
+        if features.shape[0] < 2:
+            self.reasons.setdefault("fid_small", "FID needs at least 2 images per set")
+            return None
+        return frechet_distance(reference, features)
+
     def fid(self, images, reference) -> Optional[float]:
         extractor = self._backend("fid")
         if extractor is None:
