@@ -10,7 +10,6 @@ it back with ``--policy scalekv --calibration FILE``. The paper calibrated on 10
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 

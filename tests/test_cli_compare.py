@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,9 +136,9 @@ def test_compare_writes_every_file_with_consistent_content(tmp_path):
         assert len(per_scale) == schedule.num_scales and per_scale[:3] == [1.0, 1.0, 1.0]  # nothing evicted early
         assert r["token_agreement_mean"] == pytest.approx(sum(per_scale) / len(per_scale))
         # the recorded PSNR/SSIM are those of the saved PNGs
-        from benchmarks.metrics import psnr, ssim
-        mine = torch.from_numpy(__import__("numpy").array(Image.open(out / r["image"]).convert("RGB")))
-        theirs = torch.from_numpy(__import__("numpy").array(Image.open(out / ref["image"]).convert("RGB")))
+        from benchmarks.metrics import ssim
+        mine = torch.from_numpy(np.array(Image.open(out / r["image"]).convert("RGB")))
+        theirs = torch.from_numpy(np.array(Image.open(out / ref["image"]).convert("RGB")))
         assert ssim(mine, theirs)[0] == pytest.approx(r["ssim"], abs=1e-12)
 
     summary_md = (out / "summary.md").read_text()
@@ -251,7 +252,7 @@ def test_unwritable_output_folder_fails_clearly(tmp_path, capsys):
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        if not __import__("os").access(ro, __import__("os").W_OK):  # root ignores permissions
+        if not os.access(ro, os.W_OK):  # root ignores permissions
             code = main(["compare", "--model", FAKE, "--policies", "snapkv", "--budgets", "10%", "--prompts",
                          str(prompts), "--out", str(ro / "x"), "--no-progress"])
             assert code == 2 and "not writable" in capsys.readouterr().err

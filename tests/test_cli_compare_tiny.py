@@ -5,7 +5,6 @@ calibration, generate, and bench-gpu's CPU dry run and its refusal without CUDA.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
