@@ -26,6 +26,11 @@ def _add_scalekv_args(p):
     p.add_argument("--calibration", default=None, help="calibration JSON from `kvpolicy calibrate` (scalekv only)")
 
 
+def _add_option_arg(p):
+    p.add_argument("--option", action="append", default=None, metavar="POLICY.KEY=VALUE",
+                   help="a policy option, repeatable, e.g. snapkv.window_size=16 or streamingllm.num_sinks=1")
+
+
 def _add_run_args(p):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (default cpu)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
@@ -49,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--no-cfg", action="store_true", help="one row per image (default: conditional + unconditional)")
     _add_scalekv_args(p)
+    _add_option_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
     p = sub.add_parser("generate", help="generate image(s) with a policy and print the cache report")
@@ -60,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--label", action="append", type=int, help="class label (VAR); repeat for a batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="image.png", help="output PNG (index appended for a batch)")
+    _add_option_arg(p)
     _add_run_args(p)
     _add_scalekv_args(p)
 
@@ -81,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "job (default 1 on CUDA, 0 on CPU; one untimed full-cache call always precedes all timing)")
     p.add_argument("--no-learned-metrics", action="store_true", help="skip LPIPS/FID even when their weights exist")
     p.add_argument("--no-progress", action="store_true")
+    _add_option_arg(p)
     _add_run_args(p)
     _add_scalekv_args(p)
 
@@ -142,7 +150,8 @@ def _cmd_plan(args) -> int:
 
     result = plan_memory(args.model, args.policy, args.budget, resolution=parse_resolution(args.resolution),
                          aspect_ratio=args.aspect_ratio, batch=args.batch, dtype=parse_dtype(args.dtype),
-                         cfg=not args.no_cfg, budget_file=args.budget_file, calibration=args.calibration)
+                         cfg=not args.no_cfg, budget_file=args.budget_file, calibration=args.calibration,
+                         options=args.option)
     print(json.dumps(result, indent=1) if args.json else format_plan(result))
     return 0
 

@@ -28,7 +28,8 @@ import kvpolicy
 from . import reports
 from .metrics import LearnedMetrics, psnr, ssim, token_agreement
 from .plan import parse_resolution, resolve_geometry
-from .policy_spec import build_policy, check_budget, check_policy_name, parse_dtype, split_list
+from .policy_spec import (build_policy, check_budget, check_policy_name, parse_dtype, parse_policy_options,
+                          split_list)
 from .prompts import EVAL_PROMPTS, parse_labels, read_prompts
 
 DEFAULT_BUILTIN_PROMPTS = 3
@@ -58,6 +59,7 @@ class CompareSettings:
     calibration: Optional[str] = None
     learned_metrics: bool = True
     progress: bool = True
+    options: dict = attrs.field(factory=dict)  # {policy: {option: value}}
 
     def fingerprint(self) -> dict:
         """Settings that change the images: a resumed run must match them."""
@@ -119,7 +121,8 @@ def settings_from_args(args) -> CompareSettings:
         raise ValueError("--budget-file configures scalekv, which is not among --policies")
     if args.calibration and "scalekv" not in policies:
         raise ValueError("--calibration configures scalekv, which is not among --policies")
-    return CompareSettings(model=args.model, policies=policies, budgets=budgets, conditions=conditions,
+    options = parse_policy_options(getattr(args, "option", None), policies)
+    return CompareSettings(options=options, model=args.model, policies=policies, budgets=budgets, conditions=conditions,
                            condition_kind=kind, seeds=seeds, out=Path(args.out), device=device, dtype=dtype,
                            batch_size=args.batch_size, repeats=args.repeats, warmup=warmup,
                            resolution=parse_resolution(args.resolution), aspect_ratio=args.aspect_ratio,
@@ -175,7 +178,8 @@ def build_configs(settings: CompareSettings, schedule, num_layers: int, *, calib
         for budget in budgets:
             parsed = None if budget is None else check_budget(budget, schedule, settings.model)
             policy = build_policy(name, parsed, budget_file=settings.budget_file if name == "scalekv" else None,
-                                  calibration=calibration if name == "scalekv" else None)
+                                  calibration=calibration if name == "scalekv" else None,
+                                  options=settings.options.get(name))
             policy.plan(schedule, num_layers)  # fail now, not after an hour of generation
             config = policy.to_config()
             configs.append(Config(name, budget, policy, _digest(config)))
@@ -296,7 +300,8 @@ class Comparison:
 
     @property
     def auto_calibration(self) -> bool:
-        return "scalekv" in self.s.policies and not self.s.budget_file and not self.s.calibration
+        return ("scalekv" in self.s.policies and not self.s.budget_file and not self.s.calibration
+                and "drafters" not in self.s.options.get("scalekv", {}))
 
     def _calibrate(self, geometry) -> Path:
         """scalekv without --calibration/--budget-file: calibrate this model first, as the paper does,

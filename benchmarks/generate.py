@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .compare import model_family, save_png
 from .plan import parse_resolution, resolve_geometry
-from .policy_spec import build_policy, check_budget, parse_dtype
+from .policy_spec import build_policy, check_budget, parse_dtype, parse_policy_options
 
 
 def output_paths(out: str, n: int) -> list[Path]:
@@ -53,10 +53,15 @@ def generate_command(args) -> int:
     for p in paths:
         if not p.parent.is_dir():
             raise ValueError(f"folder {str(p.parent)!r} for --out does not exist")
-    auto_calibration = args.policy == "scalekv" and not args.budget_file and not args.calibration
+    if args.option and args.policy is None:
+        raise ValueError("--option needs --policy")
+    extra = parse_policy_options(args.option, [args.policy]).get(args.policy, {}) if args.policy else {}
+    auto_calibration = (args.policy == "scalekv" and not args.budget_file and not args.calibration
+                        and "drafters" not in extra)
     policy = None
     if args.policy is not None and not auto_calibration:
-        policy = build_policy(args.policy, budget, budget_file=args.budget_file, calibration=args.calibration)
+        policy = build_policy(args.policy, budget, budget_file=args.budget_file, calibration=args.calibration,
+                              options=extra)
         policy.plan(geometry.schedule, geometry.num_layers)  # a bad budget fails before the model loads
     elif args.budget_file or args.calibration:
         raise ValueError("--budget-file/--calibration need --policy scalekv")
@@ -68,7 +73,7 @@ def generate_command(args) -> int:
     if auto_calibration:
         calibration = auto_calibrate(model, args.model, Path(args.out).with_suffix(".calibration.json"),
                                      resolution=resolution, aspect_ratio=args.aspect_ratio)
-        policy = build_policy("scalekv", budget, calibration=calibration)
+        policy = build_policy("scalekv", budget, calibration=calibration, options=extra)
         policy.plan(geometry.schedule, geometry.num_layers)
     kwargs = {}
     if resolution is not None:

@@ -14,7 +14,7 @@ import torch
 
 import kvpolicy
 from adapters import geometry as geo
-from .policy_spec import build_policy, check_budget
+from .policy_spec import build_policy, check_budget, parse_policy_options
 
 MIB = 2 ** 20
 
@@ -90,7 +90,7 @@ def attrs_default(cls, name: str):
 
 def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect_ratio: float = 1.0,
                 batch: int = 1, dtype: torch.dtype = torch.bfloat16, cfg: bool = True,
-                budget_file: Optional[str] = None, calibration=None) -> dict:
+                budget_file: Optional[str] = None, calibration=None, options=None) -> dict:
     """Simulate full cache and the policy on a geometry; return a JSON-friendly dict."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
@@ -98,11 +98,12 @@ def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect
     schedule = g.schedule
     parsed = None if budget is None else check_budget(budget, schedule, model)
     note = None
-    if policy_name == "scalekv" and budget_file is None and calibration is None:
+    extra = parse_policy_options(options, [policy_name]).get(policy_name, {})
+    if policy_name == "scalekv" and budget_file is None and calibration is None and "drafters" not in extra:
         drafters, note = placeholder_drafters(schedule, g.num_layers, parsed)
-        policy = build_policy("scalekv", parsed, options={"drafters": drafters})
+        policy = build_policy("scalekv", parsed, options={"drafters": drafters, **extra})
     else:
-        policy = build_policy(policy_name, parsed, budget_file=budget_file, calibration=calibration)
+        policy = build_policy(policy_name, parsed, budget_file=budget_file, calibration=calibration, options=extra)
     common = dict(schedule=schedule, num_layers=g.num_layers, num_heads=g.num_heads, head_dim=g.head_dim,
                   batch=batch, cfg=cfg, dtype=dtype)
     report = kvpolicy.simulate(policy, **common)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +29,25 @@ def split_list(text: str, what: str) -> list[str]:
     if duplicates:
         raise ValueError(f"{what} {text!r} repeats {duplicates}")
     return items
+
+
+def parse_policy_options(items, policies) -> dict[str, dict]:
+    """``["snapkv.window_size=16", "h2o.heavy_fraction=0.25"]`` -> {policy: {option: value}}; values
+    are read as JSON when they parse (16, 0.25, true, "max") and as plain strings otherwise."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        name, dot, rest = str(item).partition(".")
+        key, eq, raw = rest.partition("=")
+        if not dot or not eq or not name or not key:
+            raise ValueError(f"--option {item!r} must look like POLICY.OPTION=VALUE, e.g. snapkv.window_size=16")
+        if name not in policies:
+            raise ValueError(f"--option {item!r} names policy {name!r}, which is not among {', '.join(policies)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(name, {})[key] = value
+    return out
 
 
 def check_policy_name(name: str) -> None:

@@ -294,3 +294,17 @@ def test_learned_metrics_are_recorded_when_their_weights_exist(tmp_path, monkeyp
     line = next(l for l in text.splitlines() if l.startswith("| snapkv | 20% |"))
     s = next(s for s in result["summary"] if s["label"] == "snapkv@20%")
     assert f"{s['fid']:.2f}" in line and f"{s['lpips']:.3f}" in line
+
+
+def test_policy_options_are_part_of_the_configuration(tmp_path):
+    args = _args(tmp_path, "--warmup", "0", "--limit", "1", "--option", "snapkv.window_size=8",
+                 "--option", 'snapkv.pooling="avg"')
+    _, result = _run(args)
+    configs = {r["policy"]: r["policy_config"] for r in result["rows"] if r["policy"] != "reference"}
+    assert configs["snapkv"]["window_size"] == 8 and configs["snapkv"]["pooling"] == "avg"
+    assert "window_size" not in configs["sliding_window"]
+    # a different option is a different configuration: new rows, the old ones stay
+    args2 = _args(tmp_path, "--warmup", "0", "--limit", "1", "--option", "snapkv.window_size=4")
+    _, result2 = _run(args2)
+    keys = {r["key"] for r in reports.read_rows(tmp_path / "run" / "results.jsonl")}
+    assert len(keys) == 1 + 4 + 2  # reference + 4 configs + 2 new snapkv rows

@@ -96,3 +96,15 @@ def test_list_policies_and_models(capsys):
         assert re.search(rf"^{name}\s+{re.escape(description)}$", out, re.M)
     code, out, _ = _run(capsys, "list", "--models")
     assert code == 0 and re.search(r"^infinity-2b\s", out, re.M) and re.search(r"^var-d30\s", out, re.M)
+
+
+def test_policy_options_reach_the_policy_and_bad_ones_fail(capsys):
+    code, out, _ = _run(capsys, "plan", "--model", "infinity-2b", "--policy", "streamingllm", "--budget", "650",
+                        "--option", "streamingllm.num_sinks=1", "--json")
+    assert code == 0 and json.loads(out)["policy"] == {"name": "streamingllm", "budget": 650, "num_sinks": 1}
+    code, _, err = _run(capsys, "plan", "--model", "infinity-2b", "--policy", "snapkv", "--budget", "650",
+                        "--option", "snapkv.windowsize=16")
+    assert code == 2 and "no option(s) ['windowsize']" in err and "window_size" in err
+    code, _, err = _run(capsys, "plan", "--model", "infinity-2b", "--policy", "snapkv", "--budget", "650",
+                        "--option", "window_size=16")
+    assert code == 2 and "POLICY.OPTION=VALUE" in err
