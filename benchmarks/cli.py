@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "job (default 1 on CUDA, 0 on CPU; one untimed full-cache call always precedes all timing)")
     p.add_argument("--no-learned-metrics", action="store_true", help="skip LPIPS/FID even when their weights exist")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default on CPU: 1, which keeps "
+                   "latencies stable on a shared machine; the tiny model gains little from more)")
     _add_option_arg(p)
     _add_run_args(p)
     _add_scalekv_args(p)

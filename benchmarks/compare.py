@@ -60,11 +60,12 @@ class CompareSettings:
     learned_metrics: bool = True
     progress: bool = True
     options: dict = attrs.field(factory=dict)  # {policy: {option: value}}
+    threads: Optional[int] = None  # torch intra-op threads (None: leave torch's setting)
 
     def fingerprint(self) -> dict:
         """Settings that change the images: a resumed run must match them."""
         return {"model": self.model, "device": self.device, "dtype": self.dtype, "batch_size": self.batch_size,
-                "resolution": self.resolution, "aspect_ratio": self.aspect_ratio}
+                "resolution": self.resolution, "aspect_ratio": self.aspect_ratio, "threads": self.threads}
 
 
 # -- argument checking ------------------------------------------------------------------------------
@@ -122,7 +123,12 @@ def settings_from_args(args) -> CompareSettings:
     if args.calibration and "scalekv" not in policies:
         raise ValueError("--calibration configures scalekv, which is not among --policies")
     options = parse_policy_options(getattr(args, "option", None), policies)
-    return CompareSettings(options=options, model=args.model, policies=policies, budgets=budgets, conditions=conditions,
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    if threads is None and device == "cpu":
+        threads = 1
+    return CompareSettings(threads=threads, options=options, model=args.model, policies=policies, budgets=budgets, conditions=conditions,
                            condition_kind=kind, seeds=seeds, out=Path(args.out), device=device, dtype=dtype,
                            batch_size=args.batch_size, repeats=args.repeats, warmup=warmup,
                            resolution=parse_resolution(args.resolution), aspect_ratio=args.aspect_ratio,
@@ -321,6 +327,15 @@ class Comparison:
         return path
 
     def run(self) -> dict:
+        previous = torch.get_num_threads()
+        if self.s.threads is not None:
+            torch.set_num_threads(self.s.threads)
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(previous)
+
+    def _run(self) -> dict:
         prepare_output(self.out)
         geometry = resolve_geometry(self.s.model, self.s.resolution, self.s.aspect_ratio)
         calibration = None
@@ -416,6 +431,7 @@ class Comparison:
                 "token_agreement_per_scale": None, "token_agreement_mean": None,
                 "image": str(image_path.relative_to(self.out)),
                 "settings": {"device": self.s.device, "dtype": self.s.dtype, "batch_size": self.s.batch_size,
+                             "threads": self.s.threads,
                              "repeats": self.s.repeats, "warmup": self.s.warmup, "resolution": self.s.resolution,
                              "aspect_ratio": self.s.aspect_ratio},
                 "generation_config": _jsonable(out.config), "versions": versions,

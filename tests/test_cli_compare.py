@@ -108,7 +108,7 @@ def test_compare_writes_every_file_with_consistent_content(tmp_path):
     n_ref = schedule.reference_length
     for r in rows:
         assert r["versions"]["torch"] == torch.__version__ and r["versions"]["kvpolicy"] == kvpolicy.__version__
-        assert r["settings"] == {"device": "cpu", "dtype": "fp32", "batch_size": 1, "repeats": 2, "warmup": 1,
+        assert r["settings"] == {"device": "cpu", "dtype": "fp32", "batch_size": 1, "threads": 1, "repeats": 2, "warmup": 1,
                                  "resolution": None, "aspect_ratio": 1.0}
         assert len(r["seconds_per_call_repeats"]) == 2 and r["seconds_per_image"] > 0
         assert len(r["kv_bytes_per_scale"]) == schedule.num_scales == len(r["scale_seconds_per_image"])
