@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--prompts", default=None, help="text file / JSON list / COCO captions JSON (Infinity)")
     cond.add_argument("--labels", default=None, help="class labels for VAR models, e.g. 1,2,3 or 0-7")
-    p.add_argument("--limit", type=int, default=None, help="use the first N prompts (default: 4 for the built-in list)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts (default: 8 for the built-in list)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; every condition is generated with each")
     p.add_argument("--out", default="kvpolicy-compare", help="output folder (resumed if it exists)")
     p.add_argument("--batch-size", type=int, default=1, help="conditions per generate call")

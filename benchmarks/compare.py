@@ -32,7 +32,7 @@ from .policy_spec import (build_policy, check_budget, check_policy_name, parse_d
                           split_list)
 from .prompts import EVAL_PROMPTS, parse_labels, read_prompts
 
-DEFAULT_BUILTIN_PROMPTS = 3
+DEFAULT_BUILTIN_PROMPTS = 8
 # Table 1 order for the built-in policies; other registered policies follow alphabetically.
 CANONICAL_ORDER = ("uniform", "sliding_window", "streamingllm", "h2o", "snapkv", "pyramidkv", "scalekv")
 
