@@ -466,6 +466,10 @@ class Comparison:
                                     order.get(e["policy"], len(order))))
         self._note_reasons()
         notes = [reason for reason in self.metrics.reasons.values()]
+        if self.auto_calibration:
+            notes.insert(0, "scalekv roles come from calibrating this model on the shipped calibration conditions "
+                            "(calibration.json), as ScaleKV does before evaluating; pass --calibration or "
+                            "--budget-file to use others.")
         reports.write_summary(self.out / "summary.md", summary, settings=self._settings_dict(), notes=notes)
         (self.out / "set_metrics.json").write_text(json.dumps(set_metrics, indent=1))
         reports.plot_fidelity_vs_budget(self.out / "fidelity_vs_budget.png", summary)

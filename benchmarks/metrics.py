@@ -117,9 +117,9 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 
 LPIPS_HELP = (
     "LPIPS needs two local files: the torchvision AlexNet weights '" + ALEXNET_FILE + "' and the LPIPS "
-    "v0.1 linear layers '" + LPIPS_LIN_FILE + "' (shipped inside the 'lpips' package as "
-    "lpips/weights/v0.1/alex.pth). Put both in a folder and set KVPOLICY_LPIPS_DIR to it, or put them "
-    "in torch's hub checkpoint folder ({hub}).")
+    "v0.1 linear layers '" + LPIPS_LIN_FILE + "' (inside the 'lpips' package, lpips/weights/v0.1/; "
+    "`pip install --no-deps lpips` provides it without torchvision and it is then found there). Put the "
+    "files in a folder and set KVPOLICY_LPIPS_DIR to it, or put them in torch's hub checkpoint folder ({hub}).")
 FID_HELP = (
     "FID needs the TorchScript Inception '" + INCEPTION_FILE + "' (the file clean-fid and "
     "StyleGAN2-ADA use). Set KVPOLICY_FID_INCEPTION to its path, or put it in torch's hub checkpoint "
@@ -130,6 +130,17 @@ class MetricUnavailable(RuntimeError):
     """A learned metric cannot run here; the message says what to provide."""
 
 
+def _lpips_package_dir() -> Path:
+    """Folder of an installed 'lpips' package, located without importing it (it needs torchvision)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("lpips")
+    except (ImportError, ValueError):
+        spec = None
+    return Path(spec.origin).parent if spec is not None and spec.origin else Path("/nonexistent-lpips")
+
+
 def _find(filename: str, env: str) -> Optional[Path]:
     candidates = []
     value = os.environ.get(env)
@@ -137,6 +148,8 @@ def _find(filename: str, env: str) -> Optional[Path]:
         p = Path(value)
         candidates.append(p if p.suffix else p / filename)
     candidates.append(_torch_hub_checkpoints() / filename)
+    if filename == LPIPS_LIN_FILE:
+        candidates.append(_lpips_package_dir() / "weights" / "v0.1" / filename)
     for p in candidates:
         if p.is_file():
             return p

@@ -84,6 +84,7 @@ def test_learned_metrics_skip_with_a_clear_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("KVPOLICY_LPIPS_DIR", str(tmp_path))
     monkeypatch.setenv("KVPOLICY_FID_INCEPTION", str(tmp_path / "missing.pt"))
     monkeypatch.setattr(metrics, "_torch_hub_checkpoints", lambda: tmp_path / "hub")
+    monkeypatch.setattr(metrics, "_lpips_package_dir", lambda: tmp_path / "no-lpips")
     m = LearnedMetrics()
     a = _images(3)
     assert m.lpips(a, a) == [None, None]
