@@ -61,6 +61,7 @@ class CompareSettings:
     progress: bool = True
     options: dict = attrs.field(factory=dict)  # {policy: {option: value}}
     threads: Optional[int] = None  # torch intra-op threads (None: leave torch's setting)
+    command: Optional[str] = None  # the command line, for the record
 
     def fingerprint(self) -> dict:
         """Settings that change the images: a resumed run must match them."""
@@ -541,7 +542,10 @@ def _jsonable(value):
 
 
 def compare_command(args) -> int:
+    import shlex
+
     settings = settings_from_args(args)
+    settings.command = "kvpolicy " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     started = time.perf_counter()
     result = Comparison(settings).run()
     print(reports.summary_table(result["summary"]))

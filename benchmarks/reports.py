@@ -139,7 +139,9 @@ def write_summary(path: Path, summary: Sequence[dict], *, settings: dict, notes:
         "",
         f"{len(conds)} condition(s) x {len(settings.get('seeds', []))} seed(s), device {settings['device']}, "
         f"dtype {settings['dtype']}, batch size {settings['batch_size']}, {settings['repeats']} timed repeat(s) "
-        f"after {settings['warmup']} warm-up call(s) per configuration.",
+        f"after {settings['warmup']} warm-up call(s) per configuration"
+        + (f", {settings['threads']} CPU thread(s)" if settings.get("threads") else "") + "."
+        + (f" Command: `{settings['command']}`" if settings.get("command") else ""),
         "Fidelity is measured against the full-cache image of the same condition and seed (ScaleKV protocol). "
         "KV MiB are counted bytes per image (both CFG rows, all layers): the cache the last scale reads and the "
         "peak including one layer's uncompressed current map. Latency is the median seconds per image; "
