@@ -37,11 +37,22 @@ def _add_run_args(p):
                    help="compute dtype (default: fp32 on CPU, bf16 on CUDA)")
 
 
+PLUGIN_HELP = ("a Python file or importable module that registers policies (@register_policy); repeatable. "
+               "Also read from KVPOLICY_PLUGINS (separated by '" + os.pathsep + "')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpolicy", description="KV-cache policies for next-scale image models: "
                                      "plan memory, generate, compare policies, calibrate ScaleKV.")
+    parser.add_argument("--plugin", action="append", default=[], dest="plugins_top", metavar="FILE|MODULE",
+                        help=PLUGIN_HELP)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--plugin", action="append", default=[], dest="plugins", metavar="FILE|MODULE",
+                        help=PLUGIN_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)  # every command takes --plugin
 
     p = sub.add_parser("list", help="registered policies (or models) with one-line descriptions")
     p.add_argument("--models", action="store_true", help="list model presets instead of policies")
@@ -186,10 +197,37 @@ COMMANDS = {"list": _cmd_list, "plan": _cmd_plan, "generate": _cmd_generate, "co
             "calibrate": _cmd_calibrate, "bench-gpu": _cmd_bench_gpu}
 
 
+def load_plugins(specs: Sequence[str]) -> None:
+    """Import user files/modules so that the policies they register are known to this process."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    for spec in specs:
+        if not spec:
+            continue
+        path = Path(spec)
+        if spec.endswith(".py") or path.is_file():
+            if not path.is_file():
+                raise CommandError(f"plugin file {spec!r} does not exist (give a .py file or an importable module name)")
+            name = f"kvpolicy_plugin_{path.stem}_{abs(hash(str(path.resolve()))):x}"
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(spec)
+            except ModuleNotFoundError as exc:
+                raise CommandError(f"plugin {spec!r} is neither a .py file nor an importable module ({exc})") from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        env_plugins = [p for p in os.environ.get("KVPOLICY_PLUGINS", "").split(os.pathsep) if p]
+        load_plugins(env_plugins + list(args.plugins_top) + list(getattr(args, "plugins", [])))
         return COMMANDS[args.command](args)
     except (CommandError, ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:
         if os.environ.get("KVPOLICY_TRACEBACK"):

@@ -63,3 +63,40 @@ def test_custom_policy_appears_in_kvpolicy_list(custom_policy_name, capsys):
 
     assert main(["list"]) == 0
     assert re.search(rf"^{custom_policy_name}\s+Keep a seeded random subset", capsys.readouterr().out, re.M)
+
+
+USER_FILE = '''
+import attrs, torch
+from kvpolicy import Policy, Selection, register_policy
+
+
+@register_policy("user_file_newest")
+@attrs.define(kw_only=True)
+class NewestOnly(Policy):
+    """Keep the newest tokens (a user's file)."""
+
+    def select(self, keys, values, ctx):
+        kept = torch.arange(ctx.length - ctx.capacity, ctx.length, device=keys.device)
+        return Selection(kept.expand(*keys.shape[:2], -1).clone(), ctx.state)
+'''
+
+
+def test_policy_in_a_user_file_reaches_the_command_line(tmp_path):
+    """`kvpolicy --plugin FILE` and KVPOLICY_PLUGINS make a fresh process know a user's policy."""
+    import os
+    import subprocess
+    import sys
+
+    user_file = tmp_path / "my_policy.py"
+    user_file.write_text(USER_FILE)
+    env = {**os.environ, "KVPOLICY_PLUGINS": ""}
+    listed = subprocess.run([sys.executable, "-m", "benchmarks.cli", "--plugin", str(user_file), "list"],
+                            capture_output=True, text=True, env=env, check=True).stdout
+    assert re.search(r"^user_file_newest\s+Keep the newest tokens \(a user's file\)\.$", listed, re.M)
+    env["KVPOLICY_PLUGINS"] = str(user_file)
+    planned = subprocess.run([sys.executable, "-m", "benchmarks.cli", "plan", "--model", "var-d16", "--policy",
+                              "user_file_newest", "--budget", "42"], capture_output=True, text=True, env=env, check=True).stdout
+    assert "ratio 0.099057 (budget 42/424 = 0.099057)" in planned
+    missing = subprocess.run([sys.executable, "-m", "benchmarks.cli", "list", "--plugin", str(tmp_path / "absent.py")],
+                             capture_output=True, text=True, env={**env, "KVPOLICY_PLUGINS": ""})
+    assert missing.returncode == 2 and "absent.py' does not exist" in missing.stderr
