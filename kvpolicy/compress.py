@@ -30,6 +30,11 @@ def _check_query(name, tensor, keys, n_current):
     if b != keys.shape[0] or n != n_current or h % keys.shape[1]:
         raise ValueError(f"{name} shape {tuple(tensor.shape)} does not fit keys {tuple(keys.shape)}: "
                          f"need (B={keys.shape[0]}, a multiple of H={keys.shape[1]}, n_current={n_current}, D)")
+    if tensor.shape[3] != keys.shape[3]:
+        raise ValueError(f"{name} head dim {tensor.shape[3]} does not match the keys' head dim {keys.shape[3]} "
+                         "(queries are dotted with the cached keys)")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {tensor.dtype}")
     if tensor.device != keys.device:
         raise ValueError(f"{name} is on {tensor.device} but keys are on {keys.device}")
 

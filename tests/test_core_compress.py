@@ -63,6 +63,13 @@ def test_gqa_queries_are_accepted_and_checked():
         compress(policy, keys, values, queries=torch.randn(1, 2, 36, 4), **KW)
     with pytest.raises(ValueError, match=r"queries must be a \(B, H, n_current, D\) tensor, got torch.Size\(\[2, 36, 4\]\)"):
         compress(policy, keys, values, queries=torch.randn(2, 36, 4), **KW)
+    with pytest.raises(ValueError, match=r"queries head dim 8 does not match the keys' head dim 4"):
+        compress(policy, keys, values, queries=torch.randn(2, 2, 36, 8), **KW)
+    with pytest.raises(TypeError, match="queries must be floating point, got torch.int64"):
+        compress(policy, keys, values, queries=torch.ones(2, 2, 36, 4, dtype=torch.long), **KW)
+    raw_policy = kvpolicy.get_policy("uniform", mode="reference", budget=20, window_size=4)
+    with pytest.raises(ValueError, match=r"raw_queries head dim 3 does not match the keys' head dim 4"):
+        compress(raw_policy, keys, values, raw_queries=torch.randn(2, 2, 36, 3), **KW)
     with pytest.raises(ValueError, match="queries is on meta but keys are on cpu"):
         compress(policy, keys, values, queries=torch.randn(2, 2, 36, 4, device="meta"), **KW)
     with pytest.raises(ValueError, match=r"policy 'snapkv' needs queries= \(the current map's attention queries\)"):
