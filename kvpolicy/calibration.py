@@ -481,13 +481,44 @@ class AttentionStatsCollector:
 
 
 def _grid(value):
-    return tuple(tuple(None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in row)
-                 for row in value)
+    """Rows of numbers (NaN/None = not observed) as tuples; entries are checked by the result."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return value  # CalibrationResult names the field in its error
+    rows = []
+    for row in value:
+        if isinstance(row, (str, bytes)) or not hasattr(row, "__iter__"):
+            return value
+        rows.append(tuple(None if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in row))
+    return tuple(rows)
 
 
 def _check_fraction(instance, attribute, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise ValueError(f"drafter_fraction must be in [0, 1], got {value!r}")
+
+
+def _check_count(low):
+    def check(instance, attribute, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{attribute.name} must be an int >= {low}, got {value!r}")
+    return check
+
+
+def _check_epsilon(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"epsilon must be a finite number > 0 (it keeps Z finite when a scale's ASI has no "
+                         f"spread), got {value!r}")
+
+
+def _check_choice(choices):
+    def check(instance, attribute, value):
+        if value not in choices:
+            raise ValueError(f"{attribute.name} must be one of {choices}, got {value!r}")
+    return check
+
+
+# Averages of probabilities lie in [0, 1]; float32 softmax sums may overshoot 1 slightly.
+_PROBABILITY_SLACK = 1e-4
 
 
 @attrs.frozen
@@ -509,29 +540,44 @@ class CalibrationResult:
     (the 2B file has 9/160 = 0.056).
     """
 
-    num_layers: int
-    num_scales: int
+    num_layers: int = attrs.field(validator=_check_count(1))
+    num_scales: int = attrs.field(validator=_check_count(1))
     current_ratio: tuple = attrs.field(converter=_grid)  # [layer][scale], None = not observed
     history_topk: tuple = attrs.field(converter=_grid)
     history_share: Optional[tuple] = attrs.field(default=None, converter=attrs.converters.optional(_grid))
-    top_k: int = 16
-    operator: str = attrs.field(default="multiplicative", validator=attrs.validators.in_(OPERATORS))
-    history: str = attrs.field(default="mass", validator=attrs.validators.in_(("mass", "share")))
+    top_k: int = attrs.field(default=16, validator=_check_count(1))
+    operator: str = attrs.field(default="multiplicative", validator=_check_choice(OPERATORS))
+    history: str = attrs.field(default="mass", validator=_check_choice(("mass", "share")))
     drafter_fraction: float = attrs.field(default=0.075, validator=_check_fraction)
-    epsilon: float = 1e-6
-    samples: Optional[tuple] = attrs.field(default=None, converter=attrs.converters.optional(
-        lambda rows: tuple(tuple(int(v) for v in row) for row in rows)))
-    calls: int = 0
+    epsilon: float = attrs.field(default=1e-6, validator=_check_epsilon)
+    samples: Optional[tuple] = attrs.field(default=None, converter=attrs.converters.optional(_grid))
+    calls: int = attrs.field(default=0, validator=_check_count(0))
 
     def __attrs_post_init__(self):
         if self.history == "share" and self.history_share is None:
             raise ValueError("history='share' needs the history_share table (recorded by AttentionStatsCollector)")
+        shape = f"[{self.num_layers} layers][{self.num_scales} scales]"
+
+        def fits(grid):
+            return (isinstance(grid, tuple) and len(grid) == self.num_layers
+                    and all(isinstance(row, tuple) and len(row) == self.num_scales for row in grid))
+
         for name in ("current_ratio", "history_topk", "history_share"):
             grid = getattr(self, name)
             if grid is None:
                 continue
-            if len(grid) != self.num_layers or any(len(row) != self.num_scales for row in grid):
-                raise ValueError(f"{name} must be a [{self.num_layers} layers][{self.num_scales} scales] table")
+            if not fits(grid):
+                raise ValueError(f"{name} must be a {shape} table of numbers in [0, 1] (null = not observed)")
+            for l, row in enumerate(grid):
+                for s, v in enumerate(row):
+                    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                          or not -_PROBABILITY_SLACK <= v <= 1 + _PROBABILITY_SLACK):
+                        raise ValueError(f"{name}[layer {l}][scale {s}] is {v!r}; entries are numbers in [0, 1] or null")
+            # Stored as floats so that a loaded result equals the saved one.
+            object.__setattr__(self, name, tuple(tuple(None if v is None else float(v) for v in row) for row in grid))
+        if self.samples is not None and not (fits(self.samples) and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for row in self.samples for v in row)):
+            raise ValueError(f"samples must be a {shape} table of counts >= 0, got {self.samples!r}"[:300])
 
     def asi(self) -> list[list[Optional[float]]]:
         out = []
@@ -617,6 +663,9 @@ class CalibrationResult:
         unknown = set(data) - fields - {"kind"}
         if unknown:
             raise ValueError(f"unknown calibration fields {sorted(unknown)}")
+        missing = sorted(f.name for f in attrs.fields(cls) if f.default is attrs.NOTHING and f.name not in data)
+        if missing:
+            raise ValueError(f"calibration JSON is missing field(s) {missing}")
         return cls(**{k: v for k, v in data.items() if k != "kind"})
 
     def save(self, path: str | Path) -> None:
@@ -627,4 +676,8 @@ class CalibrationResult:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"calibration file {str(path)!r} does not exist")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"calibration file {str(path)!r} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)

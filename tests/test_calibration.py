@@ -140,3 +140,48 @@ def test_unobserved_scales_cannot_be_ranked():
         CalibrationResult.load("/nonexistent/calib.json")
     with pytest.raises(ValueError, match="num_drafters"):
         _calibrate(calls=1).drafters(SCHEDULE, 40, num_drafters=99)
+
+
+def _corrupt(data, **changes):
+    out = json.loads(json.dumps(data))
+    for key, value in changes.items():
+        if value is _DROP:
+            del out[key]
+        else:
+            out[key] = value
+    return out
+
+
+_DROP = object()
+
+
+def test_malformed_calibration_json_is_rejected_clearly(tmp_path):
+    data = _calibrate(calls=1).to_dict()
+    bad_cell = json.loads(json.dumps(data))
+    bad_cell["current_ratio"][1][2] = "abc"
+    out_of_range = json.loads(json.dumps(data))
+    out_of_range["history_topk"][0][3] = 1.5
+    infinite = json.loads(json.dumps(data))
+    infinite["current_ratio"][0][1] = float("inf")
+    cases = [
+        (_corrupt(data, history_topk=_DROP), r"missing field\(s\) \['history_topk'\]"),
+        (_corrupt(data, num_layers="6"), r"num_layers must be an int >= 1, got '6'"),
+        (_corrupt(data, current_ratio="x"), r"current_ratio must be a \[6 layers\]\[6 scales\] table"),
+        (bad_cell, r"current_ratio\[layer 1\]\[scale 2\] is 'abc'; entries are numbers in \[0, 1\] or null"),
+        (out_of_range, r"history_topk\[layer 0\]\[scale 3\] is 1.5; entries are numbers in \[0, 1\] or null"),
+        (infinite, r"current_ratio\[layer 0\]\[scale 1\] is inf"),
+        (_corrupt(data, top_k=-1), r"top_k must be an int >= 1, got -1"),
+        (_corrupt(data, epsilon=-1), r"epsilon must be a finite number > 0 .*, got -1"),
+        (_corrupt(data, samples=[[1]]), r"samples must be a \[6 layers\]\[6 scales\] table of counts >= 0"),
+        (_corrupt(data, calls="x"), r"calls must be an int >= 0, got 'x'"),
+        (_corrupt(data, operator="mult"), r"operator must be one of \('multiplicative', 'additive'\), got 'mult'"),
+    ]
+    for broken, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            CalibrationResult.from_dict(broken)
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"calibration file '.*broken.json' is not valid JSON"):
+        CalibrationResult.load(path)
+    with pytest.raises(ValueError, match=r"calibration file '.*broken.json' is not valid JSON"):
+        get_policy("scalekv", calibration=path)
