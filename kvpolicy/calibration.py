@@ -309,6 +309,11 @@ class BudgetFile:
             raise ValueError(f"{where} does not match this schedule and budget: compression starts after {first}, "
                              f"so rows {['Scale %d' % n for n in needed]} are needed; "
                              f"missing {['Scale %d' % n for n in missing]}, unused {['Scale %d' % n for n in unused]}")
+        for n in needed:  # the layer mean may never exceed the budget (it can stay below it)
+            mean = sum(self.capacities(n)) / num_layers
+            if mean > budget_tokens:
+                raise ValueError(f"{where}: row 'Scale {n}' averages {mean:.2f} tokens per layer, above the "
+                                 f"budget {budget_tokens}; pass the budget the file was made for")
         capacities = [[None] * num_layers for _ in range(S)]
         roles = [[None] * num_layers for _ in range(S)]
         for s, n in used.items():

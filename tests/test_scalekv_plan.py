@@ -127,6 +127,15 @@ def test_budget_file_validation(budget_dir, tmp_path):
         get_policy("scalekv", budget_file=tmp_path / "absent.json")
     with pytest.raises(ValueError, match="do not apply to budget_file"):
         get_policy("scalekv", budget_file=_file(budget_dir, "2b"), allocation="paper")
+    # With an explicit budget a file without a common mean loads, but no row may average above it.
+    over = json.loads(json.dumps(data))
+    over["Scale 11"]["Min"] += 1  # layer mean 650 + 30/32
+    with pytest.raises(ValueError, match=r"row 'Scale 11' averages 650.94 tokens per layer, above the budget 650"):
+        get_policy("scalekv", budget_file=_write(tmp_path, over), budget=650).plan(INF, 32)
+    under = json.loads(json.dumps(data))
+    under["Scale 11"]["Min"] -= 1
+    plan = get_policy("scalekv", budget_file=_write(tmp_path, under), budget=650).plan(INF, 32)
+    assert sum(plan.capacities[9]) == 650 * 32 - 30
 
 
 def test_policy_needs_one_role_source(budget_dir):
