@@ -31,6 +31,7 @@ import torch
 
 from .plan import CapacityPlan
 from .schedule import ScaleSchedule
+from .validators import check_choice, check_int_at_least
 
 DRAFTER = "drafter"
 REFINER = "refiner"
@@ -206,6 +207,17 @@ def check_drafters(schedule: ScaleSchedule, num_layers: int, budget_tokens: int,
     return out
 
 
+def read_json(path: str | Path, what: str):
+    """A JSON file's content; a missing file or invalid JSON fails naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {exc}") from None
+
+
 # -- the released budget-file format -----------------------------------------------------------
 
 _ROW = re.compile(r"^Scale (\d+)$")
@@ -224,14 +236,7 @@ class BudgetFile:
 
     @classmethod
     def load(cls, path: str | Path) -> "BudgetFile":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ScaleKV budget file {str(path)!r} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"ScaleKV budget file {str(path)!r} is not valid JSON: {exc}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, "ScaleKV budget file"), source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "") -> "BudgetFile":
@@ -502,24 +507,10 @@ def _check_fraction(instance, attribute, value):
         raise ValueError(f"drafter_fraction must be in [0, 1], got {value!r}")
 
 
-def _check_count(low):
-    def check(instance, attribute, value):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{attribute.name} must be an int >= {low}, got {value!r}")
-    return check
-
-
 def _check_epsilon(instance, attribute, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"epsilon must be a finite number > 0 (it keeps Z finite when a scale's ASI has no "
                          f"spread), got {value!r}")
-
-
-def _check_choice(choices):
-    def check(instance, attribute, value):
-        if value not in choices:
-            raise ValueError(f"{attribute.name} must be one of {choices}, got {value!r}")
-    return check
 
 
 # Averages of probabilities lie in [0, 1]; float32 softmax sums may overshoot 1 slightly.
@@ -545,18 +536,18 @@ class CalibrationResult:
     (the 2B file has 9/160 = 0.056).
     """
 
-    num_layers: int = attrs.field(validator=_check_count(1))
-    num_scales: int = attrs.field(validator=_check_count(1))
+    num_layers: int = attrs.field(validator=check_int_at_least(1))
+    num_scales: int = attrs.field(validator=check_int_at_least(1))
     current_ratio: tuple = attrs.field(converter=_grid)  # [layer][scale], None = not observed
     history_topk: tuple = attrs.field(converter=_grid)
     history_share: Optional[tuple] = attrs.field(default=None, converter=attrs.converters.optional(_grid))
-    top_k: int = attrs.field(default=16, validator=_check_count(1))
-    operator: str = attrs.field(default="multiplicative", validator=_check_choice(OPERATORS))
-    history: str = attrs.field(default="mass", validator=_check_choice(("mass", "share")))
+    top_k: int = attrs.field(default=16, validator=check_int_at_least(1))
+    operator: str = attrs.field(default="multiplicative", validator=check_choice(OPERATORS))
+    history: str = attrs.field(default="mass", validator=check_choice(("mass", "share")))
     drafter_fraction: float = attrs.field(default=0.075, validator=_check_fraction)
     epsilon: float = attrs.field(default=1e-6, validator=_check_epsilon)
     samples: Optional[tuple] = attrs.field(default=None, converter=attrs.converters.optional(_grid))
-    calls: int = attrs.field(default=0, validator=_check_count(0))
+    calls: int = attrs.field(default=0, validator=check_int_at_least(0))
 
     def __attrs_post_init__(self):
         if self.history == "share" and self.history_share is None:
@@ -678,11 +669,4 @@ class CalibrationResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationResult":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration file {str(path)!r} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"calibration file {str(path)!r} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "calibration file"))

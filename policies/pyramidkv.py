@@ -22,8 +22,7 @@ from __future__ import annotations
 import attrs
 
 from kvpolicy import CapacityPlan, register_policy
-
-from .snapkv import SnapKV, _check_positive_int
+from kvpolicy.windowed import RecentWindowPolicy, check_positive_int
 
 
 def pyramid_capacities(budget: int, window: int, length: int, num_layers: int, beta: int) -> list[int]:
@@ -52,10 +51,10 @@ def pyramid_capacities(budget: int, window: int, length: int, num_layers: int, b
 
 @register_policy("pyramidkv")
 @attrs.define(kw_only=True)
-class PyramidKV(SnapKV):
+class PyramidKV(RecentWindowPolicy):
     """SnapKV scoring with a linear per-layer pyramid of capacities (lower layers keep more)."""
 
-    beta: int = attrs.field(default=20, validator=_check_positive_int)
+    beta: int = attrs.field(default=20, validator=check_positive_int)
 
     def make_plan(self, schedule, num_layers, budget_tokens):
         if budget_tokens is None:
@@ -67,5 +66,4 @@ class PyramidKV(SnapKV):
                 for length in schedule.cumulative]
         plan = CapacityPlan(capacities=rows, budget_tokens=budget_tokens, policy=self.name,
                             cumulative=schedule.cumulative)
-        self.check_plan(plan, schedule)
-        return plan
+        return self.check_plan(plan, schedule)

@@ -51,21 +51,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import attrs
-import torch
 
-from kvpolicy import CapacityPlan, Policy, Selection, register_policy, scoring
+from kvpolicy import register_policy
 from kvpolicy.calibration import ALLOCATIONS, BudgetFile, allocate, default_refiner_floor
-
-MODES = ("attention", "reference")
-_POOLING = {"max": "max", "maxpool": "max", "avg": "avg", "avgpool": "avg", "mean": "avg"}
-
-
-def _pooling(value):
-    if value is None:
-        return None
-    if value not in _POOLING:
-        raise ValueError(f"pooling must be 'max' or 'avg' (or 'maxpool'/'avgpool'), got {value!r}")
-    return _POOLING[value]
+from kvpolicy.windowed import PatchWindowPolicy, check_choice, check_positive_int
 
 
 def _path(value):
@@ -106,73 +95,25 @@ def _calibration(value):
     raise TypeError(f"calibration must be a CalibrationResult, its dict or a JSON path, got {type(value).__name__}")
 
 
-def _positive(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
-
-
 def _optional_positive(instance, attribute, value):
     if value is not None:
-        _positive(instance, attribute, value)
-
-
-@attrs.define(kw_only=True)
-class WindowSelection:
-    """ScaleKV's token selection settings (``scoring.observation_window_select``): see the module docstring."""
-
-    mode: str = attrs.field(default="attention", validator=attrs.validators.in_(MODES))
-    window_size: int = attrs.field(default=16, validator=_positive)
-    kernel_size: int = attrs.field(default=5, validator=_positive)
-    pooling: Optional[str] = attrs.field(default=None, converter=_pooling)
-
-    def __attrs_post_init__(self):
-        scoring.observation_window_positions(1, 1, self.window_size)  # perfect-square check
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (same-length pooling), got {self.kernel_size}")
-
-    @property
-    def effective_pooling(self) -> str:
-        return self.pooling or ("max" if self.mode == "reference" else "avg")
-
-    @property
-    def needs_queries(self) -> bool:
-        return self.mode == "attention"
-
-    @property
-    def needs_raw_queries(self) -> bool:
-        return self.mode == "reference"
-
-    def indices(self, keys: torch.Tensor, ctx) -> torch.Tensor:
-        return scoring.observation_window_select(keys, ctx, raw=self.mode == "reference", window_size=self.window_size,
-                                                 kernel_size=self.kernel_size, pooling=self.effective_pooling)
-
-    def check_plan(self, plan: CapacityPlan, policy: str) -> CapacityPlan:
-        low = min((c for row in plan.capacities for c in row if c is not None), default=None)
-        if low is not None and low < self.window_size:
-            raise ValueError(f"{policy}: a layer capacity of {low} tokens is below window_size={self.window_size}; "
-                             "the observation window alone would overflow it (raise the budget or lower window_size)")
-        return plan
+        check_positive_int(instance, attribute, value)
 
 
 @register_policy("scalekv")
 @attrs.define(kw_only=True)
-class ScaleKV(Policy):
+class ScaleKV(PatchWindowPolicy):
     """ScaleKV: drafter/refiner budgets per scale and observation-window token selection."""
 
-    mode: str = attrs.field(default="attention", validator=attrs.validators.in_(MODES))
     budget_file: Optional[str] = attrs.field(default=None, converter=_path)
     calibration: Any = attrs.field(default=None, converter=_calibration)
     drafters: Any = attrs.field(default=None, converter=_drafters)
-    allocation: str = attrs.field(default="released", validator=attrs.validators.in_(ALLOCATIONS))
+    allocation: str = attrs.field(default="released", validator=check_choice(ALLOCATIONS))
     refiner_floor: Optional[int] = attrs.field(default=None, validator=_optional_positive)
     refiner_initial: Optional[int] = attrs.field(default=None, validator=_optional_positive)
     refiner_decay: Optional[int] = attrs.field(default=None)
     num_drafters: Optional[int] = attrs.field(default=None)
-    window_size: int = attrs.field(default=16, validator=_positive)
-    kernel_size: int = attrs.field(default=5, validator=_positive)
-    pooling: Optional[str] = attrs.field(default=None, converter=_pooling)
     _file: Optional[BudgetFile] = attrs.field(default=None, init=False, repr=False, eq=False)
-    _selection: WindowSelection = attrs.field(default=None, init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self):
         sources = [n for n in ("budget_file", "calibration", "drafters") if getattr(self, n) is not None]
@@ -196,16 +137,6 @@ class ScaleKV(Policy):
                 raise ValueError("num_drafters applies to calibration= only (the other sources name their drafters)")
             if isinstance(self.num_drafters, bool) or not isinstance(self.num_drafters, int) or self.num_drafters < 0:
                 raise ValueError(f"num_drafters must be an int >= 0, got {self.num_drafters!r}")
-        self._selection = WindowSelection(mode=self.mode, window_size=self.window_size,
-                                          kernel_size=self.kernel_size, pooling=self.pooling)
-
-    @property
-    def needs_queries(self) -> bool:
-        return self._selection.needs_queries
-
-    @property
-    def needs_raw_queries(self) -> bool:
-        return self._selection.needs_raw_queries
 
     def budget_tokens(self, schedule, budget=None):
         if self._file is not None:
@@ -238,12 +169,7 @@ class ScaleKV(Policy):
             plan = allocate(schedule, num_layers, budget_tokens, drafters, allocation=self.allocation,
                             refiner_floor=floor, refiner_initial=self.refiner_initial,
                             refiner_decay=self.refiner_decay, policy=self.name)
-        return self._selection.check_plan(plan, self.name)
-
-    def select(self, keys, values, ctx):
-        if ctx.capacity is None or ctx.length <= ctx.capacity:
-            return Selection(None, ctx.state)
-        return Selection(self._selection.indices(keys, ctx), ctx.state)
+        return self.check_plan(plan, schedule)
 
     def budget_file_export(self, schedule, num_layers, budget=None) -> BudgetFile:
         """This policy's plan in the released budget-file format."""

@@ -123,3 +123,29 @@ def test_builtins_are_found_through_entry_points():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["policies.snapkv", "True"]
     assert kvpolicy.ENTRY_POINT_GROUP == "kvpolicy.policies"
+
+
+def _imported_modules(path):
+    import ast
+
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            yield "." * node.level + (node.module or "")
+
+
+def test_layering_rule():
+    """kvpolicy imports nothing above it; a policy imports only kvpolicy (never another policy)."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for path in sorted((root / "kvpolicy").glob("*.py")):
+        for module in _imported_modules(path):
+            assert module.split(".")[0] not in ("policies", "adapters", "benchmarks"), f"{path.name} imports {module}"
+    for path in sorted((root / "policies").glob("*.py")):
+        for module in _imported_modules(path):
+            top = module.split(".")[0]
+            assert not module.startswith(".") and top not in ("policies", "adapters", "benchmarks"), \
+                f"policies/{path.name} imports {module}"
