@@ -14,6 +14,7 @@ import attrs
 import torch
 
 from kvpolicy import Policy, Selection, register_policy
+from kvpolicy.validators import check_int_at_least
 
 
 @register_policy("streamingllm")
@@ -21,7 +22,7 @@ from kvpolicy import Policy, Selection, register_policy
 class StreamingLLM(Policy):
     """Attention sinks (first tokens) plus the most recent tokens."""
 
-    num_sinks: int = attrs.field(default=4, validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)])
+    num_sinks: int = attrs.field(default=4, validator=check_int_at_least(0))
 
     def select(self, keys, values, ctx):
         if ctx.capacity is None or ctx.length <= ctx.capacity:

@@ -142,7 +142,9 @@ def test_plan_invariants_on_real_geometries(name, tokens, num_layers, schedule):
     ("snapkv", {"pooling": "median"}, r"pooling must be 'max' or 'avg', got 'median'"),
     ("pyramidkv", {"beta": 0}, r"beta must be an int >= 1, got 0"),
     ("pyramidkv", {"pooling": "maxpool"}, r"pooling must be 'max' or 'avg'"),
-    ("streamingllm", {"num_sinks": -1}, r"num_sinks"),
+    ("streamingllm", {"num_sinks": -1}, r"streamingllm num_sinks must be an int >= 0, got -1"),
+    ("streamingllm", {"num_sinks": True}, r"num_sinks must be an int >= 0, got True"),
+    ("streamingllm", {"num_sinks": 2.0}, r"num_sinks must be an int >= 0, got 2.0"),
 ])
 def test_bad_options_raise(name, options, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):
