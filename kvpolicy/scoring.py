@@ -70,6 +70,16 @@ def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str = "max") ->
     return out.reshape(shape)
 
 
+def _check_forced(scores: torch.Tensor, forced: torch.Tensor, capacity: int):
+    """Number of forced positions, or None when the capacity holds every position (keep all)."""
+    if capacity >= scores.shape[-1]:
+        return None
+    n_forced = int(forced.numel())
+    if n_forced > capacity:
+        raise ValueError(f"{n_forced} positions are forced to stay but the capacity is {capacity}")
+    return n_forced
+
+
 def topk_with_forced(scores: torch.Tensor, forced: torch.Tensor, capacity: int) -> torch.Tensor:
     """Keep ``forced`` positions plus the top (capacity - len(forced)) others, per row and head.
 
@@ -79,13 +89,12 @@ def topk_with_forced(scores: torch.Tensor, forced: torch.Tensor, capacity: int) 
     forced position can never be picked twice.
     """
     batch, heads, length = scores.shape
-    n_forced = int(forced.numel())
-    if capacity >= length:
+    n_forced = _check_forced(scores, forced, capacity)
+    if n_forced is None:
         return torch.arange(length, device=scores.device).expand(batch, heads, length).clone()
-    if n_forced > capacity:
-        raise ValueError(f"{n_forced} positions are forced to stay but the capacity is {capacity}")
-    masked = scores.float().clone()
+    masked = scores.float()
     lowest = torch.finfo(masked.dtype).min
+    # torch.where returns a new tensor, so the caller's scores are never modified below.
     masked = torch.where(torch.isneginf(masked) | torch.isnan(masked), torch.full_like(masked, lowest), masked)
     if n_forced:
         masked[..., forced] = float("-inf")
@@ -207,11 +216,9 @@ def topk_plus_forced_exact(scores: torch.Tensor, forced: torch.Tensor, capacity:
     position twice), it falls back to ``topk_with_forced``.
     """
     batch, heads, length = scores.shape
-    n_forced = int(forced.numel())
-    if capacity >= length:
+    n_forced = _check_forced(scores, forced, capacity)
+    if n_forced is None:
         return torch.arange(length, device=scores.device).expand(batch, heads, length).clone()
-    if n_forced > capacity:
-        raise ValueError(f"{n_forced} positions are forced to stay but the capacity is {capacity}")
     keep = min(capacity - n_forced, length - n_forced)
     # Unsorted: torch.topk picks its set before ordering it (ties included), and we sort indices anyway.
     top = scores.topk(keep, dim=-1, sorted=False)
