@@ -32,6 +32,12 @@ OPTION_STRATEGIES = {
     "pyramidkv": st.fixed_dictionaries({"window_size": st.integers(1, 6), "kernel_size": st.sampled_from([1, 3, 5]),
                                         "pooling": st.sampled_from(["max", "avg"]), "beta": st.integers(1, 25)}),
     "streamingllm": st.fixed_dictionaries({"num_sinks": st.integers(0, 8)}),
+    # Both selection modes (issue 3) and, for scalekv, both allocations.
+    "scalekv": st.fixed_dictionaries({"mode": st.sampled_from(["attention", "reference"]),
+                                      "allocation": st.sampled_from(["released", "paper"]),
+                                      "pooling": st.sampled_from([None, "max", "avg"])}),
+    "uniform": st.fixed_dictionaries({"mode": st.sampled_from(["attention", "reference"]),
+                                      "pooling": st.sampled_from([None, "max", "avg"])}),
 }
 
 
