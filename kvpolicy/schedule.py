@@ -19,6 +19,8 @@ def _to_shapes(value: Sequence[Sequence[int]] | Sequence[int]) -> tuple[tuple[in
         if isinstance(item, int) and not isinstance(item, bool):
             shapes.append((item, item))  # VAR-style patch_nums: square maps
             continue
+        if isinstance(item, (str, bytes)) or not hasattr(item, "__iter__"):
+            raise ValueError(f"schedule entry {item!r} must be (h, w), (1, h, w) or a side length (int)")
         pair = tuple(item)
         if len(pair) == 3:  # Infinity's (t, h, w) triples; t is always 1 at inference
             if pair[0] != 1:
@@ -34,7 +36,7 @@ def _check_shapes(instance, attribute, value):
     if not value:
         raise ValueError("a ScaleSchedule needs at least one scale")
     for h, w in value:
-        if not (isinstance(h, int) and isinstance(w, int)) or isinstance(h, bool) or h < 1 or w < 1:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (h, w)) or h < 1 or w < 1:
             raise ValueError(f"scale shape ({h!r}, {w!r}) must be two positive integers")
 
 

@@ -72,6 +72,9 @@ def test_scale_out_of_range(method, scale):
     ([(2, 1, 1)], "only t=1"),
     ([(1, 2, 3, 4)], r"must be \(h, w\), \(1, h, w\) or a side length"),
     ([0], "positive integers"),
+    ([(2, True)], r"\(2, True\) must be two positive integers"),
+    ([True, 2], r"schedule entry True must be \(h, w\), \(1, h, w\) or a side length"),
+    ([2.5], r"schedule entry 2.5 must be \(h, w\), \(1, h, w\) or a side length"),
 ])
 def test_bad_schedules(shapes, pattern):
     with pytest.raises(ValueError, match=pattern):
