@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Optional, Sequence
 
 import attrs
 
 
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _freeze_grid(rows) -> tuple[tuple[Optional[int], ...], ...]:
+    # Plans come from JSON too: a non-integer capacity is an error, never truncated.
+    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__") or any(
+            isinstance(row, (str, bytes)) or not hasattr(row, "__iter__") for row in rows):
+        raise ValueError(f"capacities must be a [scale][layer] table of token counts or None, got {rows!r}"[:200])
+    for s, row in enumerate(rows):
+        for l, cap in enumerate(row):
+            if cap is not None and not _whole(cap):
+                raise ValueError(f"capacity at scale {s}, layer {l} is {cap!r}; capacities are whole numbers >= 1 or None")
     return tuple(tuple(None if c is None else int(c) for c in row) for row in rows)
+
+
+def _freeze_cumulative(values):
+    values = tuple(values)
+    if not all(_whole(v) for v in values):
+        raise ValueError(f"cumulative must list whole token counts, got {list(values)!r}"[:200])
+    return tuple(int(v) for v in values)
+
+
+def _check_budget_tokens(instance, attribute, value):
+    if value is not None and (not _whole(value) or value < 1):
+        raise ValueError(f"budget_tokens must be a whole number >= 1 or None, got {value!r}")
 
 
 def _freeze_roles(rows):
@@ -29,11 +54,10 @@ class CapacityPlan:
     """
 
     capacities: tuple[tuple[Optional[int], ...], ...] = attrs.field(converter=_freeze_grid)
-    budget_tokens: Optional[int] = None
+    budget_tokens: Optional[int] = attrs.field(default=None, validator=_check_budget_tokens)
     policy: str = ""
     roles: Optional[tuple[tuple[Optional[str], ...], ...]] = attrs.field(default=None, converter=_freeze_roles)
-    cumulative: Optional[tuple[int, ...]] = attrs.field(
-        default=None, converter=attrs.converters.optional(lambda v: tuple(int(x) for x in v)))
+    cumulative: Optional[tuple[int, ...]] = attrs.field(default=None, converter=attrs.converters.optional(_freeze_cumulative))
 
     def __attrs_post_init__(self):
         if not self.capacities:

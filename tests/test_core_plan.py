@@ -66,6 +66,12 @@ def test_json_round_trip(tmp_path):
     (dict(capacities=[[1, -5]]), "layer 1 is -5"),
     (dict(capacities=[[1, 2]], roles=[["a"]]), "roles must have the same"),
     (dict(capacities=[[1], [2]], cumulative=[1]), "one length per scale"),
+    (dict(capacities=[[2.7, 3]]), r"capacity at scale 0, layer 0 is 2.7; capacities are whole numbers >= 1 or None"),
+    (dict(capacities=[["abc"]]), r"capacity at scale 0, layer 0 is 'abc'"),
+    (dict(capacities=[[True]]), r"capacity at scale 0, layer 0 is True"),
+    (dict(capacities="x"), r"capacities must be a \[scale\]\[layer\] table"),
+    (dict(capacities=[[3]], budget_tokens="x"), r"budget_tokens must be a whole number >= 1 or None, got 'x'"),
+    (dict(capacities=[[3]], cumulative=[1.5]), r"cumulative must list whole token counts, got \[1.5\]"),
 ])
 def test_bad_plans(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
