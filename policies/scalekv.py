@@ -58,7 +58,8 @@ from kvpolicy.windowed import PatchWindowPolicy, check_choice, check_positive_in
 
 
 def _path(value):
-    return None if value is None else str(value)
+    # Absolute, so that a saved config reloads from any working directory.
+    return None if value is None else str(Path(value).expanduser().absolute())
 
 
 def _drafters(value):

@@ -218,3 +218,13 @@ def test_export_refuses_plans_without_one_capacity_per_role():
     nothing = allocate(INF, 4, 20000, {})
     with pytest.raises(ValueError, match="compresses nothing"):
         plan_to_budget_file(nothing, INF)
+
+
+def test_config_of_a_relative_budget_file_reloads_from_another_directory(budget_dir, tmp_path, monkeypatch):
+    """A config records where the file is, not where the process happened to run."""
+    monkeypatch.chdir(budget_dir)
+    policy = get_policy("scalekv", budget_file="infinity-2b-10pct.json")
+    config = json.loads(json.dumps(policy.to_config()))
+    monkeypatch.chdir(tmp_path)
+    again = type(policy).from_config(config)
+    assert again == policy and again.plan(INF, 32) == policy.plan(INF, 32)
