@@ -12,6 +12,11 @@ compressed scale. The roles come from exactly one of
   (layer, scale) pairs by the Attention Selectivity Index, with ``allocation=`` "released" or "paper";
 - ``drafters=``: ``{decision scale: [layers]}`` or one ``[layers]`` list for every decision scale.
 
+There is no default source: ``get_policy("scalekv", budget="10%")`` alone raises and names the
+three (roles are model-specific; guessing layers would silently give another policy). The
+``kvpolicy generate``/``compare`` commands calibrate on the model first when none is given.
+A relative ``budget_file`` is stored as an absolute path (configs reload from anywhere).
+
 Decision scale d is the scale whose attention defines the roles; it sets the capacities after plan
 scale d − 1 (conventions in ``kvpolicy.calibration``). With ``calibration``/``drafters`` the budget
 is split by ``allocation="released"`` (default; ``refiner_floor`` defaults to max(window_size,
