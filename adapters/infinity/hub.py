@@ -31,6 +31,9 @@ def files_needed(preset: InfinityPreset) -> str:
                  + ") and pass local paths: load_model(" + repr(preset.name)
                  + ", weights='DIR/" + (preset.weights_file or "...") + "', vae_weights='DIR/"
                  + (preset.vae_file or "...") + "', text_encoder='T5DIR')")
+    lines.append("On the command line: kvpolicy generate --model " + preset.name + " --weights DIR/"
+                 + (preset.weights_file or "...") + " --vae-weights DIR/" + (preset.vae_file or "...")
+                 + (" --text-encoder T5DIR" if preset.text_encoder else "") + " (also for compare and calibrate)")
     return "\n".join(lines)
 
 
@@ -39,10 +42,10 @@ class MissingFilesError(FileNotFoundError):
 
 
 def _download(filename: str, preset: InfinityPreset) -> Path:
-    from huggingface_hub import hf_hub_download
+    from adapters.hub import hub_download
 
     try:
-        return Path(hf_hub_download(repo_id=HUB_REPO, filename=filename))
+        return Path(hub_download(HUB_REPO, filename))
     except Exception as error:  # offline, missing file, network or auth failure: all need the same advice
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         raise MissingFilesError(f"could not get {HUB_REPO}/{filename} from the Hugging Face hub ({reason}).\n"
@@ -86,3 +89,17 @@ def resolve_vae(spec: Optional[str | os.PathLike], preset: InfinityPreset) -> Pa
     if not preset.vae_file:
         raise MissingFilesError(f"{preset.name} has no released VAE file; pass vae_weights=PATH or 'random'")
     return _download(preset.vae_file, preset)
+
+
+def check_text_encoder(spec, preset: InfinityPreset) -> None:
+    """Fail before any weights are read when the T5 encoder is a hub name that is neither cached nor
+    reachable (a local folder, 'random' or an encoder object need nothing)."""
+    from adapters.hub import HubUnreachableError, check_repo_available
+
+    name = spec if spec is not None else preset.text_encoder
+    if not isinstance(name, (str, os.PathLike)) or name == "random" or Path(name).expanduser().is_dir():
+        return
+    try:
+        check_repo_available(os.fspath(name))
+    except HubUnreachableError as error:
+        raise MissingFilesError(f"{error}.\n" + files_needed(preset)) from error

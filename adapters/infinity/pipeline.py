@@ -24,7 +24,7 @@ from kvpolicy import KVCache, ScaleSchedule
 from .bsq_vae import BSQVAEDecoder, images_to_uint8, load_bsq_vae
 from .config import PRESETS, InfinityPreset
 from .generate import LoopResult, run_generation
-from .hub import resolve_vae, resolve_weights
+from .hub import check_text_encoder, resolve_vae, resolve_weights
 from .model import InfinityTransformer
 from .text import TextEncoder, load_text_encoder, random_text_encoder
 from .weights import load_transformer_weights, random_init
@@ -196,6 +196,8 @@ def load_infinity(name: str, *, weights: Optional[str | os.PathLike] = None, vae
     # Resolve every file before reading any, so an offline error comes before minutes of loading.
     weights_path = None if random_weights else resolve_weights(weights, preset)
     vae_path = None if random_vae else resolve_vae(vae_weights, preset)
+    if not (text_encoder is None and preset.text_encoder is None):
+        check_text_encoder(text_encoder, preset)
 
     c = preset.model
     with torch.device(device):

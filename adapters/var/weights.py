@@ -39,10 +39,10 @@ class WeightsUnavailableError(FileNotFoundError):
     """The checkpoint files are neither local nor downloadable."""
 
 
-def hf_hub_download(*args, **kwargs):  # indirection so tests can substitute the hub
-    import huggingface_hub
+def hf_hub_download(repo_id: str, filename: str):  # indirection so tests can substitute the hub
+    from adapters.hub import hub_download
 
-    return huggingface_hub.hf_hub_download(*args, **kwargs)
+    return hub_download(repo_id, filename)
 
 
 def _offline_message(model: str, files: list[str], reason: str) -> str:
@@ -50,7 +50,8 @@ def _offline_message(model: str, files: list[str], reason: str) -> str:
     return (f"cannot get the {model} weights ({', '.join(files)}) from the Hugging Face hub repo "
             f"{HUB_REPO!r} ({reason.rstrip('. ')}). Download them once (e.g. `huggingface-cli download {HUB_REPO} "
             f"{' '.join(files)}`) or pass local paths: load_model({model!r}, "
-            f"weights='/path/{weights_file}', vae_weights='/path/{VAE_FILE}'); "
+            f"weights='/path/{weights_file}', vae_weights='/path/{VAE_FILE}') or, on the command line, "
+            f"`kvpolicy generate --model {model} --weights /path/{weights_file} --vae-weights /path/{VAE_FILE}`; "
             f"weights='random', vae_weights='random' build random weights of the same shapes.")
 
 
