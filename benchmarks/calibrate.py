@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .compare import model_family, prepare_output
+from .model_args import check_device, default_dtype, weights_kwargs
 from .plan import parse_resolution, resolve_geometry
 from .policy_spec import check_budget, parse_dtype
 from .prompts import CALIBRATION_PROMPTS, parse_labels, read_prompts
@@ -67,6 +68,8 @@ def calibrate_command(args) -> int:
     conditions = calibration_conditions(args.model, args.prompts, args.labels)
     resolution = parse_resolution(args.resolution)
     geometry = resolve_geometry(args.model, resolution, args.aspect_ratio)
+    device = check_device(args.device)
+    weights = weights_kwargs(args, args.model)
     budget_tokens = None
     if args.budget is not None:
         budget_tokens = check_budget(args.budget, geometry.schedule, args.model).tokens(geometry.schedule)
@@ -83,11 +86,10 @@ def calibrate_command(args) -> int:
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out {args.out!r} must name a .json file")
     prepare_output(out.parent if str(out.parent) else Path("."))
-    device = args.device
-    dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
+    dtype = default_dtype(device, args.dtype)
     from adapters import load_model
 
-    model = load_model(args.model, device=device, dtype=parse_dtype(dtype))
+    model = load_model(args.model, device=device, dtype=parse_dtype(dtype), **weights)
     started = time.perf_counter()
     collector, geometry = run_calibration(model, args.model, conditions, seed=args.seed, top_k=args.top_k,
                                           resolution=resolution, aspect_ratio=args.aspect_ratio)

@@ -32,6 +32,9 @@ def _add_option_arg(p):
 
 
 def _add_run_args(p):
+    from .model_args import add_weights_args
+
+    add_weights_args(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (default cpu)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="compute dtype (default: fp32 on CPU, bf16 on CUDA)")

@@ -26,6 +26,7 @@ import torch
 
 import kvpolicy
 from . import reports
+from .model_args import check_device, default_dtype, weights_kwargs
 from .metrics import LearnedMetrics, psnr, ssim, token_agreement
 from .plan import parse_resolution, resolve_geometry
 from .policy_spec import (build_policy, check_budget, check_policy_name, parse_dtype, parse_policy_options,
@@ -62,11 +63,15 @@ class CompareSettings:
     options: dict = attrs.field(factory=dict)  # {policy: {option: value}}
     threads: Optional[int] = None  # torch intra-op threads (None: leave torch's setting)
     command: Optional[str] = None  # the command line, for the record
+    weights: dict = attrs.field(factory=dict)  # load_model's weights / vae_weights / text_encoder, when given
 
     def fingerprint(self) -> dict:
         """Settings that change the images: a resumed run must match them."""
-        return {"model": self.model, "device": self.device, "dtype": self.dtype, "batch_size": self.batch_size,
-                "resolution": self.resolution, "aspect_ratio": self.aspect_ratio, "threads": self.threads}
+        fingerprint = {"model": self.model, "device": self.device, "dtype": self.dtype, "batch_size": self.batch_size,
+                       "resolution": self.resolution, "aspect_ratio": self.aspect_ratio, "threads": self.threads}
+        if self.weights:  # absent when not given, so runs recorded before the option existed still resume
+            fingerprint["weights"] = {k: str(v) for k, v in sorted(self.weights.items())}
+        return fingerprint
 
 
 # -- argument checking ------------------------------------------------------------------------------
@@ -108,16 +113,13 @@ def settings_from_args(args) -> CompareSettings:
         seeds = [int(s) for s in split_list(args.seeds, "--seeds")]
     except ValueError:
         raise ValueError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
-    device = str(args.device)
+    device = check_device(str(args.device))
+    weights = weights_kwargs(args, args.model)
     warmup = args.warmup if args.warmup is not None else (1 if device.startswith("cuda") else 0)
     for name, value, low in (("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 1), ("--warmup", warmup, 0)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
-        raise ValueError(f"--device {device!r} is not understood: use cpu, cuda or cuda:N")
-    dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
+    dtype = default_dtype(device, args.dtype)
     parse_dtype(dtype)
     if args.budget_file and "scalekv" not in policies:
         raise ValueError("--budget-file configures scalekv, which is not among --policies")
@@ -129,7 +131,7 @@ def settings_from_args(args) -> CompareSettings:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     if threads is None and device == "cpu":
         threads = 1
-    return CompareSettings(threads=threads, options=options, model=args.model, policies=policies, budgets=budgets, conditions=conditions,
+    return CompareSettings(weights=weights, threads=threads, options=options, model=args.model, policies=policies, budgets=budgets, conditions=conditions,
                            condition_kind=kind, seeds=seeds, out=Path(args.out), device=device, dtype=dtype,
                            batch_size=args.batch_size, repeats=args.repeats, warmup=warmup,
                            resolution=parse_resolution(args.resolution), aspect_ratio=args.aspect_ratio,
@@ -267,7 +269,8 @@ class Comparison:
             from adapters import load_model
 
             self.log(f"loading {self.s.model} on {self.s.device} ({self.s.dtype})")
-            self.model = load_model(self.s.model, device=self.s.device, dtype=parse_dtype(self.s.dtype))
+            self.model = load_model(self.s.model, device=self.s.device, dtype=parse_dtype(self.s.dtype),
+                                    **self.s.weights)
         return self.model
 
     def _generate(self, conditions: Sequence, config: Config, seed: int):
@@ -434,7 +437,8 @@ class Comparison:
                 "settings": {"device": self.s.device, "dtype": self.s.dtype, "batch_size": self.s.batch_size,
                              "threads": self.s.threads,
                              "repeats": self.s.repeats, "warmup": self.s.warmup, "resolution": self.s.resolution,
-                             "aspect_ratio": self.s.aspect_ratio},
+                             "aspect_ratio": self.s.aspect_ratio,
+                             **({"weights": {k: str(v) for k, v in self.s.weights.items()}} if self.s.weights else {})},
                 "generation_config": _jsonable(out.config), "versions": versions,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from .compare import model_family, save_png
+from .model_args import check_device, default_dtype, weights_kwargs
 from .plan import parse_resolution, resolve_geometry
 from .policy_spec import build_policy, check_budget, parse_dtype, parse_policy_options
 
@@ -48,6 +49,8 @@ def generate_command(args) -> int:
         raise ValueError("--budget needs --policy (e.g. --policy scalekv --budget 10%)")
     resolution = parse_resolution(args.resolution)
     geometry = resolve_geometry(args.model, resolution, args.aspect_ratio)
+    device = check_device(args.device)
+    weights = weights_kwargs(args, args.model)
     budget = None if args.budget is None else check_budget(args.budget, geometry.schedule, args.model)
     paths = output_paths(args.out, len(conditions))
     for p in paths:
@@ -65,11 +68,10 @@ def generate_command(args) -> int:
         policy.plan(geometry.schedule, geometry.num_layers)  # a bad budget fails before the model loads
     elif args.budget_file or args.calibration:
         raise ValueError("--budget-file/--calibration need --policy scalekv")
-    device = args.device
-    dtype = args.dtype or ("fp32" if device == "cpu" else "bf16")
+    dtype = default_dtype(device, args.dtype)
     from adapters import load_model
 
-    model = load_model(args.model, device=device, dtype=parse_dtype(dtype))
+    model = load_model(args.model, device=device, dtype=parse_dtype(dtype), **weights)
     if auto_calibration:
         calibration = auto_calibrate(model, args.model, Path(args.out).with_suffix(".calibration.json"),
                                      resolution=resolution, aspect_ratio=args.aspect_ratio)
