@@ -94,8 +94,12 @@ class KVCache:
 
     def __init__(self, num_layers: int, schedule: ScaleSchedule, policy: Policy | None = None, *,
                  replicas: int = 1):
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+        if not isinstance(schedule, ScaleSchedule):
+            raise TypeError(f"schedule must be a ScaleSchedule, got {type(schedule).__name__}")
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a Policy (see kvpolicy.get_policy) or None, got {type(policy).__name__}")
         self.num_layers = num_layers
         self.schedule = schedule
         self.policy = policy
@@ -137,6 +141,10 @@ class KVCache:
 
     def append(self, layer: int, scale: int, keys: torch.Tensor, values: torch.Tensor):
         """Add the current map's tokens to a layer; returns the layer's whole (kept + new) K, V."""
+        self._check_layer(layer)
+        for name, t in (("keys", keys), ("values", values)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"{name} must be a (B, H, n, D) tensor, got {getattr(t, 'shape', type(t).__name__)}")
         expected = self.schedule.tokens(scale)
         if keys.shape[2] != expected or values.shape[2] != expected:
             raise ValueError(f"scale {scale} has {expected} tokens; got keys {tuple(keys.shape)}, values {tuple(values.shape)}")
@@ -146,6 +154,14 @@ class KVCache:
         if self.keys[layer] is None:
             self.keys[layer], self.values[layer] = keys.contiguous(), values.contiguous()
         else:
+            for name, new, held in (("keys", keys, self.keys[layer]), ("values", values, self.values[layer])):
+                if new.shape[:2] != held.shape[:2] or new.shape[3] != held.shape[3]:
+                    raise ValueError(f"{name} {tuple(new.shape)} do not continue layer {layer}'s cache "
+                                     f"{tuple(held.shape)}: (B, H, D) must stay the same")
+                if new.dtype != held.dtype or new.device != held.device:
+                    # torch.cat would promote the whole cache silently (and change its byte count).
+                    raise ValueError(f"{name} are {new.dtype} on {new.device} but layer {layer}'s cache holds "
+                                     f"{held.dtype} on {held.device}")
             self.keys[layer] = torch.cat([self.keys[layer], keys], dim=2)
             self.values[layer] = torch.cat([self.values[layer], values], dim=2)
         self._scale_of_layer[layer] = scale
@@ -161,6 +177,7 @@ class KVCache:
 
     def compress(self, layer: int, scale: int, *, queries=None, raw_queries=None) -> Optional[CompressionResult]:
         """Apply the policy to a layer after its attention at ``scale`` (no-op without a policy)."""
+        self._check_layer(layer)
         if scale != self._scale_of_layer[layer]:
             raise RuntimeError(f"compress(layer={layer}, scale={scale}) before append at that scale")
         if self.policy is None:
@@ -172,6 +189,11 @@ class KVCache:
         self._held[layer] = self._bytes(result.keys, result.values)
         self._record(layer, scale)
         return result
+
+    def _check_layer(self, layer) -> None:
+        # Python's negative indexing would silently address the last layers.
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer!r} out of range 0..{self.num_layers - 1}")
 
     def _record(self, layer: int, scale: int) -> None:
         self._held_at[scale][layer] = self._held[layer]

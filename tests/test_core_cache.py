@@ -82,8 +82,25 @@ def test_misuse_raises():
     cache.append(0, 0, one, one)
     with pytest.raises(RuntimeError, match="call reset"):
         cache.append(0, 0, one, one)  # a second generation without reset
-    with pytest.raises(ValueError, match="num_layers must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_layers must be an int >= 1, got 0"):
         KVCache(0, SCHEDULE)
+    with pytest.raises(ValueError, match="num_layers must be an int >= 1, got '3'"):
+        KVCache("3", SCHEDULE)
+    with pytest.raises(TypeError, match="schedule must be a ScaleSchedule, got list"):
+        KVCache(2, [1, 2])
+    with pytest.raises(TypeError, match=r"policy must be a Policy \(see kvpolicy.get_policy\) or None, got str"):
+        KVCache(2, SCHEDULE, "snapkv")
+    for layer in (-1, 2, True):  # -1 used to append silently to the last layer
+        with pytest.raises(IndexError, match=f"layer {layer!r} out of range 0..1"):
+            cache.append(layer, 0, one, one)
+        with pytest.raises(IndexError, match=f"layer {layer!r} out of range 0..1"):
+            cache.compress(layer, 0)
+    with pytest.raises(ValueError, match=r"keys \(1, 2, 4, 4\) do not continue layer 0's cache \(1, 1, 1, 4\)"):
+        cache.append(0, 1, torch.zeros(1, 2, 4, DIM), torch.zeros(1, 2, 4, DIM))
+    with pytest.raises(ValueError, match=r"keys are torch.float64 on cpu but layer 0's cache holds torch.float32 on cpu"):
+        cache.append(0, 1, torch.zeros(1, 1, 4, DIM, dtype=torch.float64), torch.zeros(1, 1, 4, DIM))
+    with pytest.raises(ValueError, match=r"keys must be a \(B, H, n, D\) tensor"):
+        cache.append(1, 0, torch.zeros(1, 1, DIM), one)
     with pytest.raises(ValueError, match="needs a budget"):
         KVCache(2, SCHEDULE, kvpolicy.get_policy("snapkv"))  # fails early, before any tensor
 
