@@ -22,12 +22,13 @@ MIB = 2 ** 20
 def resolve_geometry(model: str, resolution=None, aspect_ratio: float = 1.0) -> geo.ModelGeometry:
     """Geometry of a preset; tiny presets appear once their adapter package is imported."""
     if model not in geo.geometry_names():
-        for prefix, module in (("infinity", "adapters.infinity"), ("var", "adapters.var")):
-            if model.startswith(prefix):
-                try:
-                    importlib.import_module(module)
-                except ImportError:
-                    pass
+        # every family, not only the one the prefix suggests: a misspelt name ('infinty-tiny') must be
+        # matched against the tiny presets too
+        for module in ("adapters.infinity", "adapters.var"):
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass
     return geo.get_geometry(model, resolution, aspect_ratio)
 
 

@@ -109,3 +109,16 @@ def test_model_file_and_device_errors(tmp_path, monkeypatch, capsys, argv, messa
     err = capsys.readouterr().err
     assert err.startswith(f"kvpolicy {argv[0]}: error:") and message in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("typo, meant, condition", [("infinty-tiny", "infinity-tiny", ["--prompt", "x"]),
+                                                     ("var-tiy", "var-tiny", ["--label", "1"])])
+def test_misspelt_model_suggests_the_tiny_presets(typo, meant, condition):
+    """In a fresh process (no adapter imported yet), as a user's first command would run."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "benchmarks.cli", "generate", "--model", typo, *condition],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"did you mean {meant!r}" in done.stderr, done.stderr
