@@ -6,7 +6,8 @@ stored tensors with the kept ones, so eviction really frees memory.
 
 Accounting counts the bytes of the tensors held (``numel * element_size``):
 
-- ``kv_bytes[scale]``: all layers, after that scale's compression;
+- ``kv_bytes[scale]``: all layers, after that scale's compression (``layer_kv_bytes[scale][layer]``
+  per layer);
 - ``full_kv_bytes[scale]``: the bytes the same layers would hold with no eviction (every appended
   token kept);
 - ``peak_kv_bytes``: the largest total held at any moment, measured right after each append, i.e.
@@ -42,6 +43,7 @@ class CacheReport:
     policy: str = "full"
     scale_seconds: list[float] = attrs.field(factory=list)
     extra: dict = attrs.field(factory=dict)
+    layer_kv_bytes: list[list[int]] = attrs.field(factory=list)  # [scale][layer]; kv_bytes is their sum
 
     @property
     def read_by_last_scale_ratio(self) -> float:
@@ -61,6 +63,7 @@ class CacheReport:
             "kept_lengths": [list(r) for r in self.kept_lengths],
             "capacities": [list(r) for r in self.capacities],
             "scale_seconds": list(self.scale_seconds),
+            "layer_kv_bytes": [list(r) for r in self.layer_kv_bytes],
             **self.extra,
         }
 
@@ -223,4 +226,4 @@ class KVCache:
             peak_kv_bytes=self.peak_kv_bytes, full_peak_kv_bytes=self.full_peak_kv_bytes,
             kept_lengths=[list(r) for r in self._kept_at], capacities=capacities,
             policy=self.policy.name if self.policy is not None else "full",
-            scale_seconds=list(self.scale_seconds))
+            scale_seconds=list(self.scale_seconds), layer_kv_bytes=[list(r) for r in self._held_at])

@@ -36,6 +36,13 @@ def test_policy_report_and_probe_mode_agree():
     assert [row[0] for row in real.kept_lengths] == [1, 5, 14, 30, 42, 42, 42, 42, 42, 42]
     per_token = 2 * 3 * 2 * 2 * 8 * 2
     assert real.kv_bytes == [per_token * min(c, 42) for c in VAR_256.cumulative]
+    # Per-layer bytes (issue 2: accounting per layer and per scale) add up to kv_bytes.
+    pyramid = simulate(kvpolicy.get_policy("pyramidkv", budget="10%", window_size=8, beta=4), **kwargs)
+    per_layer_token = 2 * 2 * 2 * 8 * 2  # K+V, rows, heads, dim, bf16 bytes
+    assert pyramid.layer_kv_bytes == [[per_layer_token * k for k in row] for row in pyramid.kept_lengths]
+    assert [sum(row) for row in pyramid.layer_kv_bytes] == pyramid.kv_bytes
+    assert len(set(pyramid.layer_kv_bytes[-1])) == 3  # the pyramid: every layer holds a different amount
+    assert pyramid.to_dict()["layer_kv_bytes"] == pyramid.layer_kv_bytes
     # Same seed, same report.
     again = simulate(policy, materialize=True, **kwargs)
     assert again.kept_lengths == real.kept_lengths and again.kv_bytes == real.kv_bytes
