@@ -73,7 +73,7 @@ def get_policy(name: str | Policy, **options) -> Policy:
     cls = policy_class(name)
     try:
         return cls(**options)
-    except TypeError as exc:
+    except TypeError:
         import attrs
 
         allowed = sorted(f.alias or f.name for f in attrs.fields(cls) if f.init)

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from adapters.geometry import infinity_schedule
 from kvpolicy import ScaleSchedule, get_policy, simulate
-from kvpolicy.calibration import (BudgetFile, allocate, compression_start, decision_scales,
+from kvpolicy.calibration import (allocate, compression_start, decision_scales,
                                   default_refiner_floor, plan_to_budget_file)
 
 INF = infinity_schedule(1024)
