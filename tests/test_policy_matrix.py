@@ -39,14 +39,21 @@ def _recent(length, count):
 
 
 # Positions (in the cache before compression) a policy promises to keep whenever it evicts.
-# Signature: (policy, length, capacity, n_current) -> list of positions.
+# Signature: (policy, length, capacity, n_current, (h, w) of the current map) -> list of positions.
 PROMISES: dict[str, Callable] = {
-    "sliding_window": lambda p, length, cap, n: _recent(length, cap),
-    "streamingllm": lambda p, length, cap, n: list(range(min(p.num_sinks, cap))) + _recent(length, cap - min(p.num_sinks, cap)),
-    "h2o": lambda p, length, cap, n: _recent(length, p.split(cap)[1]),
-    "snapkv": lambda p, length, cap, n: _recent(length, min(p.window_size, n)),
-    "pyramidkv": lambda p, length, cap, n: _recent(length, min(p.window_size, n)),
+    "sliding_window": lambda p, length, cap, n, hw: _recent(length, cap),
+    "streamingllm": lambda p, length, cap, n, hw: list(range(min(p.num_sinks, cap))) + _recent(length, cap - min(p.num_sinks, cap)),
+    "h2o": lambda p, length, cap, n, hw: _recent(length, p.split(cap)[1]),
+    "snapkv": lambda p, length, cap, n, hw: _recent(length, min(p.window_size, n)),
+    "pyramidkv": lambda p, length, cap, n, hw: _recent(length, min(p.window_size, n)),
+    # ScaleKV's observation window (patch centres, or the last tokens on small maps) is always kept.
+    "scalekv": lambda p, length, cap, n, hw: _patch_window(p, length, n, hw),
+    "uniform": lambda p, length, cap, n, hw: _patch_window(p, length, n, hw),
 }
+
+
+def _patch_window(policy, length, n, hw):
+    return kvpolicy.scoring.observation_window_positions(*hw, policy.window_size, length - n, length=length).tolist()
 
 
 def registered_policies() -> list[str]:
@@ -151,7 +158,7 @@ def check_generation(policy: kvpolicy.Policy, inputs: Inputs, cache: Optional[KV
                 assert int(idx.min()) >= 0 and int(idx.max()) < length, where
                 assert bool((idx[..., 1:] > idx[..., :-1]).all()), f"indices not strictly ascending: {where}"
                 if promise is not None:
-                    promised = torch.tensor(promise(policy, length, capacity, n), dtype=torch.long)
+                    promised = torch.tensor(promise(policy, length, capacity, n, schedule.shape(scale)), dtype=torch.long)
                     assert promised.numel() <= kept, where
                     present = (idx.unsqueeze(-1) == promised).any(dim=2)  # (R, H, n_promised)
                     assert bool(present.all()), f"promised positions {promised.tolist()} not all kept: {where}"
