@@ -18,6 +18,7 @@ numbers): a smoke test for sessions without a GPU.
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import statistics
@@ -109,38 +110,57 @@ class Bench:
         return build_policy("scalekv", check_budget(self.budget, geometry.schedule, model_name),
                             calibration=collector.result())
 
+    def _release(self) -> None:
+        """Give memory back after an out-of-memory failure (the failed call's frames may sit in cycles)."""
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
     def measure(self, model, family: str, policy, batch: int) -> dict:
+        """Median latency and peak memory of ``repeats`` calls; an out-of-memory batch is a row, not a crash."""
         conds = _conditions(family, batch)
-        for _ in range(self.warmup):
-            model.generate(conds, policy=policy, seed=0, batch_size=batch, progress=False)
-        seconds, peaks, report = [], [], None
-        for _ in range(self.repeats):
-            if self.device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            _sync(self.device)
-            start = time.perf_counter()
-            out = model.generate(conds, policy=policy, seed=0, batch_size=batch, progress=False)
-            _sync(self.device)
-            seconds.append(time.perf_counter() - start)
-            if self.device == "cuda":
-                peaks.append(torch.cuda.max_memory_allocated())
-            report = out.cache_report
-            del out
-        return {"seconds_per_image": statistics.median(seconds) / batch, "seconds_per_call": seconds,
-                "peak_allocated_bytes": max(peaks) if peaks else None,
+        seconds, peaks, above, report = [], [], [], None
+        try:
+            for _ in range(self.warmup):
+                model.generate(conds, policy=policy, seed=0, batch_size=batch, progress=False)
+            for _ in range(self.repeats):
+                if self.device == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    resident = torch.cuda.memory_allocated()  # weights (and anything else kept between calls)
+                _sync(self.device)
+                start = time.perf_counter()
+                out = model.generate(conds, policy=policy, seed=0, batch_size=batch, progress=False)
+                _sync(self.device)
+                seconds.append(time.perf_counter() - start)
+                if self.device == "cuda":
+                    peaks.append(torch.cuda.max_memory_allocated())
+                    above.append(peaks[-1] - resident)
+                report = out.cache_report
+                del out
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True
+        else:
+            out_of_memory = False
+        if out_of_memory:
+            self._release()
+            return {"out_of_memory": True, "seconds_per_image": None, "seconds_per_call": seconds,
+                    "peak_allocated_bytes": None, "peak_above_resident_bytes": None,
+                    "kv_peak_bytes": None, "kv_last_read_bytes": None}
+        return {"out_of_memory": False, "seconds_per_image": statistics.median(seconds) / batch,
+                "seconds_per_call": seconds, "peak_allocated_bytes": max(peaks) if peaks else None,
+                "peak_above_resident_bytes": max(above) if above else None,
                 "kv_peak_bytes": report.peak_kv_bytes, "kv_last_read_bytes": report.kv_bytes[max(0, len(report.kv_bytes) - 2)]}
 
     def fits(self, model, family: str, policy, batch: int) -> bool:
         try:
             model.generate(_conditions(family, batch), policy=policy, seed=0, batch_size=batch, progress=False)
             _sync(self.device)
-            return True
+            fitted = True
         except torch.cuda.OutOfMemoryError:
-            return False
-        finally:
-            if self.device == "cuda":
-                torch.cuda.empty_cache()
+            fitted = False
+        self._release()  # outside the handler: the exception and its frames are gone by now
+        return fitted
 
     def largest_batch(self, model, family: str, policy) -> tuple[int, bool]:
         """Largest batch <= max_batch that runs; second value False when the cap was reached."""
@@ -171,11 +191,13 @@ class Bench:
                     m = self.measure(model, geometry.family, policy, batch)
                     full = m if name == "full" else full
                     row = {"model": model_name, "batch": batch, "policy": name, "budget": None if policy is None else str(policy.budget), **m}
-                    row["memory_ratio"] = (m["peak_allocated_bytes"] / full["peak_allocated_bytes"]
-                                           if m["peak_allocated_bytes"] and full["peak_allocated_bytes"] else None)
-                    row["kv_ratio"] = m["kv_peak_bytes"] / full["kv_peak_bytes"]
-                    row["speedup"] = full["seconds_per_image"] / m["seconds_per_image"]
+                    row["memory_ratio"] = _ratio(m["peak_allocated_bytes"], full["peak_allocated_bytes"])
+                    row["kv_ratio"] = _ratio(m["kv_peak_bytes"], full["kv_peak_bytes"])
+                    row["speedup"] = _ratio(full["seconds_per_image"], m["seconds_per_image"])
                     self.rows.append(row)
+                    if m["out_of_memory"]:
+                        print(f"{model_name} batch {batch} {name}: out of memory", file=sys.stderr)
+                        continue
                     print(f"{model_name} batch {batch} {name}: {m['seconds_per_image']:.4f} s/image"
                           + (f", peak {m['peak_allocated_bytes'] / GIB:.2f} GiB" if m["peak_allocated_bytes"] else ""),
                           file=sys.stderr)
@@ -190,14 +212,22 @@ class Bench:
         return self.write()
 
     def table(self) -> str:
-        lines = ["| model | batch | policy | budget | peak alloc GiB | KV peak GiB (counted) | s/image | memory ratio | KV ratio | speed-up |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+        lines = ["| model | batch | policy | budget | peak alloc GiB | above weights GiB | KV peak GiB (counted) | "
+                 "s/image | memory ratio | KV ratio | speed-up |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+        def fmt(value, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+            return "–" if value is None else f"{value / scale:{spec}}{suffix}"
+
         for r in self.rows:
-            peak = "–" if r["peak_allocated_bytes"] is None else f"{r['peak_allocated_bytes'] / GIB:.2f}"
-            ratio = "–" if r["memory_ratio"] is None else f"{r['memory_ratio']:.3f}"
-            lines.append(f"| {r['model']} | {r['batch']} | {r['policy']} | {r['budget'] or '–'} | {peak} | "
-                         f"{r['kv_peak_bytes'] / GIB:.3f} | {r['seconds_per_image']:.4f} | {ratio} | "
-                         f"{r['kv_ratio']:.3f} | {r['speedup']:.2f}× |")
+            head = f"| {r['model']} | {r['batch']} | {r['policy']} | {r['budget'] or '–'} |"
+            if r["out_of_memory"]:
+                lines.append(head + " out of memory | – | – | – | – | – | – |")
+                continue
+            lines.append(f"{head} {fmt(r['peak_allocated_bytes'], '.2f', GIB)} | "
+                         f"{fmt(r['peak_above_resident_bytes'], '.2f', GIB)} | {fmt(r['kv_peak_bytes'], '.3f', GIB)} | "
+                         f"{fmt(r['seconds_per_image'], '.4f')} | {fmt(r['memory_ratio'], '.3f')} | "
+                         f"{fmt(r['kv_ratio'], '.3f')} | {fmt(r['speedup'], '.2f', suffix='×')} |")
         lines += ["", "| model | policy | largest batch that fits |", "|---|---|---|"]
         for r in self.max_batches:
             value = str(r["largest_batch"]) if r["out_of_memory_above"] else f"≥ {r['largest_batch']} (cap)"
@@ -220,6 +250,11 @@ class Bench:
         print(table)
         print(f"\nwrote {prefix}.md and {prefix}.json")
         return table
+
+
+def _ratio(numerator, denominator):
+    """numerator / denominator, None when either is missing (out of memory, no GPU allocator)."""
+    return numerator / denominator if numerator and denominator else None
 
 
 def bench_gpu_command(args) -> int:
