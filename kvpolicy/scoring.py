@@ -35,12 +35,15 @@ def attention_scores(queries: torch.Tensor, keys: torch.Tensor, *, softmax: bool
     batch, kv_heads, length, dim = keys.shape
     grouped = _group_queries(queries, kv_heads)
     group, n = grouped.shape[2], grouped.shape[3]
-    keys32 = keys.float()
     total = torch.zeros(batch, kv_heads, length, dtype=torch.float32, device=keys.device)
     block = max(1, _BLOCK_ELEMENTS // max(1, batch * kv_heads * group * length))
+    # Window policies (one query block) convert a half-precision cache block by block inside the
+    # product instead of copying all of it to float32 first (the copy dominated: measured 43 of 68
+    # ms at B=2, H=16, L=6425, D=128 bf16 on one CPU thread); many query blocks (H2O) convert once.
+    keys32 = keys.float() if n > block else None
     for start in range(0, n, block):
         q = grouped[:, :, :, start:start + block].float()
-        logits = torch.einsum("bhgqd,bhld->bhgql", q, keys32)
+        logits = _logits(q, keys) if keys32 is None else torch.einsum("bhgqd,bhld->bhgql", q, keys32)
         if scale != 1.0:
             logits = logits * scale
         if exclude is not None and exclude.numel():
@@ -51,6 +54,25 @@ def attention_scores(queries: torch.Tensor, keys: torch.Tensor, *, softmax: bool
     if exclude is not None and exclude.numel():
         total[..., exclude] = float("-inf")
     return total
+
+
+# Cache positions converted to float32 at a time in _logits (measured best at 256 on a CPU).
+_LOGIT_BLOCK_POSITIONS = 256
+
+
+def _logits(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """q (B, H, G, n, D) float32 · keys (B, H, L, D)ᵀ -> (B, H, G, n, L) float32, the keys converted
+    in blocks of positions (no float32 copy of the whole cache)."""
+    batch, heads, group, n, dim = q.shape
+    length = keys.shape[2]
+    if keys.dtype == torch.float32:
+        return torch.einsum("bhgqd,bhld->bhgql", q, keys)
+    out = torch.empty(batch, heads, group * n, length, dtype=torch.float32, device=keys.device)
+    flat = q.reshape(batch, heads, group * n, dim)
+    for start in range(0, length, _LOGIT_BLOCK_POSITIONS):
+        stop = min(length, start + _LOGIT_BLOCK_POSITIONS)
+        torch.matmul(flat, keys[:, :, start:stop].float().transpose(-1, -2), out=out[..., start:stop])
+    return out.view(batch, heads, group, n, length)
 
 
 def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str = "max") -> torch.Tensor:

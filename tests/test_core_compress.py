@@ -124,3 +124,24 @@ def test_fewer_than_capacity_is_allowed_and_gathered():
     result = compress(Returns(budget=5, indices=picked), keys, values, **KW)
     assert torch.equal(result.indices, picked)
     assert torch.equal(result.keys[1, 0], keys[1, 0, [1, 2]]) and torch.equal(result.values[0, 1], values[0, 1, [0, 56]])
+
+
+@pytest.mark.parametrize("q_heads", [2, 4])
+def test_attention_scores_convert_half_caches_in_blocks(monkeypatch, q_heads):
+    """One query block: keys converted block by block (here 7 positions, the last block partial),
+    equal to the whole-cache float32 product; many query blocks (H2O) take the one-copy path."""
+    from kvpolicy import scoring
+
+    monkeypatch.setattr(scoring, "_LOGIT_BLOCK_POSITIONS", 7)
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 2, 45, 8, generator=g).bfloat16()
+    queries = torch.randn(2, q_heads, 5, 8, generator=g).bfloat16()
+    grouped = queries.float().reshape(2, 2, q_heads // 2, 5, 8)
+    logits = torch.einsum("bhgqd,bhld->bhgql", grouped, keys.float())
+    for softmax in (True, False):
+        expected = (torch.softmax(logits, dim=-1) if softmax else logits).sum(dim=3).mean(dim=2)
+        torch.testing.assert_close(scoring.attention_scores(queries, keys, softmax=softmax), expected,
+                                   rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(scoring, "_BLOCK_ELEMENTS", 2 * 2 * (q_heads // 2) * 45)  # one query per block
+    torch.testing.assert_close(scoring.attention_scores(queries, keys), torch.softmax(logits, -1).sum(3).mean(2),
+                               rtol=1e-6, atol=1e-6)
