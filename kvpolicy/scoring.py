@@ -37,10 +37,11 @@ def attention_scores(queries: torch.Tensor, keys: torch.Tensor, *, softmax: bool
     group, n = grouped.shape[2], grouped.shape[3]
     total = torch.zeros(batch, kv_heads, length, dtype=torch.float32, device=keys.device)
     block = max(1, _BLOCK_ELEMENTS // max(1, batch * kv_heads * group * length))
-    # Window policies (one query block) convert a half-precision cache block by block inside the
-    # product instead of copying all of it to float32 first (the copy dominated: measured 43 of 68
-    # ms at B=2, H=16, L=6425, D=128 bf16 on one CPU thread); many query blocks (H2O) convert once.
-    keys32 = keys.float() if n > block else None
+    # On CPU, window policies (one query block) convert a half-precision cache block by block
+    # inside the product instead of copying all of it to float32 first (the copy dominated: 43 of
+    # 68 ms at B=2, H=16, L=6425, D=128 bf16, one thread). Many query blocks (H2O) convert once;
+    # so does a GPU, where the copy is cheap and many small products would cost launches.
+    keys32 = keys.float() if n > block or keys.device.type != "cpu" else None
     for start in range(0, n, block):
         q = grouped[:, :, :, start:start + block].float()
         logits = _logits(q, keys) if keys32 is None else torch.einsum("bhgqd,bhld->bhgql", q, keys32)
