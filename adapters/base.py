@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import attrs
 import torch

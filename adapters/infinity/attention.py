@@ -20,18 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.attention import cached_self_attention
+from adapters.layers import linear
 
 from .rope import apply_rope
 
 MAX_LOG_SCALE = math.log(100.0)  # the learned per-head multiplier is capped at 100
-
-
-def linear(x: torch.Tensor, layer: nn.Linear, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``layer(x)`` in the layer's weight dtype (the residual stream may be float32)."""
-    weight = layer.weight
-    if bias is None:
-        bias = layer.bias
-    return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype))
 
 
 class SelfAttention(nn.Module):

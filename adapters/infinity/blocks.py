@@ -16,22 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import CrossAttention, SelfAttention, linear
+from adapters.layers import FeedForward
+
+from .attention import CrossAttention, SelfAttention
 
 
 def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
     """The official fused AdaLN: layer_norm(x.float()) * (1 + scale) + shift."""
     return F.layer_norm(x.float(), (x.shape[-1],), eps=eps).mul(scale.add(1)).add_(shift)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, embed_dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(embed_dim, hidden)
-        self.fc2 = nn.Linear(hidden, embed_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(F.gelu(linear(x, self.fc1), approximate="tanh"), self.fc2)
 
 
 class CrossAttentionBlock(nn.Module):

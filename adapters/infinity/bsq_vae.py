@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.validators import positive_int
+
 __all__ = [
     "BSQVAEConfig",
     "BSQVAEDecoder",
@@ -53,11 +55,6 @@ def _group_count(channels: int) -> int:
     raise ValueError(f"BSQ-VAE width {channels} must be a multiple of 32 or 24 (GroupNorm groups)")
 
 
-def _positive_int(instance, attribute, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"BSQVAEConfig.{attribute.name} must be a positive int, got {value!r}")
-
-
 def _check_multipliers(instance, attribute, value):
     if not value:
         raise ValueError("BSQVAEConfig.channel_multipliers needs at least one level")
@@ -67,7 +64,7 @@ def _check_multipliers(instance, attribute, value):
 
 
 def _check_patch_size(instance, attribute, value):
-    _positive_int(instance, attribute, value)
+    positive_int(instance, attribute, value)
     if value & (value - 1):
         raise ValueError(f"BSQVAEConfig.patch_size must be a power of two, got {value}")
 
@@ -83,12 +80,12 @@ class BSQVAEConfig:
     upsample by 2. spatial_patchify: transformer tokens are 2x2 patches of VAE positions (8B).
     """
 
-    codebook_dim: int = attrs.field(validator=_positive_int)
-    base_channels: int = attrs.field(default=128, validator=_positive_int)
+    codebook_dim: int = attrs.field(validator=positive_int)
+    base_channels: int = attrs.field(default=128, validator=positive_int)
     channel_multipliers: tuple[int, ...] = attrs.field(
         default=(1, 2, 4, 4, 4), converter=tuple, validator=_check_multipliers
     )
-    num_res_blocks: int = attrs.field(default=2, validator=_positive_int)
+    num_res_blocks: int = attrs.field(default=2, validator=positive_int)
     patch_size: int = attrs.field(default=16, validator=_check_patch_size)
     spatial_patchify: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 

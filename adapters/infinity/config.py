@@ -7,25 +7,16 @@ heads) and §11 (hub files). Only the settings every released checkpoint uses ar
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, Optional
 
 import attrs
+
+from adapters.validators import positive_int, positive_real
 
 from .bsq_vae import BSQVAEConfig
 
 HUB_REPO = "FoundationVision/Infinity"
 TEXT_ENCODER_REPO = "google/flan-t5-xl"
-
-
-def _positive_int(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"InfinityConfig.{attribute.name} must be a positive int, got {value!r}")
-
-
-def _positive_real(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-        raise ValueError(f"InfinityConfig.{attribute.name} must be a positive finite number, got {value!r}")
 
 
 @attrs.frozen
@@ -36,18 +27,18 @@ class InfinityConfig:
     the head predicts 2 logits per bit. text_channels: T5 width; text_maxlen: rows of ``cfg_uncond``.
     """
 
-    depth: int = attrs.field(validator=_positive_int)
-    embed_dim: int = attrs.field(validator=_positive_int)
-    num_heads: int = attrs.field(validator=_positive_int)
-    block_chunks: int = attrs.field(validator=_positive_int)
-    token_bits: int = attrs.field(default=32, validator=_positive_int)
-    mlp_ratio: float = attrs.field(default=4.0, validator=_positive_real)
-    text_channels: int = attrs.field(default=2048, validator=_positive_int)
-    text_maxlen: int = attrs.field(default=512, validator=_positive_int)
-    norm_eps: float = attrs.field(default=1e-6, validator=_positive_real)
-    num_level_embeddings: int = attrs.field(default=15, validator=_positive_int)
-    rope_base: float = attrs.field(default=10000.0, validator=_positive_real)
-    rope_grid: int = attrs.field(default=128, validator=_positive_int)  # 2048 // 16 grid cells per side
+    depth: int = attrs.field(validator=positive_int)
+    embed_dim: int = attrs.field(validator=positive_int)
+    num_heads: int = attrs.field(validator=positive_int)
+    block_chunks: int = attrs.field(validator=positive_int)
+    token_bits: int = attrs.field(default=32, validator=positive_int)
+    mlp_ratio: float = attrs.field(default=4.0, validator=positive_real)
+    text_channels: int = attrs.field(default=2048, validator=positive_int)
+    text_maxlen: int = attrs.field(default=512, validator=positive_int)
+    norm_eps: float = attrs.field(default=1e-6, validator=positive_real)
+    num_level_embeddings: int = attrs.field(default=15, validator=positive_int)
+    rope_base: float = attrs.field(default=10000.0, validator=positive_real)
+    rope_grid: int = attrs.field(default=128, validator=positive_int)  # 2048 // 16 grid cells per side
     spatial_patchify: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     def __attrs_post_init__(self):

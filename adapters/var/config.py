@@ -13,14 +13,10 @@ from typing import Optional
 import attrs
 
 from adapters.geometry import VAR_PATCH_NUMS
+from adapters.validators import positive_int
 
 HUB_REPO = "FoundationVision/var"
 VAE_FILE = "vae_ch160v4096z32.pth"
-
-
-def _positive(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be a positive int, got {value!r}")
 
 
 def _patch_nums(instance, attribute, value):
@@ -36,13 +32,13 @@ def _patch_nums(instance, attribute, value):
 class VARConfig:
     """The transformer: ``VAR(depth, embed_dim, num_heads, patch_nums, shared_aln, ...)``."""
 
-    depth: int = attrs.field(validator=_positive)
-    embed_dim: int = attrs.field(validator=_positive)
-    num_heads: int = attrs.field(validator=_positive)
+    depth: int = attrs.field(validator=positive_int)
+    embed_dim: int = attrs.field(validator=positive_int)
+    num_heads: int = attrs.field(validator=positive_int)
     patch_nums: tuple[int, ...] = attrs.field(converter=tuple, validator=_patch_nums)
-    vocab_size: int = attrs.field(default=4096, validator=_positive)
-    cvae: int = attrs.field(default=32, validator=_positive)
-    num_classes: int = attrs.field(default=1000, validator=_positive)
+    vocab_size: int = attrs.field(default=4096, validator=positive_int)
+    cvae: int = attrs.field(default=32, validator=positive_int)
+    num_classes: int = attrs.field(default=1000, validator=positive_int)
     shared_aln: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     mlp_ratio: float = attrs.field(default=4.0, validator=attrs.validators.gt(0))
     norm_eps: float = attrs.field(default=1e-6, validator=attrs.validators.gt(0))
@@ -73,11 +69,11 @@ class VARConfig:
 class VQVAEConfig:
     """The decoder side of ``VQVAE(vocab_size, z_channels, ch, share_quant_resi, v_patch_nums)``."""
 
-    vocab_size: int = attrs.field(default=4096, validator=_positive)
-    z_channels: int = attrs.field(default=32, validator=_positive)
-    ch: int = attrs.field(default=160, validator=_positive)
+    vocab_size: int = attrs.field(default=4096, validator=positive_int)
+    z_channels: int = attrs.field(default=32, validator=positive_int)
+    ch: int = attrs.field(default=160, validator=positive_int)
     ch_mult: tuple[int, ...] = attrs.field(default=(1, 1, 2, 2, 4), converter=tuple)
-    num_res_blocks: int = attrs.field(default=2, validator=_positive)
+    num_res_blocks: int = attrs.field(default=2, validator=positive_int)
     using_sa: bool = True
     using_mid_sa: bool = True
     quant_resi: float = 0.5

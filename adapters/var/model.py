@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters.attention import cached_self_attention
+from adapters.layers import FeedForward
 from kvpolicy import KVCache
 
 from .config import VARConfig
@@ -61,18 +62,6 @@ class CosineSelfAttention(nn.Module):
         out = cached_self_attention(cache, layer, scale, q, k, v, raw_queries=raw_queries, stats=stats,
                                     stats_rows=stats_rows)
         return self.proj(out.transpose(1, 2).reshape(rows, n, width))
-
-
-class FeedForward(nn.Module):
-    """fc2(GELU_tanh(fc1(x))), hidden 4C."""
-
-    def __init__(self, embed_dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(embed_dim, hidden)
-        self.fc2 = nn.Linear(hidden, embed_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class AdaLNBlock(nn.Module):
