@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.checkpoint_io import describe_keys as _describe, load_torch_file
 from adapters.validators import positive_int
 
 __all__ = [
@@ -445,17 +446,6 @@ def _unwrap(key: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_file(path: str) -> Mapping[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"BSQ-VAE file not found: {path!r}")
-    try:  # memory-map large files where the format allows it
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _select_state_dict(obj: Any, entry: Optional[str]) -> Mapping[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise TypeError(f"BSQ-VAE source must be a file path or a state-dict mapping, got {type(obj).__name__}")
@@ -515,11 +505,6 @@ def _infer_config(state: Mapping[str, torch.Tensor]) -> BSQVAEConfig:
     return inferred
 
 
-def _describe(keys: Sequence[str], limit: int = 12) -> str:
-    keys = sorted(keys)
-    more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
 
 def load_bsq_vae(
     source: str | os.PathLike | Mapping[str, Any],
@@ -544,7 +529,10 @@ def load_bsq_vae(
     ``encoder.*`` cannot affect decoding: they are skipped with a warning that lists them.
     """
     if isinstance(source, (str, os.PathLike)):
-        source = _read_file(os.fspath(source))
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"BSQ-VAE file not found: {path!r}")
+        source = load_torch_file(path)
     state = _select_state_dict(source, entry)
     if config is None:
         config = BSQVAEConfig.from_state_dict(state)

@@ -22,20 +22,13 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from adapters.checkpoint_io import describe_keys as _describe, load_torch_file
+
 from .model import InfinityTransformer
 
 IGNORED_KEYS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
 OPTIONAL_SUFFIX = "zero_k_bias"
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-def _load_torch_file(path: Path) -> Mapping[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _load_shard(path: Path) -> Mapping[str, torch.Tensor]:
@@ -45,7 +38,7 @@ def _load_shard(path: Path) -> Mapping[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    return _load_torch_file(path)
+    return load_torch_file(path)
 
 
 def _unwrap_checkpoint(obj: Any, source: str) -> Mapping[str, torch.Tensor]:
@@ -89,12 +82,7 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> M
         raise FileNotFoundError(f"Infinity weights not found: {str(path)!r} (a .pth file or a sharded folder)")
     if path.suffix == ".safetensors":
         return _load_shard(path)
-    return _unwrap_checkpoint(_load_torch_file(path), str(path))
-
-
-def _describe(keys, limit=10) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
+    return _unwrap_checkpoint(load_torch_file(path), str(path))
 
 
 def load_transformer_weights(model: InfinityTransformer, source, *, source_name: Optional[str] = None) -> InfinityTransformer:

@@ -24,6 +24,8 @@ from typing import Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
+from adapters.checkpoint_io import describe_keys as _describe, load_torch_file
+
 from .config import HUB_REPO, VAE_FILE, VARConfig
 from .model import VARTransformer
 from .vqvae import VQVAE
@@ -77,19 +79,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:  # mmap avoids a second copy of multi-GB files; files in the legacy format cannot be mapped
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = load_torch_file(path)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a flat state dict of tensors (as the official files), got "
                          f"{type(state).__name__} with keys {list(state)[:5] if isinstance(state, Mapping) else '-'}")
     return dict(state)
 
-
-def _describe(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f", … ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 def _check_and_copy(module: nn.Module, state: Mapping[str, torch.Tensor], ignored: set[str], what: str) -> None:
