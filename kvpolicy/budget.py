@@ -46,7 +46,12 @@ class Ratio:
     def tokens(self, schedule: ScaleSchedule) -> int:
         # Round half up (not Python's half-to-even): 10% of 6425 = 642.5 -> 643. The small epsilon
         # absorbs binary representation error such as 0.1 * 6425 = 642.5000000000001.
-        return max(1, math.floor(self.fraction * schedule.reference_length + 0.5 + 1e-9))
+        reference = schedule.reference_length
+        count = math.floor(self.fraction * reference + 0.5 + 1e-9)
+        if count < 1:  # a budget of 0 tokens is refused, never lifted silently to 1
+            raise ValueError(f"budget {self} of N_ref = {reference} tokens is {self.fraction * reference:.3g} tokens "
+                             f"per layer, which rounds to 0; use a ratio >= {0.5 / reference:.3g} or Tokens(1)")
+        return count
 
     def __str__(self) -> str:
         return f"{self.fraction * 100:g}%"

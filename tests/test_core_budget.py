@@ -18,7 +18,10 @@ def test_ratio_is_a_fraction_of_the_reference_length():
     assert Ratio(0.2).tokens(INFINITY_1024) == 1285
     assert Ratio(1.0).tokens(INFINITY_1024) == 6425
     assert Ratio(0.1).tokens(VAR_256) == 42  # 42.4
-    assert Ratio(0.0001).tokens(VAR_256) == 1  # never zero tokens
+    assert Ratio(0.5 / 424).tokens(VAR_256) == 1  # 0.5 token rounds up
+    with pytest.raises(ValueError, match=r"budget 0.01% of N_ref = 424 tokens is 0.0424 tokens per layer, which "
+                                         r"rounds to 0; use a ratio >= 0.00118 or Tokens\(1\)"):
+        Ratio(0.0001).tokens(VAR_256)  # never lifted silently to 1 token
     # The paper's 4/10/20 % settings are token counts.
     assert [Tokens(n).tokens(INFINITY_1024) for n in (265, 650, 1300)] == [265, 650, 1300]
 

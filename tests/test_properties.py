@@ -53,8 +53,10 @@ def budgets(draw, schedule):
     kind = draw(st.sampled_from(["tokens", "tokens", "ratio", "huge"]))
     if kind == "tokens":  # below the full length: some scale must evict
         return Tokens(draw(st.integers(1, max(1, schedule.total - 1))))
-    if kind == "ratio":
-        return kvpolicy.Ratio(draw(st.sampled_from([0.01, 0.04, 0.1, 0.25, 0.5, 0.9, 1.0])))
+    if kind == "ratio":  # ratios that are at least one token (smaller ones are refused, tested in test_core_budget)
+        reference = schedule.reference_length
+        return kvpolicy.Ratio(draw(st.sampled_from([r for r in (0.01, 0.04, 0.1, 0.25, 0.5, 0.9, 1.0)
+                                                    if r * reference >= 0.5])))
     return Tokens(schedule.total + draw(st.integers(0, 50)))
 
 
