@@ -441,6 +441,8 @@ class AttentionStatsCollector:
             raise IndexError(f"scale {scale!r} out of range 0..{self.num_scales - 1}")
         if not isinstance(queries, torch.Tensor) or queries.dim() != 4 or not isinstance(keys, torch.Tensor) or keys.dim() != 4:
             raise ValueError("queries must be (B, Hq, n, D) and keys (B, Hkv, L, D) tensors")
+        if not (queries.is_floating_point() and keys.is_floating_point()):
+            raise TypeError(f"queries and keys must be floating point, got {queries.dtype} and {keys.dtype}")
         batch, q_heads, n, dim = queries.shape
         kv_batch, kv_heads, length, kv_dim = keys.shape
         if kv_batch != batch or kv_dim != dim or q_heads % kv_heads:
@@ -466,6 +468,9 @@ class AttentionStatsCollector:
                 history_sum += float(top.sum())
                 mass = history.sum(dim=-1, dtype=torch.float64)
                 share_sum += float((top / mass.clamp_min(torch.finfo(torch.float64).tiny)).sum())
+        if not all(math.isfinite(v) for v in (current_sum, history_sum, share_sum)):
+            raise ValueError(f"attention at layer {layer}, scale {scale} is not finite (NaN or inf in the queries or "
+                             "keys); nothing was recorded")
         count = batch * q_heads * positions.numel()
         self._current_sum[layer, scale] += current_sum
         self._count[layer, scale] += count

@@ -102,6 +102,12 @@ def test_observe_validates_inputs():
         collector.observe(2, 1, q, k, current_start=5)
     with pytest.raises(ValueError, match="do not fit"):
         collector.observe(0, 1, torch.zeros(1, 3, 4, 8), k, current_start=5)
+    with pytest.raises(TypeError, match="queries and keys must be floating point, got torch.int64 and torch.float32"):
+        collector.observe(0, 1, q.long(), k, current_start=5)
+    # NaN statistics would read as "not observed" in the result: refused where they come in.
+    with pytest.raises(ValueError, match=r"attention at layer 0, scale 1 is not finite \(NaN or inf in the queries or keys\)"):
+        collector.observe(0, 1, torch.full_like(q, float("nan")), k, current_start=5)
+    assert collector.calls == 0 and collector.result().current_ratio[0][1] is None
 
 
 def test_result_json_round_trip_and_policy_use(tmp_path):
