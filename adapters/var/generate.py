@@ -223,7 +223,8 @@ class VARModel(nn.Module):
         resolved = resolve_policy(policy, budget)
         autocast, compute = self._precision(dtype)
         generator = torch.Generator().manual_seed(int(seed))
-        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else None
+        device = self.device  # the model's GPU, which need not be the current one (cuda:1)
+        synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
         def choose(si, ratio, logits):
             indices = sample_indices(logits, generator, int(top_k), float(top_p))
