@@ -84,7 +84,9 @@ class Inputs:
 
 
 def make_inputs(schedule: ScaleSchedule, *, num_layers: int = 3, rows: int = 4, heads: int = 2, head_dim: int = 8,
-                seed: int = 0, dtype=torch.float32, query_scale: float = 6.0) -> Inputs:
+                seed: int = 0, dtype=torch.float32, query_scale: float = 6.0, query_group: int = 1) -> Inputs:
+    """``query_group`` > 1 repeats each key/value head's queries that many times (grouped-query
+    attention with identical query heads per group, which must select as plain multi-head)."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -98,6 +100,8 @@ def make_inputs(schedule: ScaleSchedule, *, num_layers: int = 3, rows: int = 4, 
             values = randn(rows, heads, n, head_dim).to(dtype)
             queries = (query_scale * F.normalize(randn(rows, heads, n, head_dim), dim=-1)).to(dtype)
             raw = randn(rows, heads, n, head_dim).to(dtype)
+            if query_group > 1:
+                queries, raw = (t.repeat_interleave(query_group, dim=1) for t in (queries, raw))
             tensors[(scale, layer)] = (keys, values, queries, raw)
     return Inputs(schedule, num_layers, tensors)
 
@@ -304,6 +308,28 @@ def test_bad_inputs_raise(name):
         kvpolicy.get_policy(name, budget="0%")
     with pytest.raises(TypeError, match="has no option"):
         kvpolicy.get_policy(name, budget="10%", no_such_option=1)
+
+
+def _uses_queries(cls) -> bool:
+    # A declared need is a class attribute or, when it depends on options (mode), a property.
+    return any(getattr(cls, need) is True or isinstance(getattr(cls, need), property)
+               for need in ("needs_queries", "needs_raw_queries"))
+
+
+QUERY_POLICIES = [(name, extra) for name in POLICIES if _uses_queries(kvpolicy.policy_class(name))
+                  for extra in ({}, {"mode": "reference"})
+                  if not extra or "mode" in attrs.fields_dict(kvpolicy.policy_class(name))]
+
+
+@pytest.mark.parametrize("name,extra", QUERY_POLICIES, ids=lambda v: str(v))
+def test_grouped_query_heads(name, extra):
+    """GQA (query heads a multiple of the key/value heads) works for every query-using policy; with
+    identical queries within each group it keeps exactly what plain multi-head attention keeps."""
+    policy = make_policy(name, "25%", **extra)
+    plain = check_generation(policy, make_inputs(INFINITY_7, rows=2, seed=5))
+    grouped = check_generation(policy, make_inputs(INFINITY_7, rows=2, seed=5, query_group=3))
+    assert grouped.same_selection(plain)
+    assert any(idx.shape[2] < plain.lengths[key] for key, idx in plain.indices.items())  # it evicted
 
 
 def test_matrix_covers_the_issue_baselines():
