@@ -157,6 +157,9 @@ def allocate(schedule: ScaleSchedule, num_layers: int, budget_tokens: int,
         if initial > budget_tokens:
             raise ValueError(f"refiner_initial {initial} exceeds the budget {budget_tokens}: refiners "
                              "would keep more than drafters")
+        if refiner_initial is not None and refiner_initial < floor:
+            raise ValueError(f"refiner_initial {refiner_initial} is below refiner_floor {floor}: the refiner budget "
+                             "would be clamped to the floor at every scale (lower refiner_floor or raise refiner_initial)")
     sets = check_drafters(schedule, num_layers, budget_tokens, drafters)
     S = schedule.num_scales
     start = compression_start(schedule, budget_tokens)

@@ -171,6 +171,12 @@ def test_paper_allocation_decays_refiners_and_keeps_the_mean():
     assert plan.capacities[12] == plan.capacities[11]  # the last scale reuses the previous row
     for s in range(7, 13):
         assert sum(plan.capacities[s]) == 650 * 32
+    # An explicit B_r(0) below the refiner floor would never be used: refused, not clamped away.
+    with pytest.raises(ValueError, match="refiner_initial 600 is below refiner_floor 640"):
+        get_policy("scalekv", budget=650, drafters=[0], allocation="paper", refiner_floor=640,
+                   refiner_initial=600).plan(INF, 32)
+    with pytest.raises(ValueError, match="refiner_initial 10 is below refiner_floor 200"):  # the default floor
+        get_policy("scalekv", budget=650, drafters=[0], allocation="paper", refiner_initial=10).plan(INF, 32)
 
 
 def test_paper_allocation_never_gives_drafters_more_than_they_hold():
