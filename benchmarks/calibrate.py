@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .compare import model_family, prepare_output
-from .model_args import check_device, default_dtype, weights_kwargs
+from .model_args import check_device, cpu_threads, default_dtype, set_threads, weights_kwargs
 from .plan import parse_resolution, resolve_geometry
 from .policy_spec import check_budget, parse_dtype
 from .prompts import CALIBRATION_PROMPTS, parse_labels, read_prompts
@@ -70,6 +70,7 @@ def calibrate_command(args) -> int:
     geometry = resolve_geometry(args.model, resolution, args.aspect_ratio)
     device = check_device(args.device)
     weights = weights_kwargs(args, args.model)
+    threads = cpu_threads(args.threads, device)
     budget_tokens = None
     if args.budget is not None:
         budget_tokens = check_budget(args.budget, geometry.schedule, args.model).tokens(geometry.schedule)
@@ -87,6 +88,7 @@ def calibrate_command(args) -> int:
         raise ValueError(f"--out {args.out!r} must name a .json file")
     prepare_output(out.parent if str(out.parent) else Path("."))
     dtype = default_dtype(device, args.dtype)
+    set_threads(threads)
     from adapters import load_model
 
     model = load_model(args.model, device=device, dtype=parse_dtype(dtype), **weights)

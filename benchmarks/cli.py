@@ -38,6 +38,9 @@ def _add_run_args(p):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (default cpu)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="compute dtype (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default on CPU: 1, which keeps "
+                   "latencies stable on a shared machine and is fastest for the tiny models; raise it for large "
+                   "models on a free machine)")
 
 
 PLUGIN_HELP = ("a Python file or importable module that registers policies (@register_policy); repeatable. "
@@ -102,8 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "job (default 1 on CUDA, 0 on CPU; one untimed full-cache call always precedes all timing)")
     p.add_argument("--no-learned-metrics", action="store_true", help="skip LPIPS/FID even when their weights exist")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default on CPU: 1, which keeps "
-                   "latencies stable on a shared machine; the tiny model gains little from more)")
     _add_option_arg(p)
     _add_run_args(p)
     _add_scalekv_args(p)

@@ -26,7 +26,7 @@ import torch
 
 import kvpolicy
 from . import reports
-from .model_args import check_device, default_dtype, weights_kwargs
+from .model_args import check_device, cpu_threads, default_dtype, weights_kwargs
 from .metrics import LearnedMetrics, psnr, ssim, token_agreement
 from .plan import parse_resolution, resolve_geometry
 from .policy_spec import (build_policy, check_budget, check_policy_name, parse_dtype, parse_policy_options,
@@ -126,11 +126,7 @@ def settings_from_args(args) -> CompareSettings:
     if args.calibration and "scalekv" not in policies:
         raise ValueError("--calibration configures scalekv, which is not among --policies")
     options = parse_policy_options(getattr(args, "option", None), policies)
-    threads = getattr(args, "threads", None)
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
-    if threads is None and device == "cpu":
-        threads = 1
+    threads = cpu_threads(getattr(args, "threads", None), device)
     return CompareSettings(weights=weights, threads=threads, options=options, model=args.model, policies=policies, budgets=budgets, conditions=conditions,
                            condition_kind=kind, seeds=seeds, out=Path(args.out), device=device, dtype=dtype,
                            batch_size=args.batch_size, repeats=args.repeats, warmup=warmup,

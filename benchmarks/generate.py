@@ -6,8 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from .compare import model_family, save_png
-from .model_args import check_device, default_dtype, weights_kwargs
+from .model_args import check_device, cpu_threads, default_dtype, set_threads, weights_kwargs
 from .plan import parse_resolution, resolve_geometry
 from .policy_spec import build_policy, check_budget, parse_dtype, parse_policy_options
 
@@ -51,6 +53,7 @@ def generate_command(args) -> int:
     geometry = resolve_geometry(args.model, resolution, args.aspect_ratio)
     device = check_device(args.device)
     weights = weights_kwargs(args, args.model)
+    threads = cpu_threads(args.threads, device)
     budget = None if args.budget is None else check_budget(args.budget, geometry.schedule, args.model)
     paths = output_paths(args.out, len(conditions))
     for p in paths:
@@ -69,6 +72,7 @@ def generate_command(args) -> int:
     elif args.budget_file or args.calibration:
         raise ValueError("--budget-file/--calibration need --policy scalekv")
     dtype = default_dtype(device, args.dtype)
+    set_threads(threads)
     from adapters import load_model
 
     model = load_model(args.model, device=device, dtype=parse_dtype(dtype), **weights)
@@ -89,7 +93,8 @@ def generate_command(args) -> int:
         save_png(image, path)
     report = out.cache_report
     print(f"{args.model}, policy {policy if policy is not None else 'full cache'}, seed {args.seed}, "
-          f"{len(conditions)} image(s) in {elapsed:.2f} s ({device}, {dtype})")
+          f"{len(conditions)} image(s) in {elapsed:.2f} s ({device}, {dtype}"
+          + (f", {torch.get_num_threads()} CPU thread(s))" if torch.device(device).type == "cpu" else ")"))
     print(report.table())
     if report.scale_seconds:
         print("seconds per scale: " + " ".join(f"{t:.3f}" for t in report.scale_seconds))

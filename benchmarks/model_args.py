@@ -72,3 +72,18 @@ def check_device(text: str) -> str:
 def default_dtype(device: str, dtype: Optional[str]) -> str:
     """fp32 on CPU (bf16 matmuls are slow there), bf16 on accelerators, unless --dtype says otherwise."""
     return dtype or ("fp32" if torch.device(device).type == "cpu" else "bf16")
+
+
+def cpu_threads(threads: Optional[int], device: str) -> Optional[int]:
+    """--threads checked; on CPU it defaults to 1: with more, a 2-core machine that is also running
+    something else slows the tiny models 10-20x (threads spin waiting for a busy core)."""
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    if threads is None and torch.device(device).type == "cpu":
+        return 1
+    return threads
+
+
+def set_threads(threads: Optional[int]) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)

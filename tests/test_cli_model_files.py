@@ -122,3 +122,16 @@ def test_misspelt_model_suggests_the_tiny_presets(typo, meant, condition):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert f"did you mean {meant!r}" in done.stderr, done.stderr
+
+
+def test_generate_uses_one_cpu_thread_by_default_and_checks_threads(tmp_path, capsys):
+    """As compare does: on a busy 2-core machine more threads made the tiny models 10-20x slower."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["generate", "--model", "var-tiny", "--label", "3", "--out", str(tmp_path / "a.png")]) == 0
+        assert "(cpu, fp32, 1 CPU thread(s))" in capsys.readouterr().out
+        assert main(["generate", "--model", "var-tiny", "--label", "3", "--threads", "0"]) == 2
+        assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
