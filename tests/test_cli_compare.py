@@ -24,6 +24,7 @@ from adapters.base import GenerationOutput
 from benchmarks import compare as compare_mod
 from benchmarks import reports
 from benchmarks.cli import build_parser, main
+from metric_weight_files import write_random_lpips_files
 
 FAKE = "infinity-fake-harness"
 geometry.register_geometry(FAKE, "infinity", 2, 2, 8, 256)  # Infinity 256^2 schedule: 7 scales up to 16x16
@@ -265,15 +266,7 @@ def test_learned_metrics_are_recorded_when_their_weights_exist(tmp_path, monkeyp
     configuration a set-level FID, and the summary shows them."""
     from benchmarks import metrics
 
-    g = torch.Generator().manual_seed(0)
-    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
-    alex = {}
-    for idx, shape in shapes.items():
-        alex[f"features.{idx}.weight"] = torch.randn(*shape, generator=g) * 0.05
-        alex[f"features.{idx}.bias"] = torch.zeros(shape[0])
-    torch.save(alex, tmp_path / metrics.ALEXNET_FILE)
-    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
-                for i, c in enumerate((64, 192, 384, 256, 256))}, tmp_path / metrics.LPIPS_LIN_FILE)
+    write_random_lpips_files(tmp_path)
 
     class Features(torch.nn.Module):
         def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 
 from benchmarks import metrics
 from benchmarks.metrics import LPIPS, LearnedMetrics, frechet_distance, psnr, ssim, token_agreement
+from metric_weight_files import write_random_lpips_files
 
 
 def _images(seed, n=2, h=24, w=20):
@@ -95,15 +96,7 @@ def test_learned_metrics_skip_with_a_clear_reason(tmp_path, monkeypatch):
 
 def test_lpips_network_from_local_weight_files(tmp_path, monkeypatch):
     """The loader reads torchvision/LPIPS key names; identical images score 0, others > 0."""
-    g = torch.Generator().manual_seed(0)
-    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
-    alex = {}
-    for idx, shape in shapes.items():
-        alex[f"features.{idx}.weight"] = torch.randn(*shape, generator=g) * 0.05
-        alex[f"features.{idx}.bias"] = torch.zeros(shape[0])
-    lin = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate((64, 192, 384, 256, 256))}
-    torch.save(alex, tmp_path / metrics.ALEXNET_FILE)
-    torch.save(lin, tmp_path / metrics.LPIPS_LIN_FILE)
+    alex, lin = write_random_lpips_files(tmp_path)
     monkeypatch.setenv("KVPOLICY_LPIPS_DIR", str(tmp_path))
     m = LearnedMetrics()
     a, b = _images(4, h=64, w=64), _images(5, h=64, w=64)
