@@ -202,24 +202,21 @@ def resolve_source(spec: WeightSpec, *, filename: Optional[str], model_name: str
     return resolve_file(spec, filename or f"{what}.pth", model=model_name, all_files=files)
 
 
-def fill_var(model: VARTransformer, source, *, seed: int) -> str:
-    """Fill the transformer from a resolved source; returns a description of it."""
+def _fill(model, source, seed: int, init_random, load_state_dict) -> str:
     if isinstance(source, str) and source == RANDOM:
-        init_random_var(model, seed)
+        init_random(model, seed)
         return f"random(seed={seed})"
     if isinstance(source, Mapping):
-        load_var_state_dict(model, source)
+        load_state_dict(model, source)
         return "state dict"
-    load_var_state_dict(model, read_state_dict(source), what=str(source))
+    load_state_dict(model, read_state_dict(source), what=str(source))
     return str(source)
+
+
+def fill_var(model: VARTransformer, source, *, seed: int) -> str:
+    """Fill the transformer from a resolved source; returns a description of it."""
+    return _fill(model, source, seed, init_random_var, load_var_state_dict)
 
 
 def fill_vqvae(model: VQVAE, source, *, seed: int) -> str:
-    if isinstance(source, str) and source == RANDOM:
-        init_random_vqvae(model, seed)
-        return f"random(seed={seed})"
-    if isinstance(source, Mapping):
-        load_vqvae_state_dict(model, source)
-        return "state dict"
-    load_vqvae_state_dict(model, read_state_dict(source), what=str(source))
-    return str(source)
+    return _fill(model, source, seed, init_random_vqvae, load_vqvae_state_dict)
