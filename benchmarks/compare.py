@@ -197,11 +197,22 @@ def row_key(settings: CompareSettings, condition, seed: int, config: Config) -> 
 
 
 def library_versions() -> dict:
+    """Versions of everything that can change an image or a timing (None: not installed / no GPU)."""
+    from importlib import metadata
+
     import PIL
 
+    def installed(name: str) -> Optional[str]:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
     return {"kvpolicy": kvpolicy.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "pillow": PIL.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": torch.version.cuda}
+            "pillow": PIL.__version__, "transformers": installed("transformers"),
+            "huggingface_hub": installed("huggingface_hub"), "safetensors": installed("safetensors"),
+            "python": platform.python_version(), "platform": platform.platform(), "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 # -- running ----------------------------------------------------------------------------------------

@@ -109,6 +109,10 @@ def test_compare_writes_every_file_with_consistent_content(tmp_path):
     n_ref = schedule.reference_length
     for r in rows:
         assert r["versions"]["torch"] == torch.__version__ and r["versions"]["kvpolicy"] == kvpolicy.__version__
+        import transformers
+
+        assert r["versions"]["transformers"] == transformers.__version__  # builds Infinity's T5 encoder
+        assert r["versions"]["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
         assert r["settings"] == {"device": "cpu", "dtype": "fp32", "batch_size": 1, "threads": 1, "repeats": 2, "warmup": 1,
                                  "resolution": None, "aspect_ratio": 1.0}
         assert len(r["seconds_per_call_repeats"]) == 2 and r["seconds_per_image"] > 0
