@@ -233,6 +233,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         env_plugins = [p for p in os.environ.get("KVPOLICY_PLUGINS", "").split(os.pathsep) if p]
         load_plugins(env_plugins + list(args.plugins_top) + list(getattr(args, "plugins", [])))
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        if os.environ.get("KVPOLICY_TRACEBACK"):
+            raise
+        hint = " (finished rows are kept: run the same command again to resume)" if args.command == "compare" else ""
+        print(f"kvpolicy {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     except (CommandError, ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:
         if os.environ.get("KVPOLICY_TRACEBACK"):
             raise

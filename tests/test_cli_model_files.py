@@ -135,3 +135,15 @@ def test_generate_uses_one_cpu_thread_by_default_and_checks_threads(tmp_path, ca
         assert "--threads must be >= 1, got 0" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def test_ctrl_c_is_one_line_with_the_resume_hint(monkeypatch, capsys):
+    from benchmarks import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "compare", interrupted)
+    assert main(["compare", "--out", "x"]) == 130
+    err = capsys.readouterr().err
+    assert err == ("kvpolicy compare: interrupted (finished rows are kept: run the same command again to resume)\n")
