@@ -31,7 +31,7 @@ from .metrics import LearnedMetrics, psnr, ssim, token_agreement
 from .plan import parse_resolution, resolve_geometry
 from .policy_spec import (build_policy, check_budget, check_policy_name, parse_dtype, parse_policy_options,
                           split_list)
-from .prompts import EVAL_PROMPTS, parse_labels, read_prompts
+from .prompts import EVAL_PROMPTS, check_unique, parse_labels, read_prompts
 
 DEFAULT_BUILTIN_PROMPTS = 8
 # Table 1 order for the built-in policies; other registered policies follow alphabetically.
@@ -101,6 +101,7 @@ def settings_from_args(args) -> CompareSettings:
         conditions, kind = read_prompts(args.prompts, args.limit), "prompt"
     else:
         conditions, kind = read_prompts(EVAL_PROMPTS, args.limit or DEFAULT_BUILTIN_PROMPTS), "prompt"
+    check_unique(conditions, "--labels" if kind == "label" else "the prompts")
     if args.policies is None:
         registered = [p for p in kvpolicy.list_policies() if p != "full"]
         policies = [p for p in CANONICAL_ORDER if p in registered] + [p for p in registered if p not in CANONICAL_ORDER]

@@ -23,6 +23,9 @@ def read_prompts(path: str | Path, limit: Optional[int] = None) -> list[str]:
     """Prompts from a text file (one per line; blank lines and '#' comments skipped), a JSON list of
     strings, or a COCO captions JSON (``{"annotations": [{"image_id", "caption"}, ...]}``)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"prompts file {str(path)!r} is a folder; give a .txt file with one prompt per line, a "
+                         "JSON list of strings, or a COCO captions JSON")
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {str(path)!r} does not exist (give a .txt file with one prompt "
                                 "per line, a JSON list of strings, or a COCO captions JSON)")
@@ -84,3 +87,15 @@ def parse_labels(text: str, num_classes: int = NUM_IMAGENET_CLASSES) -> list[int
     if bad:
         raise ValueError(f"labels {bad} are out of range: classes are 0..{num_classes - 1}")
     return labels
+
+
+def check_unique(conditions: list, what: str) -> None:
+    """Refuse repeated conditions: results are keyed by (condition, seed), so a repeat would be
+    generated once and silently counted once."""
+    from collections import Counter
+
+    repeated = [c for c, n in Counter(conditions).items() if n > 1]
+    if repeated:
+        shown = ", ".join(repr(c) for c in repeated[:5]) + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+        raise ValueError(f"{what} repeat {shown}: every condition is generated once per seed (use --seeds for more "
+                         "samples of one condition); remove the repeats")

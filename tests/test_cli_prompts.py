@@ -60,3 +60,13 @@ def test_labels():
                          ("-1", "out of range"), (",", "name no class")):
         with pytest.raises(ValueError, match=message):
             parse_labels(bad)
+
+
+def test_repeated_prompts_are_refused_not_merged(tmp_path, capsys):
+    from benchmarks.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\na cat\n")
+    assert main(["compare", "--prompts", str(prompts), "--out", str(tmp_path / "o")]) == 2
+    assert "the prompts repeat 'a cat'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
