@@ -66,9 +66,9 @@ def check_window_fits(plan: CapacityPlan, schedule, window, name: str, window_si
         for layer, capacity in enumerate(row):
             if capacity is not None and capacity < schedule.cumulative_length(scale) and capacity < window(scale):
                 raise ValueError(
-                    f"{name}: capacity {capacity} at scale {scale}, layer {layer} is smaller than the observation "
-                    f"window ({window(scale)} tokens); use a budget >= window_size={window_size} tokens or a "
-                    "smaller window_size")
+                    f"{name}: capacity {capacity} at scale {scale}, layer {layer} is smaller than that scale's "
+                    f"observation window ({window(scale)} tokens, window_size={window_size} capped by the map); "
+                    f"budgets of at least {window_size} tokens always fit, or choose a smaller window_size")
     return plan
 
 
