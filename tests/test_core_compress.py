@@ -145,3 +145,19 @@ def test_attention_scores_convert_half_caches_in_blocks(monkeypatch, q_heads):
     monkeypatch.setattr(scoring, "_BLOCK_ELEMENTS", 2 * 2 * (q_heads // 2) * 45)  # one query per block
     torch.testing.assert_close(scoring.attention_scores(queries, keys), torch.softmax(logits, -1).sum(3).mean(2),
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_tokens_copies_exactly_what_torch_gather_selects(dtype):
+    """The fast row copy must equal torch.gather bit for bit, also for non-contiguous inputs and k=0."""
+    from kvpolicy.compress import gather_tokens
+
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 7, 2, 5, generator=generator).to(dtype)
+    tensor = base.permute(0, 2, 1, 3)  # (B=3, H=2, L=7, D=5), not contiguous
+    for kept in (0, 1, 4, 7):
+        indices = torch.stack([torch.randperm(7, generator=generator)[:kept].sort().values for _ in range(6)]).view(3, 2, kept)
+        expected = torch.gather(tensor, 2, indices.unsqueeze(-1).expand(-1, -1, -1, 5))
+        got = gather_tokens(tensor, indices)
+        assert got.shape == (3, 2, kept, 5) and got.is_contiguous()
+        assert torch.equal(got, expected)
