@@ -70,6 +70,12 @@ def default_refiner_floor(budget_tokens: int) -> int:
     return -(-budget_tokens * _RELEASED_FLOOR // _RELEASED_BUDGET)
 
 
+def window_refiner_floor(budget_tokens: int, window_size: int) -> int:
+    """The floor a ScaleKV plan uses: ``default_refiner_floor`` but never below the observation
+    window (a refiner must hold its window tokens), and never above the budget."""
+    return min(budget_tokens, max(window_size, default_refiner_floor(budget_tokens)))
+
+
 def default_refiner_schedule(budget_tokens: int) -> tuple[int, int]:
     """Paper allocation defaults scaled from its ablation (B_r(0) = 600, δ = 70 at 650 tokens)."""
     return (round(budget_tokens * _PAPER_INITIAL / _RELEASED_BUDGET),
@@ -638,11 +644,15 @@ class CalibrationResult:
         return {s: sorted(v) for s, v in out.items()}
 
     def plan(self, schedule: ScaleSchedule, budget, *, num_drafters: Optional[int] = None,
-             allocation: str = "released", **allocation_options) -> CapacityPlan:
-        """A drafter/refiner plan for any budget (``allocate``'s options pass through)."""
+             allocation: str = "released", window_size: int = 16, **allocation_options) -> CapacityPlan:
+        """A drafter/refiner plan for any budget (``allocate``'s options pass through). The refiner
+        floor defaults to ``window_refiner_floor(budget, window_size)``, as the scalekv policy uses, so
+        an exported budget file always loads into a policy with that window."""
         from .budget import parse_budget
 
         tokens = parse_budget(budget).tokens(schedule)
+        if allocation_options.get("refiner_floor") is None:
+            allocation_options["refiner_floor"] = window_refiner_floor(tokens, window_size)
         return allocate(schedule, self.num_layers, tokens, self.drafters(schedule, tokens, num_drafters),
                         allocation=allocation, **allocation_options)
 

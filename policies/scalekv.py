@@ -58,7 +58,7 @@ from typing import Any, Mapping, Optional
 import attrs
 
 from kvpolicy import register_policy
-from kvpolicy.calibration import ALLOCATIONS, BudgetFile, allocate, default_refiner_floor
+from kvpolicy.calibration import ALLOCATIONS, BudgetFile, allocate, window_refiner_floor
 from kvpolicy.windowed import PatchWindowPolicy, check_choice, check_positive_int
 
 
@@ -171,7 +171,7 @@ class ScaleKV(PatchWindowPolicy):
                     raise ValueError(f"calibration has {self.calibration.num_layers} layers, the model {num_layers}")
             floor = self.refiner_floor
             if floor is None:
-                floor = min(budget_tokens, max(self.window_size, default_refiner_floor(budget_tokens)))
+                floor = window_refiner_floor(budget_tokens, self.window_size)
             plan = allocate(schedule, num_layers, budget_tokens, drafters, allocation=self.allocation,
                             refiner_floor=floor, refiner_initial=self.refiner_initial,
                             refiner_decay=self.refiner_decay, policy=self.name)

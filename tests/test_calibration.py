@@ -191,3 +191,23 @@ def test_malformed_calibration_json_is_rejected_clearly(tmp_path):
         CalibrationResult.load(path)
     with pytest.raises(ValueError, match=r"calibration file '.*broken.json' is not valid JSON"):
         get_policy("scalekv", calibration=path)
+
+
+def test_calibration_plan_and_policy_agree_on_small_budgets():
+    """Below 52 tokens ⌈200·B/650⌉ is smaller than the 16-token window: the calibration's own plan (and
+    the budget file it exports) must use the same window-aware floor as the scalekv policy, so that an
+    exported file loads into the policy."""
+    import kvpolicy
+    from kvpolicy.calibration import CalibrationResult, window_refiner_floor
+
+    schedule = kvpolicy.ScaleSchedule([1, 2, 3, 4, 5, 6, 8, 10, 13, 16])
+    layers, scales = 6, schedule.num_scales
+    result = CalibrationResult(num_layers=layers, num_scales=scales,
+                               current_ratio=[[0.1 + 0.1 * l] * scales for l in range(layers)],
+                               history_topk=[[0.5] * scales for _ in range(layers)], top_k=4)
+    assert window_refiner_floor(30, 16) == 16 and window_refiner_floor(650, 16) == 200 and window_refiner_floor(10, 16) == 10
+    policy = kvpolicy.get_policy("scalekv", budget=30, calibration=result)
+    assert result.plan(schedule, 30).capacities == policy.plan(schedule, layers).capacities
+    refiners = [c for s, row in enumerate(policy.plan(schedule, layers).capacities)
+                for l, c in enumerate(row) if policy.plan(schedule, layers).roles[s][l] == "refiner"]
+    assert refiners and min(refiners) >= 16
