@@ -53,8 +53,9 @@ def test_json_round_trip(tmp_path):
     assert CapacityPlan.from_dict(plan.to_dict()) == plan
     # Every registered baseline's plan survives the round trip.
     schedule = ScaleSchedule([1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64])
-    for name, options in [("pyramidkv", {}), ("snapkv", {}), ("h2o", {}), ("full", {}), ("streamingllm", {})]:
-        made = kvpolicy.get_policy(name, budget="10%", **options).plan(schedule, 32)
+    for name, options in [("pyramidkv", {"budget": "10%"}), ("snapkv", {"budget": "10%"}), ("h2o", {"budget": "10%"}),
+                          ("full", {}), ("streamingllm", {"budget": "10%"})]:
+        made = kvpolicy.get_policy(name, **options).plan(schedule, 32)
         assert CapacityPlan.from_json(made.to_json()) == made
 
 

@@ -149,3 +149,13 @@ def test_layering_rule():
             top = module.split(".")[0]
             assert not module.startswith(".") and top not in ("policies", "adapters", "benchmarks"), \
                 f"policies/{path.name} imports {module}"
+
+
+def test_full_refuses_a_budget_instead_of_ignoring_it():
+    """`full` keeps every token: a budget given to it would be silently meaningless, so it is refused."""
+    with pytest.raises(ValueError, match=r"policy 'full' keeps every token and takes no budget, got budget=10%"):
+        kvpolicy.get_policy("full", budget="10%")
+    full = kvpolicy.get_policy("full")
+    with pytest.raises(ValueError, match="takes no budget"):
+        full.plan(kvpolicy.ScaleSchedule([1, 2, 4]), 2, budget=3)
+    assert full.plan(kvpolicy.ScaleSchedule([1, 2, 4]), 2).capacities == ((None, None),) * 3

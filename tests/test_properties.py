@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, assume, event, given, settings, strategies a
 import kvpolicy
 from kvpolicy import KVCache, ScaleSchedule, Tokens
 
-from test_policy_matrix import (INFINITY_7, POLICIES, POLICY_OPTIONS, VAR_256, check_generation, check_plan,
+from test_policy_matrix import (INFINITY_7, make_policy, POLICIES, POLICY_OPTIONS, VAR_256, check_generation, check_plan,
                                 make_inputs)
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -75,7 +75,7 @@ def policy_cases(draw, name):
 
 def build(name, budget, options, schedule, num_layers):
     """The policy, or None when it rightly refuses the budget (budget below its observation window)."""
-    policy = kvpolicy.get_policy(name, budget=budget, **options)
+    policy = make_policy(name, budget, **options)
     window = getattr(policy, "window_size", None)
     try:
         policy.plan(schedule, num_layers)
@@ -107,7 +107,7 @@ def test_generation_invariants(name, data):
     other = make_inputs(schedule, **{**geometry, "seed": geometry["seed"] + 1})
     cache.reset()
     second = check_generation(policy, other, cache)
-    assert second.same_selection(check_generation(kvpolicy.get_policy(name, budget=budget, **options), other))
+    assert second.same_selection(check_generation(make_policy(name, budget, **options), other))
     cache.reset()
     assert check_generation(policy, inputs, cache).same_selection(first)
 
@@ -340,7 +340,7 @@ def test_all_scores_tied(name):
     tensors = {key: (torch.ones_like(k) / math.sqrt(k.shape[-1]), v, torch.ones_like(q), torch.ones_like(r))
                for key, (k, v, q, r) in base.tensors.items()}
     inputs = type(base)(base.schedule, base.num_layers, tensors)
-    policy = kvpolicy.get_policy(name, budget="10%", **POLICY_OPTIONS.get(name, {}))
+    policy = make_policy(name, "10%")
     first = check_generation(policy, inputs)
     assert first.same_selection(check_generation(policy, inputs))
     alone = check_generation(policy, inputs.row(1))
