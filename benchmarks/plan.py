@@ -25,10 +25,7 @@ def resolve_geometry(model: str, resolution=None, aspect_ratio: float = 1.0) -> 
         # every family, not only the one the prefix suggests: a misspelt name ('infinty-tiny') must be
         # matched against the tiny presets too
         for module in ("adapters.infinity", "adapters.var"):
-            try:
-                importlib.import_module(module)
-            except ImportError:
-                pass
+            importlib.import_module(module)  # part of this package: a failure here is a real error
     return geo.get_geometry(model, resolution, aspect_ratio)
 
 
