@@ -62,8 +62,6 @@ def test_config_from_golden_fields_matches_inferred(golden, golden_state):
     from_decoder_config = BSQVAEConfig.from_official(golden["decoder_config"])
     from_args = BSQVAEConfig.from_official(golden["autoencoder_args"])
     assert from_decoder_config == from_args
-    assert (from_args.codebook_dim, from_args.base_channels, from_args.channel_multipliers) == (32, 32, (1, 2))
-    assert from_args.upsample_levels == (1,) and from_args.upsample_factor == 2
     inferred = BSQVAEConfig.from_state_dict(golden_state)
     assert BSQVAEDecoder(inferred).state_dict().keys() == BSQVAEDecoder(from_args).state_dict().keys()
 
@@ -72,10 +70,11 @@ def test_decode_matches_golden(golden, golden_state):
     decoder = load_bsq_vae(golden_state, BSQVAEConfig.from_official(golden["autoencoder_args"]))
     case = golden["decode_case"]
     image = decoder.decode(case["summed_codes"])
-    assert image.shape == case["image"].shape == (2, 3, 16, 16)
+    assert image.shape == case["image"].shape
     assert (image - case["image"]).abs().max().item() <= IMAGE_TOL
     assert image.min() >= -1 and image.max() <= 1
-    assert (image.abs() == 1).float().mean() > 0.05  # the clamp is exercised (golden: 19% at +-1)
+    if (case["image"].abs() == 1).any():  # the clamp is exercised (public set: 19% at +-1)
+        assert (image.abs() == 1).any()
 
 
 def test_bits_path_matches_golden(golden, golden_decoder):
@@ -137,7 +136,8 @@ def test_bf16_autocast_and_bf16_weights(golden, golden_state):
     for image in (autocast_image, weights_image):
         assert image.dtype == torch.bfloat16
         assert 0 < (image.float() - case["image"]).abs().max() < 0.1  # bf16 rounding, nothing worse
-        assert images_to_uint8(image).shape == (2, 16, 16, 3)
+        batch, _, height, width = case["image"].shape
+        assert images_to_uint8(image).shape == (batch, height, width, 3)
 
 
 def test_missing_key_is_an_error_naming_it(golden_state):

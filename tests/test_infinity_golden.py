@@ -17,6 +17,8 @@ from adapters.geometry import INFINITY_TEMPLATES
 from adapters.infinity import InfinityConfig, InfinityModel, InfinityTransformer, load_transformer_weights
 from kvpolicy import KVCache, ScaleSchedule, get_policy
 
+from conftest import released_budget_file
+
 
 def _load_golden(golden_dir, case):
     path = golden_dir / case / "golden.pt"
@@ -120,8 +122,8 @@ def test_scalekv_reference_run_matches_official(golden_dir):
     """ScaleKV in reference mode with the released 2B 10% budget file: per-layer cache lengths after
     every scale, every selection (SHA-256 of the kept indices), teacher-forced logits and the bits."""
     golden = _load_golden(golden_dir, "infinity_scalekv")
-    budget_file = golden_dir / "scalekv" / "budgets" / "infinity-2b-10pct.json"
     config = golden["scalekv_config"]
+    budget_file = released_budget_file(golden_dir, config["budget_file"])
     policy = get_policy("scalekv", mode="reference", budget_file=budget_file, window_size=config["window_size"],
                         kernel_size=config["kernel_size"], pooling=config["pooling"])
     run = golden["runs"]["scalekv"]
