@@ -42,6 +42,11 @@ def drafter_fraction_for(num_drafters: int, num_layers: int, num_decision_scales
     return num_drafters / total
 
 
+def calibration_source(model_name: str, geometry) -> str:
+    """What a calibration was made on, saved in its JSON and quoted when it does not fit a model."""
+    return f"{model_name}, {geometry.num_layers} layers, schedule {geometry.schedule}"
+
+
 def run_calibration(model, model_name: str, conditions, *, seed: int = 0, top_k=None, batch_size: int = 1,
                     resolution=None, aspect_ratio: float = 1.0, progress: bool = False):
     """Feed every condition through ``model.generate(stats=collector)``; return the collector."""
@@ -95,7 +100,8 @@ def calibrate_command(args) -> int:
     started = time.perf_counter()
     collector, geometry = run_calibration(model, args.model, conditions, seed=args.seed, top_k=args.top_k,
                                           resolution=resolution, aspect_ratio=args.aspect_ratio)
-    result = collector.result(**({} if fraction is None else {"drafter_fraction": fraction}))
+    result = collector.result(source=calibration_source(args.model, geometry),
+                              **({} if fraction is None else {"drafter_fraction": fraction}))
     result.save(out)
     print(f"calibrated {args.model} on {len(conditions)} condition(s) in {time.perf_counter() - started:.1f} s: "
           f"{geometry.num_layers} layers x {geometry.schedule.num_scales} scales, top-K' {result.top_k}, "

@@ -328,14 +328,14 @@ class Comparison:
         if path.is_file():
             self.log(f"scalekv: using the calibration in {path}")
             return path
-        from .calibrate import calibration_conditions, run_calibration
+        from .calibrate import calibration_conditions, calibration_source, run_calibration
 
         conditions = calibration_conditions(self.s.model)
         self.log(f"scalekv: no --calibration or --budget-file given; calibrating {self.s.model} on "
                  f"{len(conditions)} shipped calibration conditions -> {path}")
-        collector, _ = run_calibration(self._load_model(), self.s.model, conditions, resolution=self.s.resolution,
-                                       aspect_ratio=self.s.aspect_ratio)
-        collector.result().save(path)
+        collector, geometry = run_calibration(self._load_model(), self.s.model, conditions, resolution=self.s.resolution,
+                                              aspect_ratio=self.s.aspect_ratio)
+        collector.result(source=calibration_source(self.s.model, geometry)).save(path)
         return path
 
     def run(self) -> dict:

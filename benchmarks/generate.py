@@ -30,13 +30,13 @@ def auto_calibrate(model, model_name: str, path: Path, *, resolution=None, aspec
     if path.is_file():
         print(f"scalekv: using the calibration in {path}", file=sys.stderr)
         return path
-    from .calibrate import calibration_conditions, run_calibration
+    from .calibrate import calibration_conditions, calibration_source, run_calibration
 
     conditions = calibration_conditions(model_name)
     print(f"scalekv: no --calibration or --budget-file given; calibrating {model_name} on {len(conditions)} "
           f"shipped calibration conditions -> {path}", file=sys.stderr)
-    collector, _ = run_calibration(model, model_name, conditions, resolution=resolution, aspect_ratio=aspect_ratio)
-    collector.result().save(path)
+    collector, geometry = run_calibration(model, model_name, conditions, resolution=resolution, aspect_ratio=aspect_ratio)
+    collector.result(source=calibration_source(model_name, geometry)).save(path)
     return path
 
 

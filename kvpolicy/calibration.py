@@ -490,7 +490,7 @@ class AttentionStatsCollector:
         self.calls += 1
 
     def result(self, *, operator: str = "multiplicative", history: str = "mass", drafter_fraction: float = 0.075,
-               epsilon: float = 1e-6) -> "CalibrationResult":
+               epsilon: float = 1e-6, source: str = "") -> "CalibrationResult":
         def table(total, count):
             return [[float(total[l, s] / count[l, s]) if count[l, s] else None for s in range(self.num_scales)]
                     for l in range(self.num_layers)]
@@ -501,7 +501,7 @@ class AttentionStatsCollector:
             history_topk=table(self._history_sum, self._history_count),
             history_share=table(self._share_sum, self._history_count),
             top_k=self.top_k, operator=operator, history=history, drafter_fraction=drafter_fraction, epsilon=epsilon,
-            samples=self._count.tolist(), calls=self.calls)
+            samples=self._count.tolist(), calls=self.calls, source=source)
 
 
 def _grid(value):
@@ -562,6 +562,7 @@ class CalibrationResult:
     epsilon: float = attrs.field(default=1e-6, validator=_check_epsilon)
     samples: Optional[tuple] = attrs.field(default=None, converter=attrs.converters.optional(_grid))
     calls: int = attrs.field(default=0, validator=check_int_at_least(0))
+    source: str = attrs.field(default="", validator=attrs.validators.instance_of(str))  # e.g. "infinity-2b, 13 scales"
 
     def __attrs_post_init__(self):
         if self.history == "share" and self.history_share is None:
@@ -636,7 +637,9 @@ class CalibrationResult:
     def drafters(self, schedule: ScaleSchedule, budget_tokens: int, num_drafters: Optional[int] = None) -> dict[int, list[int]]:
         """{decision scale: sorted drafter layers} for a schedule and budget."""
         if schedule.num_scales != self.num_scales:
-            raise ValueError(f"calibration covers {self.num_scales} scales, the schedule has {schedule.num_scales}")
+            made_for = f" (made for {self.source})" if self.source else ""
+            raise ValueError(f"calibration covers {self.num_scales} scales{made_for}, the schedule has "
+                             f"{schedule.num_scales}: calibrate this model and resolution (kvpolicy calibrate)")
         scales = decision_scales(schedule, budget_tokens)
         out = {s: [] for s in scales}
         for layer, scale in self.drafter_pairs(scales, num_drafters):
@@ -667,7 +670,8 @@ class CalibrationResult:
                 "history_topk": [list(r) for r in self.history_topk],
                 "history_share": None if self.history_share is None else [list(r) for r in self.history_share],
                 "top_k": self.top_k, "operator": self.operator, "history": self.history, "drafter_fraction": self.drafter_fraction, "epsilon": self.epsilon,
-                "samples": None if self.samples is None else [list(r) for r in self.samples], "calls": self.calls}
+                "samples": None if self.samples is None else [list(r) for r in self.samples], "calls": self.calls,
+                "source": self.source}
 
     @classmethod
     def from_dict(cls, data: dict) -> "CalibrationResult":

@@ -168,7 +168,9 @@ class ScaleKV(PatchWindowPolicy):
             if self.calibration is not None:
                 drafters = self.calibration.drafters(schedule, budget_tokens, num_drafters=self.num_drafters)
                 if self.calibration.num_layers != num_layers:
-                    raise ValueError(f"calibration has {self.calibration.num_layers} layers, the model {num_layers}")
+                    made_for = f" (made for {self.calibration.source})" if self.calibration.source else ""
+                    raise ValueError(f"calibration has {self.calibration.num_layers} layers{made_for}, the model "
+                                     f"{num_layers}: calibrate this model (kvpolicy calibrate)")
             floor = self.refiner_floor
             if floor is None:
                 floor = window_refiner_floor(budget_tokens, self.window_size)
