@@ -32,7 +32,7 @@ def split_list(text: str, what: str) -> list[str]:
 
 
 def parse_policy_options(items, policies) -> dict[str, dict]:
-    """``["snapkv.window_size=16", "h2o.heavy_fraction=0.25"]`` -> {policy: {option: value}}; values
+    """``["snapkv.window_size=16", "h2o.heavy_ratio=0.25"]`` -> {policy: {option: value}}; values
     are read as JSON when they parse (16, 0.25, true, "max") and as plain strings otherwise."""
     out: dict[str, dict] = {}
     for item in items or []:

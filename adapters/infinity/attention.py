@@ -89,6 +89,8 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows, length, width = x.shape
         q = linear(x, self.mat_q).view(rows, length, self.num_heads, self.head_dim).transpose(1, 2)
+        # Recomputed at every scale, as the official code does: caching it per layer would save ~0.2 % of
+        # the compute but hold rows x text x 2C per layer (GBs at batch 8 with long prompts) all along.
         kv = linear(text, self.mat_kv, torch.cat((self.zero_k_bias, self.v_bias)))
         kv = kv.view(rows, text.shape[1], 2, self.num_heads, self.head_dim)
         return linear(_text_attention(q, kv, mask, self.head_dim), self.proj)
