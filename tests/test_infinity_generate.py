@@ -240,3 +240,15 @@ def test_spatial_patchify_round_trip_and_generation():
     out = model.generate(["a red cube"], progress=False)
     assert out.images.shape == (1, 256, 256, 3)
     assert [tuple(b.shape) for b in out.tokens] == [(1, h, w, 8) for h, w in model.geometry().schedule.shapes]
+
+
+def test_dtype_names_are_accepted_like_var():
+    """Both adapters take torch dtypes or their names ('bf16', 'bfloat16', …) through one parser."""
+    from adapters import load_model
+
+    model = load_model("infinity-tiny", dtype="bf16")
+    assert model.transformer.block_dtype == torch.bfloat16
+    model.generate(["a red cube"], dtype="float32", progress=False)
+    assert model.transformer.block_dtype == torch.float32
+    with pytest.raises(ValueError, match=r"dtype 'int8' is not one of float32, bfloat16, float16"):
+        load_model("infinity-tiny", dtype="int8")

@@ -25,17 +25,12 @@ from .bsq_vae import BSQVAEDecoder, images_to_uint8, load_bsq_vae
 from .config import PRESETS, InfinityPreset
 from .generate import LoopResult, run_generation
 from .hub import check_text_encoder, resolve_vae, resolve_weights
+from adapters.dtypes import parse_dtype
+
 from .model import InfinityTransformer
 from .text import TextEncoder, load_text_encoder, random_text_encoder
 from .weights import load_transformer_weights, random_init
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _check_dtype(dtype) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {[str(d) for d in DTYPES]}, got {dtype!r}")
-    return dtype
 
 
 class InfinityModel(nn.Module):
@@ -133,8 +128,8 @@ class InfinityModel(nn.Module):
             raise ValueError(f"seed must be an int, got {seed!r}")
         policy = resolve_policy(policy, budget)
         schedule, template, pn = self.schedule(resolution, aspect_ratio)
-        if dtype is not None and _check_dtype(dtype) != self.transformer.block_dtype:
-            self.transformer.set_block_dtype(dtype)
+        if dtype is not None and parse_dtype(dtype) != self.transformer.block_dtype:
+            self.transformer.set_block_dtype(parse_dtype(dtype))
         if progress is None:
             progress = sys.stderr.isatty()
         wrap = None
@@ -190,7 +185,7 @@ def load_infinity(name: str, *, weights: Optional[str | os.PathLike] = None, vae
         raise ValueError(f"unknown Infinity preset {name!r}; known: {sorted(PRESETS)}")
     preset = PRESETS[name]
     device = torch.device(device if device is not None else "cpu")
-    dtype = _check_dtype(torch.float32 if dtype is None else dtype)
+    dtype = parse_dtype(torch.float32 if dtype is None else dtype)
     random_weights = weights == "random" or (weights is None and preset.random_only)
     random_vae = vae_weights == "random" or (vae_weights is None and preset.random_only)
     # Resolve every file before reading any, so an offline error comes before minutes of loading.

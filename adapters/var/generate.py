@@ -27,22 +27,11 @@ import torch.nn as nn
 
 from adapters.base import GenerationOutput, resolve_policy
 from adapters.geometry import ModelGeometry
+from adapters.dtypes import parse_dtype
 from kvpolicy import KVCache, ScaleSchedule
 
 from .model import VARTransformer
 from .vqvae import VQVAE
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"dtype {dtype!r} is not one of float32, bfloat16, float16 (torch dtypes or those names)")
-
 
 def mask_top_k_top_p_(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """In place, as the official sampler: drop logits below the k-th largest (ties kept), then, on the
