@@ -13,7 +13,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from kvpolicy import Policy, Selection, register_policy
+from kvpolicy import Policy, Selection, register_policy, scoring
 from kvpolicy.validators import check_int_at_least
 
 
@@ -29,6 +29,7 @@ class StreamingLLM(Policy):
             return Selection(None, ctx.state)
         sinks = min(self.num_sinks, ctx.capacity)
         recent = ctx.capacity - sinks
-        kept = torch.cat([torch.arange(sinks), torch.arange(ctx.length - recent, ctx.length)]).to(keys.device)
+        kept = torch.cat([scoring.first_positions(ctx.length, sinks, device=keys.device),
+                          scoring.recent_positions(ctx.length, recent, device=keys.device)])
         batch, heads = keys.shape[:2]
         return Selection(kept.expand(batch, heads, -1).clone(), ctx.state)
