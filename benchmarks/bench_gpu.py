@@ -52,7 +52,7 @@ class Bench:
     def __init__(self, args):
         self.dry = bool(args.dry_run)
         if not self.dry and not torch.cuda.is_available():
-            raise RuntimeError("bench-gpu needs a CUDA GPU and torch.cuda.is_available() is False here; "
+            raise ValueError("bench-gpu needs a CUDA GPU and torch.cuda.is_available() is False here; "
                                "run it on a GPU machine, or add --dry-run for a CPU smoke run on tiny sizes")
         self.device = "cpu" if self.dry else "cuda"
         self.dtype = torch.float32 if self.dry else torch.bfloat16

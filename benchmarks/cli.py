@@ -1,8 +1,9 @@
 """The ``kvpolicy`` command: list, plan, generate, compare, calibrate, bench-gpu.
 
-Heavy modules (models, matplotlib) are imported only by the sub-command that needs them. Bad
-arguments end with one line ``kvpolicy <command>: error: …`` on stderr and exit status 2 (set
-KVPOLICY_TRACEBACK=1 to see the traceback instead).
+Heavy modules (models, matplotlib) are imported only by the sub-command that needs them. User
+errors (bad arguments, missing or unreadable files: ``CommandError``, ``ValueError``, ``OSError``)
+end with one line ``kvpolicy <command>: error: …`` on stderr and exit status 2; ``--debug`` (or
+KVPOLICY_TRACEBACK=1) shows their traceback instead. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "plan memory, generate, compare policies, calibrate ScaleKV.")
     parser.add_argument("--plugin", action="append", default=[], dest="plugins_top", metavar="FILE|MODULE",
                         help=PLUGIN_HELP)
+    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of user errors too (same as KVPOLICY_TRACEBACK=1)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--plugin", action="append", default=[], dest="plugins", metavar="FILE|MODULE",
                         help=PLUGIN_HELP)
@@ -138,8 +142,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version_text() -> str:
+    """``kvpolicy 0.1.0 (torch 2.13.0+cpu, python 3.12.3)``: what a bug report needs first."""
+    import platform
+
+    import kvpolicy
+
+    try:
+        from importlib import metadata
+
+        torch_version = metadata.version("torch")
+    except Exception:  # torch missing or installed without metadata: still answer --version
+        torch_version = "not installed"
+    return f"kvpolicy {kvpolicy.__version__} (torch {torch_version}, python {platform.python_version()})"
+
+
 class CommandError(Exception):
     """An error whose message is for the user."""
+
+
+# The exceptions that mean "the user asked for something impossible": everything else is a bug.
+USER_ERRORS = (CommandError, ValueError, OSError)
 
 
 def _cmd_list(args) -> int:
@@ -234,13 +257,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         load_plugins(env_plugins + list(args.plugins_top) + list(getattr(args, "plugins", [])))
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        if os.environ.get("KVPOLICY_TRACEBACK"):
+        if args.debug or os.environ.get("KVPOLICY_TRACEBACK"):
             raise
         hint = " (finished rows are kept: run the same command again to resume)" if args.command == "compare" else ""
         print(f"kvpolicy {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
-    except (CommandError, ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:
-        if os.environ.get("KVPOLICY_TRACEBACK"):
+    except USER_ERRORS as exc:
+        if args.debug or os.environ.get("KVPOLICY_TRACEBACK"):
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"kvpolicy {args.command}: error: {message}", file=sys.stderr)

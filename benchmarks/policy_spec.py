@@ -86,6 +86,10 @@ def build_policy(name: str, budget=None, *, budget_file: Optional[str] = None, c
         options["budget"] = budget
     try:
         return kvpolicy.get_policy(name, **options)
+    except TypeError as exc:
+        # options come from the command line (--option, files): an unknown option or a value of the
+        # wrong type is the user's error, not a bug
+        raise ValueError(str(exc)) from None
     except ValueError as exc:
         if name == "scalekv" and budget_file is None and calibration is None:
             raise ValueError(f"{exc}. On the command line: --budget-file FILE (released ScaleKV budgets) or "
