@@ -19,6 +19,7 @@ from adapters.infinity.bsq_vae import (
     load_bsq_vae,
     resize_codes,
 )
+from conftest import require_golden
 
 # Recommended tolerances of shared/golden/README.md (bsq_vae section).
 IMAGE_TOL = 1e-5
@@ -214,9 +215,7 @@ def test_tiny_patchify_decoder_shapes():
 @pytest.mark.parametrize("preset,dump,count", [("infinity_2b", "vaekeys_infinity_2b.json", 154),
                                                ("infinity_8b", "vaekeys_infinity_8b.json", 128)])
 def test_presets_match_released_key_dumps(golden_dir, preset, dump, count):
-    path = golden_dir.parent / "reference" / "keys" / dump
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+    path = require_golden(golden_dir.parent / "reference" / "keys" / dump, "released key dump")
     released = json.loads(path.read_text())
     config = getattr(BSQVAEConfig, preset)()
     with torch.device("meta"):  # shapes only: no 65 M-parameter allocation

@@ -10,6 +10,7 @@ import pytest
 
 import kvpolicy
 from benchmarks.cli import main
+from conftest import require_golden
 
 BUDGETS = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "scalekv" / "budgets"
 
@@ -55,9 +56,7 @@ def test_plan_ratio_budget_and_no_cfg(capsys):
 
 
 def test_plan_scalekv_shows_drafters_and_refiners(capsys):
-    path = BUDGETS / "infinity-2b-10pct.json"
-    if not path.is_file():
-        pytest.skip(f"released budget file absent at {path}")
+    path = require_golden(BUDGETS / "infinity-2b-10pct.json", "released budget file")
     code, out, _ = _run(capsys, "plan", "--model", "infinity-2b", "--policy", "scalekv", "--budget-file", str(path),
                         "--batch", "8")
     assert code == 0

@@ -16,6 +16,7 @@ from adapters.infinity.bsq_vae import BSQVAEConfig, BSQVAEDecoder
 from adapters.infinity.config import PRESETS
 from adapters.infinity.weights import random_init
 from kvpolicy import get_policy, simulate
+from conftest import require_golden
 
 KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
 
@@ -32,9 +33,7 @@ def tiny():
     ("infinity-layer40", "keys_infinity_layer40.json"), ("infinity-layer48", "keys_infinity_layer48.json"),
 ])
 def test_presets_have_the_official_keys_shapes_and_parameter_counts(name, dump):
-    path = KEYS_DIR / dump
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
+    path = require_golden(KEYS_DIR / dump, "released key dump")
     reference = json.loads(path.read_text())
     with torch.device("meta"):
         model = InfinityTransformer(PRESETS[name].model)

@@ -17,13 +17,11 @@ from adapters.geometry import INFINITY_TEMPLATES
 from adapters.infinity import InfinityConfig, InfinityModel, InfinityTransformer, load_transformer_weights
 from kvpolicy import KVCache, ScaleSchedule, get_policy
 
-from conftest import released_budget_file
+from conftest import released_budget_file, require_golden
 
 
 def _load_golden(golden_dir, case):
-    path = golden_dir / case / "golden.pt"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
+    path = require_golden(golden_dir / case / "golden.pt")
     return torch.load(path, weights_only=True)
 
 

@@ -10,7 +10,7 @@ import torch
 from adapters.geometry import infinity_schedule
 from kvpolicy import compress, get_policy, scoring
 
-from conftest import GOLDEN_DIR, released_budget_file
+from conftest import GOLDEN_DIR, released_budget_file, require_golden
 
 
 def _num_cases() -> int:
@@ -24,9 +24,7 @@ def _num_cases() -> int:
 
 @pytest.fixture(scope="module")
 def golden(golden_dir):
-    path = golden_dir / "scalekv" / "cases.pt"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
+    path = require_golden(golden_dir / "scalekv" / "cases.pt")
     return torch.load(path, weights_only=True)
 
 

@@ -11,13 +11,12 @@ import torch
 import adapters.var.weights as var_weights
 from adapters import load_model
 from adapters.var import PRESETS, VAE_FILE, VARTransformer, VQVAE, WeightsUnavailableError, build_model
+from conftest import require_golden
 
 
 @pytest.fixture(scope="module")
 def reference_keys(golden_dir):
-    path = golden_dir.parent / "reference" / "keys" / "var_keys.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
+    path = require_golden(golden_dir.parent / "reference" / "keys" / "var_keys.json", "released key dump")
     return json.loads(path.read_text())
 
 
