@@ -4,8 +4,8 @@ Geometry (issue 2): keys/values (B, H=16, L=6425, D=128) bf16, the Infinity 1024
 scale 11 (the 48x48 map: L = 6425 cached tokens, 2304 queries), budget 650 tokens, 32 layers
 (Infinity-2B depth; the timed layer is ``--layer``). Stateful policies get a zero state aligned
 with the history. Run: ``python -m benchmarks.bench_compress [--repeats N] [--batch B]``; scalekv
-runs with ``--budget-file`` (a released budget JSON, e.g. ``../shared/golden/scalekv/budgets/
-infinity-2b-10pct.json``), otherwise it is listed as not run with the reason.
+runs with ``--budget-file`` (default: the released Infinity-2B 10 % file shipped with kvpolicy, whose
+depth and geometry this benchmark uses). A policy that cannot be built is an error, never skipped.
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ def main(argv=None) -> None:
     parser.add_argument("--policies", default="", help="comma-separated names (default: every registered policy)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--budget-file", default=None,
-                        help="ScaleKV released budget JSON (e.g. infinity-2b-10pct.json); scalekv needs its roles")
+    parser.add_argument("--budget-file", default="infinity-2b-10%",
+                        help="ScaleKV budget JSON for scalekv's roles: a path or a released name (default "
+                             "infinity-2b-10%%, the released file for this geometry)")
     args = parser.parse_args(argv)
     for name in ("repeats", "batch"):
         if getattr(args, name) < 1:
@@ -78,19 +79,20 @@ def main(argv=None) -> None:
     schedule, scale, num_layers, heads, head_dim = infinity_schedule(1024), 11, 32, 16, 128
     length = schedule.cumulative_length(scale)
     names = [n for n in args.policies.split(",") if n] or list(kvpolicy.list_policies())
+    policies = {}
+    for name in names:  # every policy is built before any timing: one that cannot run stops the benchmark
+        try:
+            policy = build_policy(name, args.budget, budget_file=args.budget_file if name == "scalekv" else None)
+            policies[name] = (policy, policy.capacity(schedule, num_layers, scale, args.layer))
+        except ValueError as exc:
+            parser.error(f"policy {name!r} cannot run here: {exc} (leave it out with --policies)")
     inputs = make_inputs(args.batch, heads, head_dim, length, schedule.tokens(scale), 0, torch.bfloat16, args.device)
     print(f"compress on (B={args.batch}, H={heads}, L={length}, D={head_dim}) bf16, Infinity 1024^2 scale {scale} "
           f"({schedule.shape(scale)[0]}x{schedule.shape(scale)[1]} map), budget {args.budget}, layer {args.layer}/"
           f"{num_layers}, {args.repeats} repeats after {args.warmup} warm-up, {torch.get_num_threads()} threads, "
           f"device {args.device}")
     print(f"{'policy':<16} {'capacity':>8} {'median ms':>10} {'min ms':>9}")
-    for name in names:
-        try:
-            policy = build_policy(name, args.budget, budget_file=args.budget_file if name == "scalekv" else None)
-            capacity = policy.capacity(schedule, num_layers, scale, args.layer)
-        except Exception as exc:  # a policy that needs more than a budget (e.g. calibration data)
-            print(f"{name:<16} not run: {type(exc).__name__}: {exc}")
-            continue
+    for name, (policy, capacity) in policies.items():
         times = time_policy(policy, inputs, schedule=schedule, scale=scale, layer=args.layer, num_layers=num_layers,
                             repeats=args.repeats, warmup=args.warmup, device=args.device)
         print(f"{name:<16} {str(capacity):>8} {statistics.median(times) * 1e3:>10.1f} {min(times) * 1e3:>9.1f}")

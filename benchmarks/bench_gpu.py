@@ -9,7 +9,7 @@ on ``torch.cuda.OutOfMemoryError``). One table of ratios, all measured in the sa
 stdout and to ``benchmarks/results/bench_gpu_<time>.{md,json}``.
 
 ScaleKV needs drafter/refiner roles: ``--budget-file MODEL=PATH`` (default: the released 10 % files
-in ../shared/golden/scalekv/budgets when present), else a calibration run of the same random model
+shipped in benchmarks/data/scalekv_budgets), else a calibration run of the same random model
 on two prompts (its roles then mean little, its memory and speed are what is measured).
 
 ``--dry-run`` runs the whole script on the CPU with the tiny preset and small batches (no memory
@@ -34,8 +34,6 @@ from .plan import resolve_geometry
 from .policy_spec import build_policy, check_budget, split_list
 
 GIB = 2 ** 30
-SHARED_BUDGETS = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "scalekv" / "budgets"
-DEFAULT_BUDGET_FILES = {"infinity-2b": "infinity-2b-10pct.json", "infinity-8b": "infinity-8b-10pct.json"}
 CALIBRATION_PROMPTS = ["a red cube on a table", "a lighthouse at sunset"]
 
 
@@ -83,12 +81,14 @@ class Bench:
 
     @staticmethod
     def _budget_files(items) -> dict:
-        files = {m: SHARED_BUDGETS / f for m, f in DEFAULT_BUDGET_FILES.items() if (SHARED_BUDGETS / f).is_file()}
+        from .budget_files import DEFAULT_FOR_MODEL, released_budget_file, resolve_budget_file
+
+        files = {m: released_budget_file(name) for m, name in DEFAULT_FOR_MODEL.items()}
         for item in items or []:
             model, sep, path = item.partition("=")
-            if not sep or not Path(path).is_file():
-                raise ValueError(f"--budget-file {item!r} must be MODEL=PATH to an existing file")
-            files[model] = Path(path)
+            if not sep or not model or not path:
+                raise ValueError(f"--budget-file {item!r} must be MODEL=PATH (or MODEL=NAME of a released file)")
+            files[model] = Path(resolve_budget_file(path))
         return files
 
     def load(self, name: str):

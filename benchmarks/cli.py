@@ -23,7 +23,9 @@ def _add_model_args(p, *, default_model: Optional[str] = None):
 
 
 def _add_scalekv_args(p):
-    p.add_argument("--budget-file", default=None, help="released ScaleKV budget JSON (scalekv only)")
+    p.add_argument("--budget-file", default=None, metavar="PATH|NAME",
+                   help="ScaleKV budget JSON (scalekv only): a path, or a released file shipped with kvpolicy by "
+                        "name: infinity-2b-10%%, infinity-8b-10%%")
     p.add_argument("--calibration", default=None, help="calibration JSON from `kvpolicy calibrate` (scalekv only)")
 
 
@@ -132,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default=None, help="default 650 tokens per layer, the paper's 10%% at 1024^2 "
                    "(dry run: 50%%)")
     p.add_argument("--budget-file", action="append", default=None, metavar="MODEL=PATH",
-                   help="ScaleKV budget file per model (default: the released 10%% files when ../shared has them)")
+                   help="ScaleKV budget file per model, a path or a released name (default: the shipped released 10%% "
+                        "files, infinity-2b-10%% and infinity-8b-10%%)")
     p.add_argument("--batches", default=None, help="default 1,8 (dry run: 1,2)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement, median (default 3; dry run 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1; dry run 0)")

@@ -74,9 +74,9 @@ def build_policy(name: str, budget=None, *, budget_file: Optional[str] = None, c
         if name != "scalekv":
             raise ValueError(f"--budget-file/--calibration configure the 'scalekv' policy, not {name!r}")
         if budget_file is not None:
-            if not Path(budget_file).is_file():
-                raise FileNotFoundError(f"budget file {str(budget_file)!r} does not exist")
-            options["budget_file"] = str(budget_file)
+            from .budget_files import resolve_budget_file
+
+            options["budget_file"] = resolve_budget_file(budget_file)  # a path or a released name
         if calibration is not None:
             if isinstance(calibration, (str, Path)) and not Path(calibration).is_file():
                 raise FileNotFoundError(f"calibration file {str(calibration)!r} does not exist "
