@@ -25,7 +25,7 @@ def cached_self_attention(cache: KVCache, layer: int, scale: int, queries: torch
 
     queries/keys/values: (rows, H, n_current, D). ``raw_queries`` is a tensor or a zero-argument
     callable returning the bare projection x @ W_q^T as (rows, H, n_current, D); it is computed only
-    when the policy asks for it. ``stats`` (e.g. ``kvpolicy.calibration.AttentionStatsCollector``)
+    when the policy asks for it. ``stats`` (e.g. ``kvpolicy.AttentionStatsCollector``)
     gets ``observe(layer, scale, queries, keys, current_start=...)`` for the first ``stats_rows``
     rows (the conditional rows under CFG). Returns (rows, H, n_current, Dv).
     """

@@ -6,7 +6,7 @@ summed, max pooling (kernel 5), top (capacity − 16) per batch row and head. Th
 the released code written plainly, one (row, head) at a time (matmul of the 16 window queries with
 the keys, divide, sum, pool, top-k). The vectorised form is ``scalekv``'s ``select``
 (``mode="reference"``, what ``kvpolicy.compress`` calls), which sums the window queries first
-(``scoring.summed_window_logits``): the same scores up to float rounding. Inputs are realistic
+(``patch_window.summed_window_logits``): the same scores up to float rounding. Inputs are realistic
 (unit-norm keys, raw query projections ~ N(0, 1) per coordinate). The script reports whether both
 keep identical indices (and, if not, how many (row, head) pairs and tokens differ), both medians
 and their ratio, and exits with an error when the indices differ.
@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from adapters.geometry import infinity_schedule
-from kvpolicy import CompressionContext, compress, get_policy, scoring
+from kvpolicy import CompressionContext, compress, get_policy
+from policies.common import patch_window
 
 
 def loop_reference_indices(keys, raw_queries, window, capacity, kernel_size=5):
@@ -70,7 +71,7 @@ def run(batch: int, heads: int, dim: int, layer: int, repeats: int, device: str,
     policy = get_policy("scalekv", mode="reference", budget_file=budget_file)
     capacity = policy.plan(schedule, 32).capacity(scale, layer)
     h, w = schedule.shape(scale)
-    window = scoring.observation_window_positions(h, w, 16, length - n, device=keys.device)
+    window = patch_window.observation_window_positions(h, w, 16, length - n, device=keys.device)
 
     ctx = CompressionContext(schedule=schedule, scale=scale, layer=layer, num_layers=32, capacity=capacity,
                              length=length, raw_queries=raw)

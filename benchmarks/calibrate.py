@@ -1,6 +1,6 @@
 """``kvpolicy calibrate``: ScaleKV's calibration on a real model.
 
-Runs full-cache generations with a ``kvpolicy.calibration.AttentionStatsCollector`` passed as
+Runs full-cache generations with a ``policies.scalekv.calibration.ScaleKVStatsCollector`` passed as
 ``stats=`` (the adapter feeds it every layer's queries and keys at every scale, conditional rows
 only), turns the statistics into a ``CalibrationResult`` (Attention Selectivity Index per
 (layer, scale); drafters = lowest z-scores) and saves it as JSON. ``compare`` and ``generate`` take
@@ -50,11 +50,11 @@ def calibration_source(model_name: str, geometry) -> str:
 def run_calibration(model, model_name: str, conditions, *, seed: int = 0, top_k=None, batch_size: int = 1,
                     resolution=None, aspect_ratio: float = 1.0, progress: bool = False):
     """Feed every condition through ``model.generate(stats=collector)``; return the collector."""
-    from kvpolicy.calibration import AttentionStatsCollector
+    from policies.scalekv.calibration import ScaleKVStatsCollector
 
     geometry = resolve_geometry(model_name, resolution, aspect_ratio)
     options = {} if top_k is None else {"top_k": top_k}
-    collector = AttentionStatsCollector(geometry.num_layers, geometry.schedule.num_scales, seed=seed, **options)
+    collector = ScaleKVStatsCollector(geometry.num_layers, geometry.schedule.num_scales, seed=seed, **options)
     kwargs = {}
     if resolution is not None:
         kwargs["resolution"] = resolution
@@ -68,7 +68,7 @@ def run_calibration(model, model_name: str, conditions, *, seed: int = 0, top_k=
 
 
 def calibrate_command(args) -> int:
-    from kvpolicy.calibration import decision_scales
+    from policies.scalekv.allocation import decision_scales
 
     conditions = calibration_conditions(args.model, args.prompts, args.labels)
     resolution = parse_resolution(args.resolution)

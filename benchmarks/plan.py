@@ -65,7 +65,8 @@ def placeholder_drafters(schedule, num_layers: int, budget) -> tuple[dict, str]:
     Counted bytes depend on how many layers are drafters at each scale, not on which: take the
     calibration default count (round(0.075 x layers x compressed scales), spread evenly over the
     scales, as the released files roughly do) at placeholder layers 0, 1, ..."""
-    from kvpolicy.calibration import CalibrationResult, decision_scales
+    from policies.scalekv.allocation import decision_scales
+    from policies.scalekv.calibration import CalibrationResult
 
     if budget is None:
         raise ValueError("scalekv needs --budget (e.g. 10%) to plan without a budget file")

@@ -29,6 +29,10 @@ def register_policy(name: str, *, description: str | None = None):
     def decorate(cls):
         if not (isinstance(cls, type) and issubclass(cls, Policy)):
             raise TypeError(f"@register_policy({name!r}) decorates Policy subclasses, not {cls!r}")
+        if "__attrs_attrs__" not in cls.__dict__:
+            # attrs builds a new class: registered before it, the name would build the bare class.
+            raise TypeError(f"@register_policy({name!r}) got {cls.__qualname__}, which is not an attrs class yet: put "
+                            f"@register_policy({name!r}) above @attrs.define(kw_only=True) (attrs must run first)")
         existing = _REGISTRY.get(name)
         if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ValueError(f"policy name {name!r} is already registered by {existing.__module__}.{existing.__qualname__}")

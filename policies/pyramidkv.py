@@ -22,7 +22,8 @@ from __future__ import annotations
 import attrs
 
 from kvpolicy import CapacityPlan, register_policy
-from kvpolicy.windowed import RecentWindowPolicy, check_positive_int
+from kvpolicy.validators import check_positive_int
+from policies.common import RecentWindowPolicy
 
 
 def pyramid_capacities(budget: int, window: int, length: int, num_layers: int, beta: int) -> list[int]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import attrs
 
 from kvpolicy import register_policy
-from kvpolicy.windowed import RecentWindowPolicy
+from policies.common import RecentWindowPolicy
 
 
 @register_policy("snapkv")

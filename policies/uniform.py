@@ -2,7 +2,7 @@
 
 Isolates what ScaleKV's drafter/refiner budgets add: every layer keeps B tokens once its cache
 exceeds B (the same trigger as ScaleKV, reference/scalekv.md §3.5), chosen exactly as ScaleKV
-chooses them (``kvpolicy.scoring.observation_window_select``): the 4 × 4 patch-centre window of
+chooses them (``policies.common.observation_window_select``): the 4 × 4 patch-centre window of
 the current map plus the top (B − 16) tokens by the window queries' pooled scores. ``mode``,
 ``window_size``, ``kernel_size`` and ``pooling`` mean what they mean for ``scalekv``:
 "attention" (default: real queries, softmax, average pooling) or "reference" (raw queries, raw
@@ -14,7 +14,7 @@ from __future__ import annotations
 import attrs
 
 from kvpolicy import register_policy
-from kvpolicy.windowed import PatchWindowPolicy
+from policies.common import PatchWindowPolicy
 
 
 @register_policy("uniform")

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from kvpolicy import ScaleSchedule, get_policy
-from kvpolicy.calibration import AttentionStatsCollector, BudgetFile, CalibrationResult
+from policies.scalekv.budget_file import BudgetFile
+from policies.scalekv.calibration import CalibrationResult, ScaleKVStatsCollector
 
 SCHEDULE = ScaleSchedule([1, 2, 4, 6, 8, 12])  # cumulative 1, 5, 21, 57, 121, 265
 DIM, HEADS = 16, 2
@@ -35,7 +36,7 @@ def _maps(scale, kind, generator, batch=2):
 
 
 def _calibrate(calls=2, max_queries=64, kinds=KINDS, **result_options):
-    collector = AttentionStatsCollector(len(kinds), SCHEDULE.num_scales, top_k=4, max_queries=max_queries, seed=3)
+    collector = ScaleKVStatsCollector(len(kinds), SCHEDULE.num_scales, top_k=4, max_queries=max_queries, seed=3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(calls):  # "prompts"
         for scale in range(SCHEDULE.num_scales):
@@ -66,7 +67,7 @@ def test_a_purely_current_focused_layer_is_a_refiner(operator, history):
 
 
 def test_statistics_match_a_direct_computation():
-    collector = AttentionStatsCollector(1, SCHEDULE.num_scales, top_k=3, max_queries=1000)
+    collector = ScaleKVStatsCollector(1, SCHEDULE.num_scales, top_k=3, max_queries=1000)
     generator = torch.Generator().manual_seed(1)
     queries, keys, start = _maps(5, "selective", generator)
     collector.observe(0, 5, queries, keys, current_start=start)
@@ -85,7 +86,7 @@ def test_grouped_query_heads_and_sampling_are_deterministic():
     queries = queries.repeat_interleave(2, dim=1)  # 4 query heads over 2 key heads
     results = []
     for _ in range(2):
-        collector = AttentionStatsCollector(1, SCHEDULE.num_scales, max_queries=16, seed=5)
+        collector = ScaleKVStatsCollector(1, SCHEDULE.num_scales, max_queries=16, seed=5)
         collector.observe(0, 5, queries, keys, current_start=start)
         results.append(collector.result())
     assert results[0] == results[1]
@@ -94,7 +95,7 @@ def test_grouped_query_heads_and_sampling_are_deterministic():
 
 
 def test_observe_validates_inputs():
-    collector = AttentionStatsCollector(2, 3)
+    collector = ScaleKVStatsCollector(2, 3)
     q, k = torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 9, 8)
     with pytest.raises(ValueError, match="current_start=4"):
         collector.observe(0, 1, q, k, current_start=4)
@@ -136,7 +137,7 @@ def test_result_json_round_trip_and_policy_use(tmp_path):
 
 
 def test_unobserved_scales_cannot_be_ranked():
-    collector = AttentionStatsCollector(2, SCHEDULE.num_scales)
+    collector = ScaleKVStatsCollector(2, SCHEDULE.num_scales)
     generator = torch.Generator().manual_seed(0)
     queries, keys, start = _maps(4, "drafter", generator)
     collector.observe(0, 4, queries, keys, current_start=start)
@@ -198,7 +199,8 @@ def test_calibration_plan_and_policy_agree_on_small_budgets():
     the budget file it exports) must use the same window-aware floor as the scalekv policy, so that an
     exported file loads into the policy."""
     import kvpolicy
-    from kvpolicy.calibration import CalibrationResult, window_refiner_floor
+    from policies.scalekv.allocation import window_refiner_floor
+    from policies.scalekv.calibration import CalibrationResult
 
     schedule = kvpolicy.ScaleSchedule([1, 2, 3, 4, 5, 6, 8, 10, 13, 16])
     layers, scales = 6, schedule.num_scales
@@ -215,7 +217,7 @@ def test_calibration_plan_and_policy_agree_on_small_budgets():
 
 def test_a_calibration_for_another_model_is_refused_naming_where_it_came_from(tmp_path):
     import kvpolicy
-    from kvpolicy.calibration import CalibrationResult
+    from policies.scalekv.calibration import CalibrationResult
 
     result = CalibrationResult(num_layers=3, num_scales=4, current_ratio=[[0.5] * 4] * 3,
                                history_topk=[[0.5] * 4] * 3, source="var-tiny, 3 layers, schedule 1x1 2x2 3x3 4x4")

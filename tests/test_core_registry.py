@@ -137,18 +137,83 @@ def _imported_modules(path):
 
 
 def test_layering_rule():
-    """kvpolicy imports nothing above it; a policy imports only kvpolicy (never another policy)."""
+    """kvpolicy imports nothing above it; a policy imports only kvpolicy and policies.common (never
+    a sibling policy); policies.common imports only kvpolicy and itself."""
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    for path in sorted((root / "kvpolicy").glob("*.py")):
+    for path in sorted((root / "kvpolicy").rglob("*.py")):
         for module in _imported_modules(path):
             assert module.split(".")[0] not in ("policies", "adapters", "benchmarks"), f"{path.name} imports {module}"
-    for path in sorted((root / "policies").glob("*.py")):
+    for path in sorted((root / "policies").rglob("*.py")):
+        parts = path.relative_to(root / "policies").parts
+        own = parts[0] if len(parts) > 1 else None  # the package this file belongs to (scalekv, common)
         for module in _imported_modules(path):
             top = module.split(".")[0]
-            assert not module.startswith(".") and top not in ("policies", "adapters", "benchmarks"), \
-                f"policies/{path.name} imports {module}"
+            where = f"policies/{'/'.join(parts)} imports {module}"
+            if module.startswith("."):
+                assert own is not None and not module.startswith(".."), where  # relative only inside its package
+                continue
+            assert top not in ("adapters", "benchmarks"), where
+            if top == "policies":
+                allowed = {"policies.common"} if own != "common" else set()
+                assert any(module == a or module.startswith(a + ".") for a in allowed), where
+
+
+def test_core_holds_no_policy_code():
+    """No concrete policy's rule is defined in the core: kvpolicy/ defines no function or class named
+    after a method's parts (drafters, observation windows, budget files, window selectors)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for path in sorted((root / "kvpolicy").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                name = node.name.lower()
+                for word in ("drafter", "refiner", "observation_window", "budgetfile", "budget_file", "windowpolicy",
+                             "selectivity", "scalekv", "snapkv", "pyramid", "h2o"):
+                    assert word not in name, f"kvpolicy/{path.name} defines {node.name}: policy code belongs in policies/"
+
+
+def test_every_policy_module_has_an_entry_point():
+    """A file or package in policies/ that registers a policy must be listed in pyproject's
+    kvpolicy.policies entry points (else a fresh process cannot find it by name), and every entry
+    point must name a module that exists."""
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    listed = tomllib.loads((root / "pyproject.toml").read_text())["project"]["entry-points"]["kvpolicy.policies"]
+    modules = set()
+    for path in (root / "policies").iterdir():
+        if path.name.startswith(("_", ".")) or path.name == "common":
+            continue
+        if path.suffix == ".py":
+            modules.add(f"policies.{path.stem}")
+        elif path.is_dir() and (path / "__init__.py").exists():
+            modules.add(f"policies.{path.name}")
+    missing = sorted(modules - set(listed.values()))
+    assert not missing, f"policies without an entry point in pyproject.toml: {missing}"
+    for name, module in listed.items():
+        assert module in modules, f"entry point {name} = {module!r} names no module in policies/"
+        assert name in kvpolicy.list_policies(), f"entry point {name!r} registers no policy of that name"
+
+
+def test_register_policy_refuses_a_class_attrs_has_not_built_yet():
+    """The decorators in the wrong order would register the bare class (attrs replaces it)."""
+    with pytest.raises(TypeError, match=r"not an attrs class yet: put @register_policy\('test_wrong_order'\) "
+                                        r"above @attrs.define\(kw_only=True\)"):
+        @attrs.define(kw_only=True)
+        @register_policy("test_wrong_order")
+        class WrongOrder(Policy):
+            def select(self, keys, values, ctx):
+                return Selection(None, ctx.state)
+    assert "test_wrong_order" not in registry._REGISTRY
+    with pytest.raises(TypeError, match="not an attrs class yet"):
+        @register_policy("test_no_attrs")
+        class NoAttrs(Policy):  # inherits attrs fields but was not built by attrs itself
+            pass
 
 
 def test_full_refuses_a_budget_instead_of_ignoring_it():

@@ -119,11 +119,10 @@ def test_calibration_hook_sees_every_layer_and_scale(tiny):
 
 
 def test_attention_stats_collector_from_a_real_generation(tiny):
-    calibration = pytest.importorskip("kvpolicy.calibration")
-    if not hasattr(calibration, "AttentionStatsCollector"):
-        pytest.skip("kvpolicy.calibration.AttentionStatsCollector is not there yet")
+    from policies.scalekv.calibration import ScaleKVStatsCollector
+
     schedule = tiny.geometry().schedule
-    collector = calibration.AttentionStatsCollector(tiny.config.depth, schedule.num_scales, max_queries=32)
+    collector = ScaleKVStatsCollector(tiny.config.depth, schedule.num_scales, max_queries=32)
     tiny.generate(["a red cube"], stats=collector, progress=False)
     assert collector.calls == tiny.config.depth * schedule.num_scales
     result = collector.result()

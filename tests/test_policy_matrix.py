@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import kvpolicy
+from policies.common import observation_window_positions
 from kvpolicy import KVCache, ScaleSchedule, Tokens
 
 # Tiny geometries: VAR 256^2 patch nums (680 tokens, N_ref 424) and Infinity's 7-scale 256^2 prefix.
@@ -53,7 +54,7 @@ PROMISES: dict[str, Callable] = {
 
 
 def _patch_window(policy, length, n, hw):
-    return kvpolicy.scoring.observation_window_positions(*hw, policy.window_size, length - n, length=length).tolist()
+    return observation_window_positions(*hw, policy.window_size, length - n, length=length).tolist()
 
 
 def registered_policies() -> list[str]:

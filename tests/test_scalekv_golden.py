@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from adapters.geometry import infinity_schedule
-from kvpolicy import compress, get_policy, scoring
+from kvpolicy import compress, get_policy
+from policies.common import patch_window
 
 from conftest import GOLDEN_DIR, released_budget_file, require_golden
 
@@ -60,7 +61,7 @@ def test_reference_mode_matches_released_selection(golden, budget_file, index):
 
     assert result.capacity == case["capacity"]
     h, w = schedule.shape(si)
-    window = scoring.observation_window_positions(h, w, 16, key_len - h * w)
+    window = patch_window.observation_window_positions(h, w, 16, key_len - h * w)
     assert window.tolist() == case["window_positions"]
     expected = case["kept_indices"].long()
     assert torch.equal(result.indices, expected)

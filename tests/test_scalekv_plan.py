@@ -7,8 +7,8 @@ from hypothesis import given, settings, strategies as st
 
 from adapters.geometry import infinity_schedule
 from kvpolicy import ScaleSchedule, get_policy, simulate
-from kvpolicy.calibration import (allocate, compression_start, decision_scales,
-                                  default_refiner_floor, plan_to_budget_file)
+from policies.scalekv.allocation import allocate, compression_start, decision_scales, default_refiner_floor
+from policies.scalekv.budget_file import plan_to_budget_file
 
 INF = infinity_schedule(1024)
 

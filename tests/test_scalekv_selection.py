@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from kvpolicy import ScaleSchedule, compress, get_policy, scoring
+from kvpolicy import ScaleSchedule, compress, get_policy
+from policies.common import patch_window
 
 # Small 1:1 schedule: cumulative 1, 5, 21, 57, 121, 265.
 SCHEDULE = ScaleSchedule([1, 2, 4, 6, 8, 12])
@@ -30,21 +31,21 @@ def _inputs(seed, batch=2, heads=3, length=265, n=144, dim=8, q_heads=None):
                                            (32, [3, 11, 19, 27]), (40, [4, 14, 24, 34]), (48, [5, 17, 29, 41]),
                                            (64, [7, 23, 39, 55])])
 def test_window_centres_match_released_table(side, centres):
-    window = scoring.observation_window_positions(side, side, 16, start=100)
+    window = patch_window.observation_window_positions(side, side, 16, start=100)
     expected = [100 + r * side + c for r in centres for c in centres]
     assert window.tolist() == expected
 
 
 def test_window_generalises_to_non_square_and_small_maps():
     # 8 x 12 map: patches 2 x 3, centre rows 0, 2, 4, 6 and columns 1, 4, 7, 10.
-    window = scoring.observation_window_positions(8, 12, 16, start=7)
+    window = patch_window.observation_window_positions(8, 12, 16, start=7)
     assert window.tolist() == [7 + r * 12 + c for r in (0, 2, 4, 6) for c in (1, 4, 7, 10)]
     # 3 x 5 is smaller than the 4 x 4 grid: the last 16 cache tokens (reaching into history).
-    assert scoring.observation_window_positions(3, 5, 16, start=10).tolist() == list(range(9, 25))
-    assert scoring.observation_window_positions(2, 2, 16, start=1).tolist() == [0, 1, 2, 3, 4]
-    assert scoring.observation_window_positions(6, 6, 9, start=0).tolist() == [0, 2, 4, 12, 14, 16, 24, 26, 28]
+    assert patch_window.observation_window_positions(3, 5, 16, start=10).tolist() == list(range(9, 25))
+    assert patch_window.observation_window_positions(2, 2, 16, start=1).tolist() == [0, 1, 2, 3, 4]
+    assert patch_window.observation_window_positions(6, 6, 9, start=0).tolist() == [0, 2, 4, 12, 14, 16, 24, 26, 28]
     with pytest.raises(ValueError, match="perfect square"):
-        scoring.observation_window_positions(8, 8, 10)
+        patch_window.observation_window_positions(8, 8, 10)
 
 
 def _loop_reference(keys, raw_queries, window, capacity, pooling="max"):
@@ -90,7 +91,7 @@ def test_reference_mode_equals_per_row_head_loop(pooling):
     keys, values, raw = _inputs(0)
     policy = _policy("reference", pooling=pooling)
     result = compress(policy, keys, values, schedule=SCHEDULE, scale=5, layer=1, num_layers=3, raw_queries=raw)
-    window = scoring.observation_window_positions(12, 12, 16, 121)
+    window = patch_window.observation_window_positions(12, 12, 16, 121)
     assert torch.equal(result.indices, _loop_reference(keys, raw, window, result.capacity, pooling))
 
 
@@ -100,7 +101,7 @@ def test_attention_mode_equals_per_row_head_loop(q_heads):
     policy = _policy("attention")
     assert policy.needs_queries and not policy.needs_raw_queries
     result = compress(policy, keys, values, schedule=SCHEDULE, scale=5, layer=1, num_layers=3, queries=queries)
-    window = scoring.observation_window_positions(12, 12, 16, 121)
+    window = patch_window.observation_window_positions(12, 12, 16, 121)
     assert torch.equal(result.indices, _loop_attention(keys, queries, window, result.capacity))
 
 
@@ -143,7 +144,7 @@ def test_selection_properties(mode, scale, seed, budget, layer, pooling, history
     assert kept.shape[2] == (length if cap is None or length <= cap else cap)
     assert bool((kept[..., 1:] > kept[..., :-1]).all())
     h, w = SCHEDULE.shape(scale)
-    window = scoring.observation_window_positions(h, w, 16, length - n, length=length)
+    window = patch_window.observation_window_positions(h, w, 16, length - n, length=length)
     if cap is not None and length > cap:
         for b in range(kept.shape[0]):
             for hh in range(kept.shape[1]):
@@ -153,24 +154,24 @@ def test_selection_properties(mode, scale, seed, budget, layer, pooling, history
 def test_summed_window_logits_sum_queries_first(monkeypatch):
     """(Σ q_j)·k/√D: exact on small-integer inputs (as the golden ones), float-close on general ones,
     and the blocked CPU product (here 6 blocks of 128 positions, the last partial) equals one matmul."""
-    monkeypatch.setattr(scoring, "_DOT_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(patch_window, "_DOT_BLOCK_ELEMENTS", 1)
     g = torch.Generator().manual_seed(5)
     keys = torch.randint(-8, 9, (2, 3, 300, 16), generator=g).float() / 8
     q = torch.randint(-8, 9, (2, 3, 16, 16), generator=g).float() / 16
     window = torch.tensor([3, 40, 299])
     released = (q @ keys.transpose(2, 3) / 4).sum(dim=2).index_fill(-1, window, float("-inf"))
-    assert torch.equal(scoring.summed_window_logits(q, keys, window), released)
+    assert torch.equal(patch_window.summed_window_logits(q, keys, window), released)
 
     keys, _, raw = _inputs(6, length=700, n=144, dim=32)
     q = raw[:, :, :16]
     released = (q @ keys.transpose(2, 3) / math.sqrt(32)).sum(dim=2).index_fill(-1, window, float("-inf"))
-    mine = scoring.summed_window_logits(q, keys, window)
+    mine = patch_window.summed_window_logits(q, keys, window)
     assert mine.dtype == torch.float32
     torch.testing.assert_close(mine, released, rtol=1e-5, atol=1e-5)
     vectors = q.sum(dim=2)
-    torch.testing.assert_close(scoring._rows_dot(keys, vectors, blocked=True),
-                               scoring._rows_dot(keys, vectors, blocked=False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(patch_window._rows_dot(keys, vectors, blocked=True),
+                               patch_window._rows_dot(keys, vectors, blocked=False), rtol=1e-5, atol=1e-5)
     # bfloat16 keys are read as they are and accumulated in float32.
-    half = scoring.summed_window_logits(q, keys.bfloat16(), window)
+    half = patch_window.summed_window_logits(q, keys.bfloat16(), window)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, released, rtol=0.05, atol=0.05)

@@ -81,10 +81,10 @@ def test_bf16_weights_and_autocast(model):
 
 
 def test_calibration_statistics_hook(model):
-    from kvpolicy.calibration import AttentionStatsCollector
+    from policies.scalekv.calibration import ScaleKVStatsCollector
 
     depth, scales = model.config.depth, len(model.config.patch_nums)
-    stats = AttentionStatsCollector(depth, scales, max_queries=16)
+    stats = ScaleKVStatsCollector(depth, scales, max_queries=16)
     model.generate([5], seed=0, stats=stats)
     assert stats.calls == depth * scales
     result = stats.result()

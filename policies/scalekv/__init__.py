@@ -8,7 +8,7 @@ compressed scale. The roles come from exactly one of
 - ``budget_file=PATH``: a released budget JSON (rows "Scale N"; row N caps the cache after scale
   N − 2, the last scale reuses the last row, §3.4). The budget defaults to the file's layer mean
   (650 for the released 10 % files) and is the threshold that starts compression (§3.5);
-- ``calibration=``: a ``kvpolicy.calibration.CalibrationResult`` (or its JSON path) ranking
+- ``calibration=``: a ``policies.scalekv.calibration.CalibrationResult`` (or its JSON path) ranking
   (layer, scale) pairs by the Attention Selectivity Index, with ``allocation=`` "released" or "paper";
 - ``drafters=``: ``{decision scale: [layers]}`` or one ``[layers]`` list for every decision scale.
 
@@ -18,13 +18,13 @@ three (roles are model-specific; guessing layers would silently give another pol
 A relative ``budget_file`` is stored as an absolute path (configs reload from anywhere).
 
 Decision scale d is the scale whose attention defines the roles; it sets the capacities after plan
-scale d − 1 (conventions in ``kvpolicy.calibration``). With ``calibration``/``drafters`` the budget
+scale d − 1 (conventions in ``policies.scalekv.allocation``). With ``calibration``/``drafters`` the budget
 is split by ``allocation="released"`` (default; ``refiner_floor`` defaults to max(window_size,
 ⌈200·B/650⌉), at most B) or ``"paper"`` (``refiner_initial`` B_r(0), ``refiner_decay`` δ; defaults
 600 and 70 scaled by B/650); ``num_drafters`` overrides the calibration's drafter fraction.
 
 Selection, after a scale's attention, per batch row and head (vectorised): the observation window
-(centres of a 4 × 4 patch grid on the current map, ``scoring.observation_window_positions``) is
+(centres of a 4 × 4 patch grid on the current map, ``policies.common.observation_window_positions``) is
 always kept; every other token is scored by the window queries, pooled along the flattened cache
 (kernel 5), and the top (capacity − window) are kept; indices ascending. Two modes:
 
@@ -58,8 +58,12 @@ from typing import Any, Mapping, Optional
 import attrs
 
 from kvpolicy import register_policy
-from kvpolicy.calibration import ALLOCATIONS, BudgetFile, allocate, window_refiner_floor
-from kvpolicy.windowed import PatchWindowPolicy, check_choice, check_positive_int
+from kvpolicy.validators import check_choice, check_positive_int
+from policies.common import PatchWindowPolicy
+
+from .allocation import ALLOCATIONS, allocate, window_refiner_floor
+from .budget_file import BudgetFile, plan_to_budget_file
+from .calibration import CalibrationResult
 
 
 def _path(value):
@@ -90,8 +94,6 @@ def _drafters(value):
 def _calibration(value):
     if value is None:
         return None
-    from kvpolicy.calibration import CalibrationResult
-
     if isinstance(value, CalibrationResult):
         return value
     if isinstance(value, dict):
@@ -181,6 +183,4 @@ class ScaleKV(PatchWindowPolicy):
 
     def budget_file_export(self, schedule, num_layers, budget=None) -> BudgetFile:
         """This policy's plan in the released budget-file format."""
-        from kvpolicy.calibration import plan_to_budget_file
-
         return plan_to_budget_file(self.plan(schedule, num_layers, budget), schedule)

@@ -1,0 +1,199 @@
+"""ScaleKV's selector: an observation window of patch centres spread over the current map keeps its
+tokens and votes for the others (both the paper's "attention" rule and the released code's
+"reference" rule). Shared by ``scalekv`` and ``uniform``, which bring their own capacity plans.
+
+Paper: Li et al., arXiv 2505.19602; released code StargazerX0/ScaleKV @ eb0615a (facts:
+shared/reference/scalekv.md §4).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import attrs
+import torch
+
+from kvpolicy import CapacityPlan, Policy, Selection
+from kvpolicy.scoring import _check_forced, attention_scores, group_queries, pool_scores, topk_with_forced
+from kvpolicy.validators import check_choice
+
+from .options import PATCH_WINDOW_MODES, check_odd_kernel, check_square_window, check_window_fits, pooling_option
+
+def observation_window_positions(h: int, w: int, size: int = 16, start: int = 0, *,
+                                 length: int | None = None, device=None) -> torch.Tensor:
+    """ScaleKV's observation window: the centres of a √size x √size grid of patches on an h x w map.
+
+    Patches have size (h // g, w // g) with g = √size; the centre of patch (i, j) is row
+    i·ph + (ph − 1)//2, column j·pw + (pw − 1)//2, at cache position ``start + row·w + col``
+    (ascending, row-major). For square maps this is exactly the released code's rule (ScaleKV
+    ``scale_kv.py``, reference/scalekv.md §4.2); non-square maps use the same formula per axis
+    (§4.4), where the released code would misread the map. When h < g or w < g (maps too small for
+    the grid) the window is the last ``size`` tokens of the cache, ending at ``length`` (default
+    ``start + h·w``), as released; it may then reach into earlier scales.
+    """
+    grid = math.isqrt(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0
+    if grid * grid != size or size < 1:
+        raise ValueError(f"observation window size must be a positive perfect square (4, 9, 16, ...), got {size!r}")
+    if h < 1 or w < 1 or start < 0:
+        raise ValueError(f"map ({h}, {w}) at start {start}: sides must be >= 1 and start >= 0")
+    end = start + h * w if length is None else int(length)
+    if end < start + h * w:
+        raise ValueError(f"cache length {end} is shorter than the map's end {start + h * w}")
+    if h < grid or w < grid:
+        count = min(size, end)
+        return torch.arange(end - count, end, device=device)
+    rows = torch.arange(grid, device=device) * (h // grid) + (h // grid - 1) // 2
+    cols = torch.arange(grid, device=device) * (w // grid) + (w // grid - 1) // 2
+    return start + (rows[:, None] * w + cols[None, :]).reshape(-1)
+
+
+def window_queries(queries: torch.Tensor, window: torch.Tensor, current_start: int) -> torch.Tensor:
+    """The rows of the current map's queries (B, H, n, D) at the window positions that lie in the
+    current map (a fallback window may reach into history, which has no queries here)."""
+    local = window[window >= current_start] - current_start
+    if local.numel() and int(local.max()) >= queries.shape[2]:
+        raise ValueError(f"window position {int(local.max()) + current_start} is past the current map "
+                         f"({queries.shape[2]} queries from position {current_start})")
+    return queries.index_select(2, local.to(queries.device))
+
+
+def summed_window_logits(window_q: torch.Tensor, keys: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Released ScaleKV score: raw logits q·Kᵀ/√D summed over the window queries, window columns −∞
+    -> (B, Hkv, L), float32 (float64 for float64 keys).
+
+    By linearity Σ_j q_j·k/√D = (Σ_j q_j)·k/√D, so the window queries (and grouped query heads) are
+    summed first and every key meets one vector: one multiply-add per key element instead of one
+    per window query (16×). The value is mathematically the released one; its float rounding
+    differs (the released code rounds each logit, divides, then sums), so on general float inputs a
+    score can differ in its last bits. On the golden inputs every product and partial sum is exact
+    (golden README, "Exact arithmetic"), so they match bit for bit. The window columns are set to
+    −∞ after the sum instead of before (−∞ either way).
+    """
+    batch, kv_heads, length, dim = keys.shape
+    acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    q = group_queries(window_q.to(acc), kv_heads)
+    summed = q.reshape(batch, kv_heads, q.shape[2] * q.shape[3], dim).sum(dim=2)
+    scores = _rows_dot(keys, summed).div_(math.sqrt(dim))
+    return scores.index_fill_(-1, window.to(keys.device), float("-inf")) if window.numel() else scores
+
+
+# Elements of the (B, H, block, D) product buffer in _rows_dot (2 MiB in float32), at least 128
+# positions per block (measured best on a 2-core CPU at B = 2 and 16, H = 16, D = 128).
+_DOT_BLOCK_ELEMENTS = 1 << 19
+
+
+def _rows_dot(keys: torch.Tensor, vectors: torch.Tensor, *, blocked: bool | None = None) -> torch.Tensor:
+    """keys (B, H, L, D) · vectors (B, H, D) -> (B, H, L) in the vectors' dtype, keys read once and
+    never copied whole (no dtype conversion of the cache).
+
+    On CPU a batched matrix-vector product (MKL gemv through bmm) reads the keys at a fraction of
+    the memory speed (measured: 3-5× slower than a multiply and a row sum), so the product is
+    formed in blocks of cache positions that fit in cache; elsewhere one batched matmul.
+    ``blocked`` forces either form (tests compare them).
+    """
+    batch, heads, length, dim = keys.shape
+    if blocked is None:
+        blocked = keys.device.type == "cpu"
+    if not blocked:
+        return torch.matmul(keys, vectors.to(keys.dtype).unsqueeze(-1)).squeeze(-1).to(vectors.dtype)
+    out = torch.empty(batch, heads, length, dtype=vectors.dtype, device=keys.device)
+    rows = max(128, _DOT_BLOCK_ELEMENTS // max(1, batch * heads * dim))
+    buffer = torch.empty(batch, heads, min(rows, length), dim, dtype=vectors.dtype, device=keys.device)
+    vec = vectors.unsqueeze(2)
+    for start in range(0, length, rows):
+        stop = min(length, start + rows)
+        product = buffer[:, :, :stop - start]
+        torch.mul(keys[:, :, start:stop], vec, out=product)
+        torch.sum(product, dim=-1, out=out[:, :, start:stop])
+    return out
+
+
+def topk_plus_forced_exact(scores: torch.Tensor, forced: torch.Tensor, capacity: int) -> torch.Tensor:
+    """``torch.topk(scores, capacity − len(forced))`` on the scores exactly as given (forced
+    positions must already be −inf), then the forced positions appended and everything sorted:
+    the released ScaleKV/SnapKV form, tie for tie.
+
+    ``topk_with_forced`` lifts non-forced −inf scores first, which can change how torch.topk
+    splits a group of equal scores; this keeps the reference's choice. If the top-k had to reach
+    into −inf scores (fewer finite candidates than slots, where the reference would return a forced
+    position twice), it falls back to ``topk_with_forced``.
+    """
+    batch, heads, length = scores.shape
+    n_forced = _check_forced(scores, forced, capacity)
+    if n_forced is None:
+        return torch.arange(length, device=scores.device).expand(batch, heads, length).clone()
+    keep = min(capacity - n_forced, length - n_forced)
+    # Unsorted: torch.topk picks its set before ordering it (ties included), and we sort indices anyway.
+    top = scores.topk(keep, dim=-1, sorted=False)
+    if keep and bool(torch.isneginf(top.values).any() | torch.isnan(top.values).any()):
+        return topk_with_forced(scores, forced, capacity)
+    chosen = torch.cat([top.indices, forced.to(scores.device).view(1, 1, -1).expand(batch, heads, -1)], dim=-1)
+    return chosen.sort(dim=-1).values
+
+
+def observation_window_select(keys: torch.Tensor, ctx, *, raw: bool, window_size: int = 16,
+                              kernel_size: int = 5, pooling: str = "max") -> torch.Tensor:
+    """ScaleKV's selection for one (scale, layer): (B, H, capacity) kept indices, ascending.
+
+    The window (``observation_window_positions`` on the current map) is always kept; the rest is
+    ranked by the window queries' scores, pooled along the flattened cache. ``raw=True`` is the
+    released rule (``ctx.raw_queries``, summed raw logits with the window masked before and after
+    pooling, ``topk_plus_forced_exact``), the window queries summed before the product with the
+    keys (``summed_window_logits``: bit-identical on the golden inputs, last-bit float differences
+    possible elsewhere); ``raw=False`` is the paper's (``ctx.queries`` whose products with the keys
+    are the model's logits, softmax probabilities summed over the window queries, window masked
+    only after pooling).
+    """
+    h, w = ctx.current_shape
+    window = observation_window_positions(h, w, window_size, ctx.current_start, length=ctx.length,
+                                          device=keys.device)
+    if raw:
+        q = window_queries(ctx.raw_queries, window, ctx.current_start)
+        scores = summed_window_logits(q, keys, window)
+    else:
+        q = window_queries(ctx.queries, window, ctx.current_start)
+        scores = attention_scores(q, keys, softmax=True)
+    # pool_scores returns a fresh tensor (or the fresh scores themselves): mask it in place.
+    pooled = pool_scores(scores, kernel_size, pooling).index_fill_(-1, window, float("-inf"))
+    # Attention mode: probabilities are finite, so this is exactly topk_with_forced's choice without
+    # its lifting copies (a NaN or −∞ reaching the top-k falls back to topk_with_forced).
+    return topk_plus_forced_exact(pooled, window, ctx.capacity)
+
+@attrs.define(kw_only=True)
+class PatchWindowPolicy(Policy):
+    """ScaleKV's selection (``observation_window_select``): the centres of a √w × √w patch
+    grid on the current map are kept and vote; ``mode="attention"`` uses the model's queries and
+    softmax probabilities (average pooling by default), ``mode="reference"`` the raw query
+    projection and raw logits as the released code (max pooling by default)."""
+
+    mode: str = attrs.field(default="attention", validator=check_choice(PATCH_WINDOW_MODES))
+    window_size: int = attrs.field(default=16, validator=check_square_window)
+    kernel_size: int = attrs.field(default=5, validator=check_odd_kernel)
+    pooling: Optional[str] = attrs.field(default=None, converter=pooling_option)
+
+    @property
+    def effective_pooling(self) -> str:
+        return self.pooling or ("max" if self.mode == "reference" else "avg")
+
+    @property
+    def needs_queries(self) -> bool:
+        return self.mode == "attention"
+
+    @property
+    def needs_raw_queries(self) -> bool:
+        return self.mode == "reference"
+
+    def check_plan(self, plan: CapacityPlan, schedule) -> CapacityPlan:
+        # The patch window has window_size tokens at every scale (small maps fall back to the last
+        # window_size cache tokens), so the check does not depend on the scale.
+        return check_window_fits(plan, schedule, lambda s: self.window_size, self.name, self.window_size)
+
+    def select(self, keys, values, ctx):
+        if ctx.capacity is None or ctx.length <= ctx.capacity:
+            return Selection(None, ctx.state)
+        indices = observation_window_select(keys, ctx, raw=self.mode == "reference",
+                                                    window_size=self.window_size, kernel_size=self.kernel_size,
+                                                    pooling=self.effective_pooling)
+        return Selection(indices, ctx.state)
+
