@@ -5,7 +5,7 @@ the ``kvpolicy.policies`` entry-point group), adapters call ``compress`` once pe
 layer and scale, and ``simulate`` plans memory without weights.
 """
 
-from .attention_stats import AttentionStatsCollector
+from .attention_stats import AttentionStatistics, AttentionStatsCollector, calibration_measures, load_statistics
 from .budget import Budget, Ratio, Tokens, parse_budget
 from .cache import CacheReport, KVCache
 from .compress import CompressionResult, compress, gather_tokens
@@ -19,7 +19,7 @@ from . import scoring
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionStatsCollector", "Budget", "Ratio", "Tokens", "parse_budget", "CacheReport", "KVCache", "CompressionResult",
+    "AttentionStatistics", "AttentionStatsCollector", "calibration_measures", "load_statistics", "Budget", "Ratio", "Tokens", "parse_budget", "CacheReport", "KVCache", "CompressionResult",
     "compress", "gather_tokens", "CapacityPlan", "CompressionContext", "Policy", "ScoredPolicy",
     "Selection", "ENTRY_POINT_GROUP", "get_policy", "list_policies", "policy_class",
     "register_policy", "ScaleSchedule", "simulate", "scoring", "__version__",

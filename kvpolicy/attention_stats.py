@@ -15,13 +15,31 @@ per-query values (B, Hkv, G, q); a name mapped to None is not defined at this ca
 statistics at the first scale, say). Sums (float64) and counts accumulate per (layer, scale, KV
 head) over rows, grouped query heads, sampled queries and calls. What a policy makes of them
 (ranking, budgets) is the policy's business: the core knows no policy.
+
+Two kinds of measures beyond ``f(probs, current_start)``:
+
+- a measure with the attribute ``takes_context = True`` is called as ``f(probs, current_start,
+  positions=..., scale=..., layer=...)`` where ``positions`` are the block's query positions in
+  the current map (spatial statistics need to know where a query sits);
+- a measure with ``on_keys = True`` is a *key measure*: called once per observation as
+  ``f(keys, current_start, scale=..., layer=...)`` with the whole cache keys (B, Hkv, L, D), it
+  returns named per-(row, head) values (B, Hkv) (inter-scale key similarity, say).
+
+``statistics(source=...)`` freezes what was recorded into an ``AttentionStatistics``: per name the
+(layer, scale, head) means and counts, saved as one JSON file (``kvpolicy calibrate``) that every
+calibrated policy reads (``load_statistics``). ``calibration_measures(schedule)`` gathers the
+measures every registered policy declares (``Policy.calibration_measures``), so one calibration
+run records what all of them need.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
+import attrs
 import torch
 
 Measure = Callable[[torch.Tensor, int], Mapping[str, Optional[torch.Tensor]]]
@@ -52,6 +70,8 @@ class AttentionStatsCollector:
         if not measures or not all(callable(m) for m in measures):
             raise ValueError(f"measures must be a non-empty list of callables, got {measures!r}")
         self.num_layers, self.num_scales = num_layers, num_scales
+        self.key_measures = tuple(m for m in measures if getattr(m, "on_keys", False))
+        measures = tuple(m for m in measures if not getattr(m, "on_keys", False))
         self.measures, self.max_queries, self.seed = measures, max_queries, seed
         self.num_heads: Optional[int] = None  # KV heads, fixed by the first observation
         self._sums: dict[str, torch.Tensor] = {}
@@ -96,11 +116,15 @@ class AttentionStatsCollector:
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         block = max(1, _BLOCK_ELEMENTS // max(1, batch * q_heads * length))
-        for lo in range(0, positions.numel(), block):
+        for lo in range(0, positions.numel() if self.measures else 0, block):
             logits = torch.einsum("bhgqd,bhld->bhgql", grouped[:, :, :, lo:lo + block].float(), keys32)
             probs = torch.softmax(logits, dim=-1)
             for measure in self.measures:
-                for name, values in measure(probs, current_start).items():
+                if getattr(measure, "takes_context", False):
+                    found = measure(probs, current_start, positions=positions[lo:lo + block], scale=scale, layer=layer)
+                else:
+                    found = measure(probs, current_start)
+                for name, values in found.items():
                     if values is None:
                         continue
                     if tuple(values.shape) != tuple(probs.shape[:4]):
@@ -109,6 +133,16 @@ class AttentionStatsCollector:
                     per_head = values.to(torch.float64).sum(dim=(0, 2, 3)).cpu()
                     sums[name] = sums[name] + per_head if name in sums else per_head
                     counts[name] = counts.get(name, 0) + batch * group * probs.shape[3]
+        for measure in self.key_measures:
+            for name, values in measure(keys, current_start, scale=scale, layer=layer).items():
+                if values is None:
+                    continue
+                if tuple(values.shape) != (batch, kv_heads):
+                    raise RuntimeError(f"key measure {getattr(measure, '__name__', measure)!r} returned {name!r} of "
+                                       f"shape {tuple(values.shape)}; need one value per row and head {(batch, kv_heads)}")
+                per_head = values.to(torch.float64).sum(dim=0).cpu()
+                sums[name] = sums[name] + per_head if name in sums else per_head
+                counts[name] = counts.get(name, 0) + batch
         if not all(math.isfinite(v) for t in sums.values() for v in t.tolist()):
             raise ValueError(f"attention at layer {layer}, scale {scale} is not finite (NaN or inf in the queries or "
                              "keys); nothing was recorded")
@@ -156,3 +190,133 @@ class AttentionStatsCollector:
 
     def layer_counts(self, name: str) -> list[list[int]]:
         return self.counts(name).sum(dim=2).tolist()
+
+    def statistics(self, *, source: str = "") -> "AttentionStatistics":
+        """What was recorded, frozen: per name the (layer, scale, head) means and their counts."""
+        means, counts = {}, {}
+        for name in self.names:
+            means[name] = [[[None if math.isnan(v) else v for v in row] for row in layer]
+                           for layer in self.head_means(name).tolist()]
+            counts[name] = self.counts(name)[:, :, 0].tolist()
+        return AttentionStatistics(num_layers=self.num_layers, num_scales=self.num_scales, num_heads=self.num_heads or 1,
+                                   means=means, counts=counts, calls=self.calls, source=source)
+
+
+STATISTICS_KIND = "kvpolicy-attention-statistics"
+
+
+def _check_tables(instance, attribute, value):
+    shape = (instance.num_layers, instance.num_scales)
+    for name, table in value.items():
+        if not isinstance(name, str) or len(table) != shape[0] or any(len(row) != shape[1] for row in table):
+            raise ValueError(f"statistics {attribute.name}[{name!r}] must be a [{shape[0]} layers][{shape[1]} scales] table")
+
+
+@attrs.frozen
+class AttentionStatistics:
+    """Calibration statistics of one model: per name, the mean per (layer, scale, head) (None where
+    not observed) and how many values each mean averages (per layer and scale; the same for every
+    head). One file serves every calibrated policy; each derives its plan from it."""
+
+    num_layers: int
+    num_scales: int
+    num_heads: int
+    means: dict = attrs.field(validator=_check_tables)
+    counts: dict = attrs.field(validator=_check_tables)
+    calls: int = 0
+    source: str = ""
+
+    def __attrs_post_init__(self):
+        if set(self.means) != set(self.counts):
+            raise ValueError("statistics means and counts must name the same statistics")
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.means)
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.means:
+            made_for = f" (made for {self.source})" if self.source else ""
+            raise ValueError(f"the calibration{made_for} has no statistic {name!r} (it has {self.names}); "
+                             "run kvpolicy calibrate again with this policy registered")
+
+    def head_means(self, name: str) -> torch.Tensor:
+        """(layers, scales, heads) float64 means, NaN where not observed."""
+        self._check_name(name)
+        return torch.tensor([[[math.nan if v is None else v for v in row] for row in layer]
+                             for layer in self.means[name]], dtype=torch.float64)
+
+    def layer_means(self, name: str) -> list[list[Optional[float]]]:
+        """[layer][scale] mean over heads (None where not observed)."""
+        means = self.head_means(name).mean(dim=2)
+        return [[None if math.isnan(v) else v for v in row] for row in means.tolist()]
+
+    def layer_mean(self, name: str) -> list[float]:
+        """Per layer: the mean over heads and observed scales, weighted by the values each scale saw
+        (NaN for a layer with no observation)."""
+        means, counts = self.head_means(name).mean(dim=2), torch.tensor(self.counts[name], dtype=torch.float64)
+        seen = ~torch.isnan(means)
+        weights = torch.where(seen, counts, torch.zeros_like(counts))
+        total = torch.where(seen, means, torch.zeros_like(means)).mul(weights).sum(dim=1)
+        return (total / weights.sum(dim=1)).tolist()
+
+    def check_geometry(self, num_layers: int, num_scales: int, policy: str) -> None:
+        if (num_layers, num_scales) != (self.num_layers, self.num_scales):
+            made_for = f" (made for {self.source})" if self.source else ""
+            raise ValueError(f"{policy}: the calibration covers {self.num_layers} layers x {self.num_scales} scales"
+                             f"{made_for}, the model has {num_layers} x {num_scales}: calibrate this model and "
+                             "resolution (kvpolicy calibrate)")
+
+    def to_dict(self) -> dict:
+        return {"kind": STATISTICS_KIND, "num_layers": self.num_layers, "num_scales": self.num_scales,
+                "num_heads": self.num_heads, "means": self.means, "counts": self.counts, "calls": self.calls,
+                "source": self.source}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AttentionStatistics":
+        if not isinstance(data, dict) or data.get("kind") != STATISTICS_KIND:
+            raise ValueError(f"not a kvpolicy calibration (expected 'kind': {STATISTICS_KIND!r}; make one with "
+                             "kvpolicy calibrate)")
+        fields = {f.name for f in attrs.fields(cls)}
+        unknown = set(data) - fields - {"kind"}
+        if unknown:
+            raise ValueError(f"unknown calibration fields {sorted(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k != "kind"})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttentionStatistics":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file {str(path)!r} does not exist (make one with kvpolicy calibrate)")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"calibration file {str(path)!r} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+def load_statistics(value) -> AttentionStatistics:
+    """An ``AttentionStatistics`` from itself, a collector, its dict or a JSON path."""
+    if isinstance(value, AttentionStatistics):
+        return value
+    if isinstance(value, AttentionStatsCollector):
+        return value.statistics()
+    if isinstance(value, dict):
+        return AttentionStatistics.from_dict(value)
+    if isinstance(value, (str, Path)):
+        return AttentionStatistics.load(value)
+    raise TypeError(f"a calibration is an AttentionStatistics, its dict or a JSON path, got {type(value).__name__}")
+
+
+def calibration_measures(schedule, names: Sequence[str] | None = None) -> list:
+    """The measures every registered policy (or those named) declares for ``schedule``
+    (``Policy.calibration_measures``): one calibration run records them all."""
+    from .registry import list_policies, policy_class
+
+    measures = []
+    for name in (sorted(list_policies()) if names is None else names):
+        measures.extend(policy_class(name).calibration_measures(schedule))
+    return measures

@@ -122,6 +122,13 @@ class Policy:
     def select(self, keys: torch.Tensor, values: torch.Tensor, ctx: CompressionContext) -> Selection:
         raise NotImplementedError(f"{type(self).__name__} must implement select()")
 
+    # -- calibration ------------------------------------------------------------------------
+    @classmethod
+    def calibration_measures(cls, schedule: ScaleSchedule) -> list:
+        """Measures (``kvpolicy.attention_stats``) this policy's calibration needs on ``schedule``;
+        ``kvpolicy calibrate`` records those of every registered policy in one run (default: none)."""
+        return []
+
     # -- configuration -----------------------------------------------------------------------
     def to_config(self) -> dict:
         """A JSON-friendly dict that ``Policy.from_config`` turns back into an equal policy."""

@@ -50,6 +50,8 @@ PROMISES: dict[str, Callable] = {
     # ScaleKV's observation window (patch centres, or the last tokens on small maps) is always kept.
     "scalekv": lambda p, length, cap, n, hw: _patch_window(p, length, n, hw),
     "uniform": lambda p, length, cap, n, hw: _patch_window(p, length, n, hw),
+    # AMS-KV: the condensed coarsest scales (first tokens) and the most recent tokens.
+    "amskv": lambda p, length, cap, n, hw: list(range(min(5, cap))) + _recent(length, cap - min(5, cap)),
 }
 
 

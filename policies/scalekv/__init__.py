@@ -123,6 +123,14 @@ class ScaleKV(PatchWindowPolicy):
     num_drafters: Optional[int] = attrs.field(default=None)
     _file: Optional[BudgetFile] = attrs.field(default=None, init=False, repr=False, eq=False)
 
+    @classmethod
+    def calibration_measures(cls, schedule):
+        """ScaleKV's statistics (current ratio, history top-K′ mass and share; K′ = 16) for the
+        shared calibration run; ``CalibrationResult.from_statistics`` reads them back."""
+        from .calibration import scalekv_measure
+
+        return [scalekv_measure(16)]
+
     def __attrs_post_init__(self):
         sources = [n for n in ("budget_file", "calibration", "drafters") if getattr(self, n) is not None]
         if len(sources) != 1:

@@ -246,7 +246,22 @@ class CalibrationResult:
                 "source": self.source}
 
     @classmethod
+    def from_statistics(cls, stats, **options) -> "CalibrationResult":
+        """The result from the generic calibration statistics (``kvpolicy calibrate``, which records
+        ScaleKV's measure, K′ = 16, with every other calibrated policy's), the same numbers a
+        ``ScaleKVStatsCollector`` gives. ``options``: operator, history, drafter_fraction, epsilon."""
+        from kvpolicy.attention_stats import load_statistics
+
+        stats = load_statistics(stats)
+        return cls(num_layers=stats.num_layers, num_scales=stats.num_scales,
+                   current_ratio=stats.layer_means("current_ratio"), history_topk=stats.layer_means("history_topk"),
+                   history_share=stats.layer_means("history_share"), top_k=16,
+                   samples=stats.counts["current_ratio"], calls=stats.calls, source=stats.source, **options)
+
+    @classmethod
     def from_dict(cls, data: dict) -> "CalibrationResult":
+        if isinstance(data, dict) and data.get("kind") == "kvpolicy-attention-statistics":
+            return cls.from_statistics(data)
         if not isinstance(data, dict) or data.get("kind") != "scalekv-calibration":
             raise ValueError("not a ScaleKV calibration JSON (expected 'kind': 'scalekv-calibration')")
         fields = {f.name for f in attrs.fields(cls)}
