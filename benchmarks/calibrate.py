@@ -48,23 +48,38 @@ def calibration_source(model_name: str, geometry) -> str:
 
 
 def run_calibration(model, model_name: str, conditions, *, seed: int = 0, top_k=None, batch_size: int = 1,
-                    resolution=None, aspect_ratio: float = 1.0, progress: bool = False):
-    """Feed every condition through ``model.generate(stats=collector)``; return the collector."""
+                    resolution=None, aspect_ratio: float = 1.0, progress: bool = False, dist=None):
+    """Feed every condition through ``model.generate(stats=collector)``; return the collector.
+
+    Conditions go in chunks of ``batch_size`` (chunk starting at condition i: seed + i), one
+    collector per chunk, merged in chunk order. Under torchrun (``dist``) each rank runs its share
+    of the chunks and the statistics are all-reduced: every rank gets the same collector as one
+    process would (``distributed.reduce_collectors``)."""
     from policies.scalekv.calibration import ScaleKVStatsCollector
 
+    from .distributed import SINGLE, reduce_collectors
+
+    dist = dist or SINGLE
     geometry = resolve_geometry(model_name, resolution, aspect_ratio)
     options = {} if top_k is None else {"top_k": top_k}
-    collector = ScaleKVStatsCollector(geometry.num_layers, geometry.schedule.num_scales, seed=seed, **options)
+
+    def make():
+        return ScaleKVStatsCollector(geometry.num_layers, geometry.schedule.num_scales, seed=seed, **options)
+
     kwargs = {}
     if resolution is not None:
         kwargs["resolution"] = resolution
     if aspect_ratio != 1.0:
         kwargs["aspect_ratio"] = aspect_ratio
-    for start in range(0, len(conditions), batch_size):
+    starts = list(range(0, len(conditions), batch_size))
+    collectors = {}
+    for index in dist.share(range(len(starts))):
+        start = starts[index]
         chunk = list(conditions[start:start + batch_size])
-        model.generate(chunk, policy=None, seed=seed + start, batch_size=len(chunk), stats=collector,
+        collectors[index] = make()
+        model.generate(chunk, policy=None, seed=seed + start, batch_size=len(chunk), stats=collectors[index],
                        progress=progress, **kwargs)
-    return collector, geometry
+    return reduce_collectors(collectors, len(starts), make, dist), geometry
 
 
 def calibrate_command(args) -> int:
@@ -91,19 +106,36 @@ def calibrate_command(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out {args.out!r} must name a .json file")
-    prepare_output(out.parent if str(out.parent) else Path("."))
     dtype = default_dtype(device, args.dtype)
-    set_threads(threads)
-    from adapters import load_model
+    from .distributed import setup
 
-    model = load_model(args.model, device=device, dtype=parse_dtype(dtype), **weights)
-    started = time.perf_counter()
-    collector, geometry = run_calibration(model, args.model, conditions, seed=args.seed, top_k=args.top_k,
-                                          resolution=resolution, aspect_ratio=args.aspect_ratio)
-    result = collector.result(source=calibration_source(args.model, geometry),
-                              **({} if fraction is None else {"drafter_fraction": fraction}))
+    dist = setup(device, getattr(args, "dist_backend", None), getattr(args, "dist_timeout", None))
+    try:
+        folder = out.parent if str(out.parent) else Path(".")
+        dist.on_main(lambda: prepare_output(folder))
+        dist.check_shared_folder(folder)
+        set_threads(threads)
+        from adapters import load_model
+
+        model = load_model(args.model, device=dist.local_device(device), dtype=parse_dtype(dtype), **weights)
+        started = time.perf_counter()
+        collector, geometry = run_calibration(model, args.model, conditions, seed=args.seed, top_k=args.top_k,
+                                              resolution=resolution, aspect_ratio=args.aspect_ratio, dist=dist)
+        result = collector.result(source=calibration_source(args.model, geometry),
+                                  **({} if fraction is None else {"drafter_fraction": fraction}))
+        # every rank holds the same result; rank 0 writes the files and prints
+        dist.on_main(lambda: _write_calibration(args, result, out, geometry, budget_tokens, len(conditions),
+                                                time.perf_counter() - started, dist))
+    finally:
+        dist.close()
+    return 0
+
+
+def _write_calibration(args, result, out: Path, geometry, budget_tokens, num_conditions: int, seconds: float,
+                       dist) -> None:
     result.save(out)
-    print(f"calibrated {args.model} on {len(conditions)} condition(s) in {time.perf_counter() - started:.1f} s: "
+    where = "" if not dist.enabled else f" on {dist.world_size} process(es)"
+    print(f"calibrated {args.model} on {num_conditions} condition(s){where} in {seconds:.1f} s: "
           f"{geometry.num_layers} layers x {geometry.schedule.num_scales} scales, top-K' {result.top_k}, "
           f"{result.operator} ASI; wrote {out}")
     if budget_tokens is not None:
@@ -116,4 +148,3 @@ def calibrate_command(args) -> int:
             result.to_budget_file(geometry.schedule, args.budget,
                                   **({} if args.num_drafters is None else {"num_drafters": args.num_drafters})).save(args.export_budget)
             print(f"wrote budget file {args.export_budget} (released ScaleKV format)")
-    return 0

@@ -46,6 +46,12 @@ def _add_run_args(p):
                    "models on a free machine)")
 
 
+def _add_distributed_args(p):
+    from .distributed import add_arguments
+
+    add_arguments(p)
+
+
 PLUGIN_HELP = ("a Python file or importable module that registers policies (@register_policy); repeatable. "
                "Also read from KVPOLICY_PLUGINS (separated by '" + os.pathsep + "')")
 
@@ -114,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option_arg(p)
     _add_run_args(p)
     _add_scalekv_args(p)
+    _add_distributed_args(p)
 
     p = sub.add_parser("calibrate", help="ScaleKV calibration from a model's attention statistics")
     _add_model_args(p)
@@ -127,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-budget", default=None, help="also write a released-format budget JSON for --budget")
     p.add_argument("--budget", default=None, help="budget for --export-budget, e.g. 10%%")
     _add_run_args(p)
+    _add_distributed_args(p)
 
     p = sub.add_parser("bench-gpu", help="GPU memory/latency of Infinity-2B/8B geometries with random weights")
     p.add_argument("--models", default=None, help="default infinity-2b,infinity-8b (dry run: infinity-tiny)")

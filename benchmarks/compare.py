@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import kvpolicy
-from . import reports
+from . import distributed, reports
 from .model_args import check_device, cpu_threads, default_dtype, weights_kwargs
 from .metrics import LearnedMetrics, psnr, ssim, token_agreement
 from .plan import parse_resolution, resolve_geometry
@@ -239,12 +239,19 @@ def load_png(path: Path) -> torch.Tensor:
 class Comparison:
     """Runs (or resumes) a comparison. ``model`` may be injected (tests count its calls)."""
 
-    def __init__(self, settings: CompareSettings, model=None, log: Callable[[str], None] = None):
+    def __init__(self, settings: CompareSettings, model=None, log: Callable[[str], None] = None,
+                 dist: Optional[distributed.Distributed] = None):
         self.s = settings
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        # torchrun: this process's rank; one process without it (benchmarks/distributed.py)
+        self.dist = dist or distributed.SINGLE
+        log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.log = log if not self.dist.sharded else (lambda msg: log(f"[rank {self.dist.rank}] {msg}"))
         self.model = model
+        self.device = self.dist.local_device(settings.device)  # cuda: this rank's GPU under torchrun
         self.out = settings.out
         self.results = self.out / "results.jsonl"
+        # where this process appends its rows: its own shard when there are several ranks
+        self.rows_file = distributed.shard_path(self.out, self.dist.rank) if self.dist.sharded else self.results
         self.metrics = LearnedMetrics(enabled=settings.learned_metrics)
         self._reported_reasons: set[str] = set()
         self.generate_calls = 0
@@ -276,8 +283,8 @@ class Comparison:
         if self.model is None:
             from adapters import load_model
 
-            self.log(f"loading {self.s.model} on {self.s.device} ({self.s.dtype})")
-            self.model = load_model(self.s.model, device=self.s.device, dtype=parse_dtype(self.s.dtype),
+            self.log(f"loading {self.s.model} on {self.device} ({self.s.dtype})")
+            self.model = load_model(self.s.model, device=self.device, dtype=parse_dtype(self.s.dtype),
                                     **self.s.weights)
         return self.model
 
@@ -293,18 +300,18 @@ class Comparison:
 
     def _timed(self, conditions, config: Config, seed: int):
         """Run ``repeats`` generations; return the first output, median seconds and per-scale medians."""
-        cuda = self.s.device.startswith("cuda")
+        cuda = self.device.startswith("cuda")
         outputs, seconds, peaks = [], [], []
         for _ in range(self.s.repeats):
             if cuda:
-                torch.cuda.reset_peak_memory_stats(self.s.device)
-            _synchronize(self.s.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+            _synchronize(self.device)
             start = time.perf_counter()
             out = self._generate(conditions, config, seed)
-            _synchronize(self.s.device)
+            _synchronize(self.device)
             seconds.append(time.perf_counter() - start)
             if cuda:
-                peaks.append(torch.cuda.max_memory_allocated(self.s.device))
+                peaks.append(torch.cuda.max_memory_allocated(self.device))
             outputs.append(out)
         per_scale = [statistics.median(col) for col in zip(*[o.cache_report.scale_seconds for o in outputs])] \
             if outputs[0].cache_report.scale_seconds else []
@@ -325,17 +332,21 @@ class Comparison:
         """scalekv without --calibration/--budget-file: calibrate this model first, as the paper does,
         on the shipped calibration prompts (VAR: labels 0-9); reused when the file exists (resume)."""
         path = self.out / "calibration.json"
-        if path.is_file():
-            self.log(f"scalekv: using the calibration in {path}")
+        if self.dist.on_main(path.is_file):  # every rank decides as rank 0 saw it
+            if self.dist.is_main:
+                self.log(f"scalekv: using the calibration in {path}")
             return path
         from .calibrate import calibration_conditions, calibration_source, run_calibration
 
         conditions = calibration_conditions(self.s.model)
-        self.log(f"scalekv: no --calibration or --budget-file given; calibrating {self.s.model} on "
-                 f"{len(conditions)} shipped calibration conditions -> {path}")
+        if self.dist.is_main:
+            self.log(f"scalekv: no --calibration or --budget-file given; calibrating {self.s.model} on "
+                     f"{len(conditions)} shipped calibration conditions -> {path}")
+        # under torchrun every rank calibrates its share; the statistics are all-reduced, so each holds the result
         collector, geometry = run_calibration(self._load_model(), self.s.model, conditions, resolution=self.s.resolution,
-                                              aspect_ratio=self.s.aspect_ratio)
-        collector.result(source=calibration_source(self.s.model, geometry)).save(path)
+                                              aspect_ratio=self.s.aspect_ratio, dist=self.dist)
+        result = collector.result(source=calibration_source(self.s.model, geometry))
+        self.dist.on_main(lambda: result.save(path))
         return path
 
     def run(self) -> dict:
@@ -347,25 +358,33 @@ class Comparison:
         finally:
             torch.set_num_threads(previous)
 
-    def _run(self) -> dict:
-        prepare_output(self.out)
+    def _run(self) -> Optional[dict]:
+        self.dist.on_main(lambda: prepare_output(self.out))
+        self.dist.check_shared_folder(self.out)
         geometry = resolve_geometry(self.s.model, self.s.resolution, self.s.aspect_ratio)
         calibration = None
         if self.auto_calibration:
             # every other argument is checked before the model is loaded for calibration
             build_configs(self.s, geometry.schedule, geometry.num_layers, skip=("scalekv",))
-            self._check_resume()
+            self.dist.on_main(self._check_resume)
             calibration = self._calibrate(geometry)
         configs = build_configs(self.s, geometry.schedule, geometry.num_layers, calibration=calibration)
-        self._check_resume()
-        done = {r["key"] for r in reports.read_rows(self.results)}
+        self.dist.on_main(self._check_resume)
+        # rows of an earlier run that died under torchrun are merged first; every rank gets rank 0's view
+        done = self.dist.on_main(lambda: self._merge_and_read_done(configs))
         items = [(i, c) for i, c in enumerate(self.s.conditions)]
         chunks = [(seed, items[k:k + self.s.batch_size]) for seed in self.s.seeds
                   for k in range(0, len(items), self.s.batch_size)]
         jobs = [(seed, chunk, config) for seed, chunk in chunks for config in configs]
         pending = [j for j in jobs if not all(row_key(self.s, c, j[0], j[2]) in done for _, c in j[1])]
-        if len(pending) < len(jobs):
+        if len(pending) < len(jobs) and self.dist.is_main:
             self.log(f"resuming: {len(jobs) - len(pending)} of {len(jobs)} jobs already finished in {self.results}")
+        if self.dist.sharded:  # this rank's share: whole (seed, chunk) groups, reference first
+            groups = self.dist.share(list(dict.fromkeys((seed, tuple(i for i, _ in chunk)) for seed, chunk, _ in pending)))
+            mine = set(groups)
+            pending = [j for j in pending if (j[0], tuple(i for i, _ in j[1])) in mine]
+            self.log(f"{len(pending)} job(s) in {len(groups)} group(s) on {self.device}")
+            self.rows_file.parent.mkdir(parents=True, exist_ok=True)
         versions = library_versions()
         warmed: set[str] = set()
         if pending:
@@ -374,7 +393,9 @@ class Comparison:
             self._generate([c for _, c in pending[0][1]], configs[0], pending[0][0])
             from tqdm.auto import tqdm
 
-            bar = tqdm(pending, desc="compare", unit="job", disable=not self.s.progress, file=sys.stderr)
+            # one bar (rank 0's share) rather than N bars fighting over the terminal
+            bar = tqdm(pending, desc="compare" if not self.dist.sharded else f"compare, rank 0 of {self.dist.world_size}",
+                       unit="job", disable=not self.s.progress or not self.dist.is_main, file=sys.stderr)
             for seed, chunk, config in bar:
                 bar.set_postfix_str(f"{config.policy_name}{'@' + config.budget if config.budget else ''} seed {seed}")
                 if config.config_id not in warmed:
@@ -382,10 +403,30 @@ class Comparison:
                         self._generate([c for _, c in chunk], config, seed)
                     warmed.add(config.config_id)
                 rows = self._run_job(seed, chunk, config, done, versions)
-                reports.append_rows(self.results, rows)
+                reports.append_rows(self.rows_file, rows)
                 done.update(r["key"] for r in rows)
                 self._note_reasons()
+                self.dist.exit_hook.job_done()
+        if self.dist.sharded:
+            self.dist.barrier()  # every rank's rows are in its shard
+            if not self.dist.is_main:
+                return None
+            self._merge_shards(configs)
         return self.write_reports(configs)
+
+    # -- several processes (benchmarks/distributed.py) -------------------------------------------
+    def _merge_shards(self, configs: Sequence[Config]) -> None:
+        """Rank 0 (or a later run): the shards' rows into results.jsonl, in job order."""
+        position = {c.config_id: k for k, c in enumerate(configs)}
+        seeds = {seed: k for k, seed in enumerate(self.s.seeds)}
+        added = distributed.merge_shards(self.results, self.out, order=lambda r: (
+            seeds.get(r["seed"], len(seeds)), r["condition_index"], position.get(r["config_id"], len(position))))
+        if added:
+            self.log(f"merged {added} row(s) from {distributed.SHARD_DIR}/ into {self.results}")
+
+    def _merge_and_read_done(self, configs: Sequence[Config]) -> set:
+        self._merge_shards(configs)
+        return {r["key"] for r in reports.read_rows(self.results)}
 
     def _run_job(self, seed: int, chunk, config: Config, done: set, versions: dict) -> list[dict]:
         conditions = [c for _, c in chunk]
@@ -558,8 +599,14 @@ def compare_command(args) -> int:
 
     settings = settings_from_args(args)
     settings.command = "kvpolicy " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    dist = distributed.setup(settings.device, getattr(args, "dist_backend", None), getattr(args, "dist_timeout", None))
     started = time.perf_counter()
-    result = Comparison(settings).run()
+    try:
+        result = Comparison(settings, dist=dist).run()
+    finally:
+        dist.close()
+    if result is None:  # not rank 0: its rows are merged and reported by rank 0
+        return 0
     print(reports.summary_table(result["summary"]))
     print(f"\nwrote {settings.out}/results.jsonl ({len(result['rows'])} rows), summary.md, plots, contact_sheet.png "
           f"in {time.perf_counter() - started:.1f} s")

@@ -157,6 +157,62 @@ class AttentionStatsCollector:
             self._counts[name][layer, scale] += counts[name]
         self.calls += 1
 
+    # -- combining collectors (calibration split over processes) --------------------------------
+    def state_dict(self) -> dict:
+        """The accumulated sums and counts as named tensors (copies) plus ``calls``, e.g. to send
+        them to another process: ``sums.NAME`` and ``counts.NAME``, (layers, scales, heads)."""
+        state = {f"sums.{name}": total.clone() for name, total in self._sums.items()}
+        state.update({f"counts.{name}": count.clone() for name, count in self._counts.items()})
+        state["calls"] = self.calls
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Replace the statistics with ``state`` (from ``state_dict`` of a collector with the same
+        layers and scales)."""
+        if "calls" not in state:
+            raise ValueError("collector state lacks 'calls'")
+        sums, counts, heads = {}, {}, set()
+        for key, value in state.items():
+            if key == "calls":
+                continue
+            kind, _, name = key.partition(".")
+            if kind not in ("sums", "counts") or not name:
+                raise ValueError(f"collector state has unknown entry {key!r} (entries: sums.NAME, counts.NAME, calls)")
+            if (not isinstance(value, torch.Tensor) or value.dim() != 3
+                    or tuple(value.shape[:2]) != (self.num_layers, self.num_scales)):
+                raise ValueError(f"collector state {key!r} must be a ({self.num_layers} layers, {self.num_scales} scales, "
+                                 "heads) tensor")
+            heads.add(value.shape[2])
+            target = sums if kind == "sums" else counts
+            target[name] = value.to(torch.float64 if kind == "sums" else torch.long).clone()
+        if set(sums) != set(counts) or len(heads) > 1:
+            raise ValueError(f"collector state needs sums and counts of the same names and heads, got {sorted(state)}")
+        self._sums, self._counts = sums, counts
+        self.num_heads = heads.pop() if heads else None
+        self.calls = int(state["calls"])
+
+    def merge(self, other: "AttentionStatsCollector") -> None:
+        """Add another collector's statistics to this one. The statistics are sums, so conditions
+        observed by several collectors (processes) and merged in a fixed order give one result
+        wherever each ran. Both must have the same class, layers, scales, query sampling and measures'
+        names (the measures themselves are functions and cannot be compared)."""
+        mine = (type(self), self.num_layers, self.num_scales, self.max_queries, self.seed, getattr(self, "top_k", None))
+        theirs = (type(other), other.num_layers, other.num_scales, other.max_queries, other.seed, getattr(other, "top_k", None))
+        if mine != theirs:
+            raise ValueError(f"cannot merge collectors with different (class, layers, scales, max_queries, seed, top_k): "
+                             f"{mine[1:]} vs {theirs[1:]}")
+        if other.num_heads is not None and self.num_heads is not None and other.num_heads != self.num_heads:
+            raise ValueError(f"cannot merge collectors of {self.num_heads} and {other.num_heads} heads")
+        for name, total in other._sums.items():
+            if name not in self._sums:
+                self._sums[name] = torch.zeros_like(total)
+                self._counts[name] = torch.zeros_like(other._counts[name])
+            self._sums[name] += total
+            self._counts[name] += other._counts[name]
+        if self.num_heads is None:
+            self.num_heads = other.num_heads
+        self.calls += other.calls
+
     # -- results -------------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:
