@@ -332,31 +332,34 @@ def merge_shards(results: Path, out: Path, order: Optional[Callable[[dict], obje
 
 def reduce_collectors(collectors: Mapping[int, object], num_chunks: int, make: Callable[[], object],
                       dist: Distributed = SINGLE):
-    """One collector equal to merging every chunk's collector in chunk order.
+    """One collector equal to merging every chunk's collector in chunk order, on every rank.
 
-    ``collectors`` holds this rank's chunks {chunk index: collector}; the others' are all-reduced
-    (each chunk's statistics are non-zero on one rank only, so the sum is exact). ``make`` creates
-    an empty collector of the right configuration."""
-    template = make()
-    state = template.state_dict()
-    names = [name for name in state if name != "calls"]
-    floats = [n for n in names if state[n].is_floating_point()]
-    ints = [n for n in names if not state[n].is_floating_point()]
-    shape = tuple(state[names[0]].shape)
-    float_stack = torch.zeros((num_chunks, len(floats), *shape), dtype=torch.float64)
-    int_stack = torch.zeros((num_chunks, len(ints), *shape), dtype=torch.long)
+    ``collectors`` holds this rank's chunks {chunk index: collector}; ``make`` creates an empty
+    collector of the same configuration. A collector offers ``state_dict()`` (named tensors plus
+    ``calls``), ``load_state_dict`` and ``merge``. The per-chunk statistics are all-reduced: each
+    chunk's entries are non-zero on one rank only, so the sums are exact, and the ordered merge
+    makes the result independent of which rank ran which chunk."""
+    states = {index: collector.state_dict() for index, collector in collectors.items()}
+    # the statistics' names, shapes and dtypes; a rank without chunks learns them from the others
+    layouts = dist.all_gather(next(({name: (tuple(value.shape), value.dtype) for name, value in state.items()
+                                     if name != "calls"} for state in states.values()), None))
+    known = [layout for layout in layouts if layout is not None]
+    total = make()
+    if not known:
+        return total  # no conditions at all
+    layout = known[0]
+    if any(other != layout for other in known):
+        raise RuntimeError(f"ranks recorded different calibration statistics: {known}")
+    stacks = {name: torch.zeros((num_chunks, *shape), dtype=dtype) for name, (shape, dtype) in layout.items()}
     calls = torch.zeros(num_chunks, dtype=torch.long)
-    for index, collector in collectors.items():
-        mine = collector.state_dict()
-        float_stack[index] = torch.stack([mine[n].to(torch.float64) for n in floats])
-        int_stack[index] = torch.stack([mine[n] for n in ints])
-        calls[index] = mine["calls"]
-    for tensor in (float_stack, int_stack, calls):
+    for index, state in states.items():
+        for name in layout:
+            stacks[name][index] = state[name]
+        calls[index] = state["calls"]
+    for tensor in (*stacks.values(), calls):
         dist.all_reduce_sum(tensor)
-    total = template
     for index in range(num_chunks):
         chunk = make()
-        chunk.load_state_dict({**{n: float_stack[index, i] for i, n in enumerate(floats)},
-                               **{n: int_stack[index, i] for i, n in enumerate(ints)}, "calls": int(calls[index])})
+        chunk.load_state_dict({**{name: stack[index] for name, stack in stacks.items()}, "calls": int(calls[index])})
         total.merge(chunk)
     return total

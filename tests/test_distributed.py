@@ -65,12 +65,12 @@ def _compare_in_process(workdir: Path, out: Path, model) -> CountingModel:
     return counting
 
 
-def _torchrun(argv, nproc=2, env=None, timeout=300) -> subprocess.CompletedProcess:
+def _torchrun(argv, nproc=2, env=None, timeout=300, program=("-m", "benchmarks.cli")) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                  "MASTER_PORT", distributed.TEST_EXIT_ENV)}
     environ.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})})
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "benchmarks.cli", *argv]
+               *program, *argv]
     return subprocess.run(command, cwd=REPO, env=environ, capture_output=True, text=True, timeout=timeout)
 
 
@@ -155,7 +155,10 @@ def test_torchrun_calibrate_equals_one_process(workdir, capsys):
     argv = ["calibrate", "--model", "infinity-tiny", "--prompts", str(prompts), "--budget", "40%"]
     assert main([*argv, "--out", str(workdir / "single.json")]) == 0
     capsys.readouterr()
-    run = _torchrun([*argv, "--out", str(workdir / "sharded.json")])
+    # through the console script, as the README shows: torchrun … $(which kvpolicy) calibrate …
+    script = Path(sys.executable).parent / "kvpolicy"
+    program = (str(script),) if script.is_file() else ("-m", "benchmarks.cli")
+    run = _torchrun([*argv, "--out", str(workdir / "sharded.json")], program=program)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("calibrated infinity-tiny on 3 condition(s) on 2 process(es)") == 1  # rank 0 reports
     single = json.loads((workdir / "single.json").read_text())
