@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from adapters import load_model
 from benchmarks import compare as compare_mod
@@ -204,3 +205,45 @@ def test_dist_backend_without_torchrun_is_a_one_line_error(tmp_path, capsys, mon
     code = main(["compare", "--model", "infinity-tiny", "--dist-backend", "gloo", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "applies to runs started by torchrun" in err and err.count("\n") == 1
+
+
+# -- collectors split over processes ----------------------------------------------------------------
+
+def _observe_chunk(collector, generator, scales=3):
+    for scale in range(scales):
+        n = 4 * (scale + 1)
+        length = 2 * n + scale
+        queries = torch.randn(2, 4, n, 8, generator=generator)
+        keys = torch.randn(2, 2, length, 8, generator=generator)
+        for layer in range(2):
+            collector.observe(layer, scale, queries, keys, current_start=length - n)
+
+
+def test_merged_collectors_equal_one_collector_and_their_state_round_trips():
+    from policies.scalekv.calibration import ScaleKVStatsCollector
+
+    def make():
+        return ScaleKVStatsCollector(2, 3, top_k=2, max_queries=5, seed=1)
+
+    one, chunks = make(), [make(), make(), make()]
+    for index, chunk in enumerate(chunks):
+        _observe_chunk(one, torch.Generator().manual_seed(index))
+        _observe_chunk(chunk, torch.Generator().manual_seed(index))
+    # one chunk per "rank" (SINGLE does no communication; the torchrun test covers the all-reduce)
+    merged = distributed.reduce_collectors(dict(enumerate(chunks)), len(chunks), make)
+    expected, got = one.state_dict(), merged.state_dict()
+    assert sorted(expected) == sorted(got) and expected["calls"] == got["calls"] == 18
+    assert all(torch.equal(expected[k], got[k]) for k in expected if k != "calls")
+    assert merged.result().to_dict() == one.result().to_dict()
+    copy = make()
+    copy.load_state_dict(one.state_dict())
+    assert copy.result().to_dict() == one.result().to_dict() and copy.num_heads == one.num_heads == 2
+
+
+def test_collectors_of_other_configurations_do_not_merge():
+    from policies.scalekv.calibration import ScaleKVStatsCollector
+
+    with pytest.raises(ValueError, match="cannot merge collectors"):
+        ScaleKVStatsCollector(2, 3, top_k=2).merge(ScaleKVStatsCollector(2, 3, top_k=3))
+    with pytest.raises(ValueError, match="unknown entry 'bogus'"):
+        ScaleKVStatsCollector(2, 3).load_state_dict({"bogus": torch.zeros(2, 3, 1), "calls": 0})
