@@ -76,6 +76,10 @@ class Policy:
     needs_raw_queries: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     requires_budget: ClassVar[bool] = True
+    # What kvpolicy.testing (``kvpolicy check``) builds the policy with on its small geometries, and
+    # the values it draws for each option; see ``promised_positions`` for what it must always keep.
+    check_options: ClassVar[dict] = {}
+    check_option_values: ClassVar[dict] = {}
 
     budget: Optional[Budget] = attrs.field(default=None, converter=_optional_budget)
     _plans: dict = attrs.field(factory=dict, init=False, repr=False, eq=False)
@@ -121,6 +125,12 @@ class Policy:
     # -- selection ---------------------------------------------------------------------------
     def select(self, keys: torch.Tensor, values: torch.Tensor, ctx: CompressionContext) -> Selection:
         raise NotImplementedError(f"{type(self).__name__} must implement select()")
+
+    def promised_positions(self, ctx: CompressionContext) -> torch.Tensor:
+        """Cache positions (1-D, numbered as in ``select``'s keys) that every row and head keeps
+        whenever this layer evicts: the policy's promise (sinks, recent or observation windows),
+        checked by ``kvpolicy.testing``. Default: no promise."""
+        return torch.empty(0, dtype=torch.long)
 
     # -- calibration ------------------------------------------------------------------------
     @classmethod
@@ -187,6 +197,9 @@ class ScoredPolicy(Policy):
     def forced_positions(self, ctx: CompressionContext) -> torch.Tensor:
         """1-D tensor of cache positions every row and head keeps (default: none)."""
         return torch.empty(0, dtype=torch.long)
+
+    def promised_positions(self, ctx: CompressionContext) -> torch.Tensor:
+        return self.forced_positions(ctx)
 
     def select(self, keys, values, ctx):
         if ctx.capacity is None or ctx.length <= ctx.capacity:
