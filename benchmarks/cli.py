@@ -1,4 +1,4 @@
-"""The ``kvpolicy`` command: list, plan, generate, compare, calibrate, bench-gpu.
+"""The ``kvpolicy`` command: list, plan, generate, compare, calibrate, bench-gpu, check.
 
 Heavy modules (models, matplotlib) are imported only by the sub-command that needs them. User
 errors (bad arguments, missing or unreadable files: ``CommandError``, ``ValueError``, ``OSError``)
@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=None, help="cap of the largest-batch search (default 64; dry run 4)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: exercise the whole script without a GPU")
+
+    from .check import add_check_parser
+
+    add_check_parser(sub, _add_option_arg)
     return parser
 
 
@@ -231,8 +235,14 @@ def _cmd_bench_gpu(args) -> int:
     return bench_gpu_command(args)
 
 
+def _cmd_check(args) -> int:
+    from .check import check_command
+
+    return check_command(args)
+
+
 COMMANDS = {"list": _cmd_list, "plan": _cmd_plan, "generate": _cmd_generate, "compare": _cmd_compare,
-            "calibrate": _cmd_calibrate, "bench-gpu": _cmd_bench_gpu}
+            "calibrate": _cmd_calibrate, "bench-gpu": _cmd_bench_gpu, "check": _cmd_check}
 
 
 def load_plugins(specs: Sequence[str]) -> None:

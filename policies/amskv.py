@@ -144,6 +144,7 @@ class AMSKV(Policy):
 
     needs_calibration = False  # runs uncalibrated (every layer cache-efficient); a calibration refines it
     calibration_option = "calibration"
+    check_option_values = {"condensed_scales": (1, 2, 3)}  # drawn by kvpolicy check
 
     def __attrs_post_init__(self):
         self._similarity, self._made_for = _similarity_table(self.calibration)
@@ -174,6 +175,11 @@ class AMSKV(Policy):
         roles = [["demanding" if l in demanding else "efficient" for l in range(num_layers)]] * schedule.num_scales
         return CapacityPlan(capacities=rows, budget_tokens=budget_tokens, policy=self.name,
                             cumulative=schedule.cumulative, roles=roles if demanding else None)
+
+    def promised_positions(self, ctx):
+        """The condensed coarsest scales (the first tokens) and the most recent tokens."""
+        condensed = condensed_tokens(ctx.schedule, self.condensed_scales)
+        return torch.tensor(kept_positions(ctx.length, ctx.capacity, condensed), dtype=torch.long)
 
     def select(self, keys, values, ctx):
         if ctx.capacity is None or ctx.length <= ctx.capacity:

@@ -45,6 +45,8 @@ class H2O(Policy):
 
     heavy_ratio: float = attrs.field(default=0.5, validator=_check_ratio)
 
+    check_option_values = {"heavy_ratio": (0.0, 0.25, 0.5, 0.75, 1.0)}
+
     def split(self, capacity: int) -> tuple[int, int]:
         """(heavy, recent) token counts for a capacity; recent gets the odd token."""
         heavy = math.floor(self.heavy_ratio * capacity + 1e-9)
@@ -68,6 +70,10 @@ class H2O(Policy):
             totals = state.to(device=keys.device, dtype=torch.float32)
         totals = torch.cat([totals, totals.new_zeros(batch, heads, ctx.n_current)], dim=2)
         return totals + scoring.attention_scores(ctx.queries, keys, softmax=True)
+
+    def promised_positions(self, ctx):
+        """The recent window (capacity - heavy tokens) is always kept."""
+        return scoring.recent_positions(ctx.length, self.split(ctx.capacity)[1])
 
     def select(self, keys, values, ctx):
         totals = self.accumulate(keys, ctx)

@@ -29,9 +29,11 @@ from policies.common import RecentWindowPolicy
 def pyramid_capacities(budget: int, window: int, length: int, num_layers: int, beta: int) -> list[int]:
     """Per-layer capacities (window included) for one scale; their sum is budget * num_layers."""
     m = budget - window
+    if length <= budget:  # nothing to evict, whatever the window (the same B as the rule below)
+        return [budget] * num_layers
     if m < 0:
         raise ValueError(f"pyramidkv: budget {budget} is smaller than the observation window {window}")
-    if length < budget or length < 2 * m or num_layers == 1:
+    if length < 2 * m or num_layers == 1:
         return [budget] * num_layers
     low = m // beta
     high = 2 * m - low
@@ -57,10 +59,15 @@ class PyramidKV(RecentWindowPolicy):
 
     beta: int = attrs.field(default=20, validator=check_positive_int)
 
+    # kvpolicy check: a window that fits small budgets; the values it draws for each option.
+    check_options = {"window_size": 4, "kernel_size": 3, "beta": 4}
+    check_option_values = {"window_size": (1, 2, 3, 4, 6), "kernel_size": (1, 3, 5), "pooling": ("max", "avg"),
+                           "beta": (1, 2, 4, 8, 20)}
+
     def make_plan(self, schedule, num_layers, budget_tokens):
         if budget_tokens is None:
             return super().make_plan(schedule, num_layers, budget_tokens)
-        if budget_tokens < self.window_size:
+        if budget_tokens < self.window_size and budget_tokens < schedule.total:  # a budget >= every token never evicts
             raise ValueError(f"pyramidkv: budget {budget_tokens} tokens is smaller than the observation window "
                              f"window_size={self.window_size}; use a budget >= {self.window_size} or a smaller window")
         rows = [pyramid_capacities(budget_tokens, self.window_size, length, num_layers, self.beta)

@@ -18,6 +18,9 @@ from kvpolicy import Policy, Selection, register_policy
 class SlidingWindow(Policy):
     """Keep the last B tokens in generation order."""
 
+    def promised_positions(self, ctx):
+        return torch.arange(ctx.length - ctx.capacity, ctx.length)
+
     def select(self, keys, values, ctx):
         if ctx.capacity is None or ctx.length <= ctx.capacity:
             return Selection(None, ctx.state)

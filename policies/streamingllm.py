@@ -24,6 +24,13 @@ class StreamingLLM(Policy):
 
     num_sinks: int = attrs.field(default=4, validator=check_int_at_least(0))
 
+    check_option_values = {"num_sinks": (0, 1, 2, 4, 8)}
+
+    def promised_positions(self, ctx):
+        sinks = min(self.num_sinks, ctx.capacity)
+        return torch.cat([scoring.first_positions(ctx.length, sinks),
+                          scoring.recent_positions(ctx.length, ctx.capacity - sinks)])
+
     def select(self, keys, values, ctx):
         if ctx.capacity is None or ctx.length <= ctx.capacity:
             return Selection(None, ctx.state)

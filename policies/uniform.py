@@ -22,8 +22,12 @@ from policies.common import PatchWindowPolicy
 class Uniform(PatchWindowPolicy):
     """ScaleKV's selection with one capacity for every layer (no drafters or refiners)."""
 
+    # kvpolicy check: a window that fits small budgets; the values it draws for each option.
+    check_options = {"window_size": 4, "kernel_size": 3}
+    check_option_values = {"mode": ("attention", "reference"), "pooling": (None, "max", "avg")}
+
     def make_plan(self, schedule, num_layers, budget_tokens):
-        if budget_tokens < self.window_size:
+        if budget_tokens < self.window_size and budget_tokens < schedule.total:  # a budget >= every token never evicts
             raise ValueError(f"uniform: budget {budget_tokens} tokens per layer is below window_size={self.window_size}; "
                              "the observation window alone would overflow it (raise the budget or lower window_size)")
         return super().make_plan(schedule, num_layers, budget_tokens)

@@ -1,4 +1,4 @@
-"""The README's custom-policy example: it runs as documented, registers, and passes the matrix."""
+"""The README's custom-policy example: it runs as documented, registers, and passes the matrix and the kit."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import kvpolicy
-from test_policy_matrix import SCHEDULES, budget_cases, config_case, full_budget_case, matrix_case, rows_alone_case
+from kvpolicy.testing import check_policy
+from test_policy_matrix import SCHEDULES, budget_cases, matrix_case
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Register a custom policy"
@@ -52,10 +53,8 @@ def test_custom_policy_passes_the_matrix(custom_policy_name, schedule_name):
         matrix_case(custom_policy_name, schedule, budget, seed=7)
 
 
-def test_custom_policy_passes_the_other_matrix_checks(custom_policy_name):
-    full_budget_case(custom_policy_name)
-    rows_alone_case(custom_policy_name)
-    config_case(custom_policy_name)
+def test_custom_policy_passes_the_kit(custom_policy_name):
+    assert check_policy(custom_policy_name, examples=10).passed
 
 
 def test_custom_policy_appears_in_kvpolicy_list(custom_policy_name, capsys):

@@ -77,15 +77,16 @@ def build_for(spec: PolicySpec, case: Case, checker: Optional[Checker] = None) -
     return policy
 
 
-def check_case(policy, case: Case, *, enabled=None) -> set[str]:
+def check_case(policy, case: Case, *, enabled=None, ignored=()) -> set[str]:
     """Every generation invariant on one case; returns the invariants it exercised.
 
     ``policy`` is a registered name, a Policy object or a ``PolicySpec``. Raises
-    ``InvariantViolation`` at the first broken invariant (``Refused`` if the policy refuses the
-    case's budget or options, ``Blocked`` if an invariant not in ``enabled`` fails).
+    ``InvariantViolation`` at the first broken invariant of ``enabled`` (default all; ``Refused``
+    if the policy refuses the case's budget or options; ``Blocked`` if an invariant neither enabled
+    nor ``ignored`` fails). Generations only some invariants need run when those are enabled.
     """
     spec = policy if isinstance(policy, PolicySpec) else PolicySpec.of(policy)
-    checker = Checker(None, case, enabled)
+    checker = Checker(None, case, enabled, ignored)
     checker.policy_label = spec.name
     full_length = case.budget is not None and spec.takes_budget and case.budget_tokens >= case.schedule.total
     try:
@@ -103,21 +104,36 @@ def check_case(policy, case: Case, *, enabled=None) -> set[str]:
             raise
         except Exception as exc:
             checker.fail("completes", f"raised {type(exc).__name__}: {exc}")
+            raise Blocked("completes") from exc
 
     inputs = case.inputs()
     first = run(first_policy, inputs)
     checker.where = ""
     checker.exercised.add("completes")
 
-    # Determinism: a fresh policy and a fresh cache select the same tokens for the same inputs.
+    if checker.wants("determinism"):
+        _determinism(spec, case, checker, run, inputs, first)
+    if checker.wants("no_stale_state"):
+        _no_stale_state(spec, case, checker, run, inputs, first, first_policy)
+    if checker.wants("rows_alone") and case.rows > 1:
+        _rows_alone(spec, case, checker, run, inputs, first)
+    if checker.wants("full_budget") and full_length:
+        _full_budget(case, checker, run, inputs, first)
+    return set(checker.exercised) | first.exercised
+
+
+def _determinism(spec, case, checker, run, inputs, first):
+    """A fresh policy and a fresh cache select the same tokens for the same inputs."""
     again = run(build_for(spec, case, checker), inputs)
     checker.where = ""
     checker.exercised.add("determinism")
     diff = first.difference(again)
     checker.check(diff is None, "determinism", lambda: f"a second run on the same inputs differs: {diff}")
 
-    # No stale state: the first cache, reset, runs another generation like a fresh cache and
-    # policy, and then the first inputs again like the first time.
+
+def _no_stale_state(spec, case, checker, run, inputs, first, first_policy):
+    """The first cache, reset, runs another generation like a fresh cache and policy, and then
+    the first inputs again like the first time."""
     other = case.inputs(seed=case.seed + 1)
     reused = run(first_policy, other, reuse=first)
     fresh = run(build_for(spec, case, checker), other)
@@ -131,30 +147,28 @@ def check_case(policy, case: Case, *, enabled=None) -> set[str]:
     checker.check(diff is None, "no_stale_state",
                   lambda: f"after reset() and another generation, the first inputs select differently: {diff}")
 
-    # Each row as if alone (a CFG pair or a batch never couples rows).
-    if case.rows > 1:
-        row = case.seed % case.rows
-        alone = run(build_for(spec, case, checker), inputs.row(row))
-        checker.where = ""
-        checker.exercised.add("rows_alone")
-        diff = first.difference(alone, rows=slice(row, row + 1))
-        checker.check(diff is None, "rows_alone", lambda: f"row {row} alone differs from row {row} in the batch: {diff}")
 
-    # A budget covering every token is the full cache: same selection, same counted bytes.
-    if full_length:
-        reference = run(None, inputs)
-        checker.where = ""
-        checker.exercised.add("full_budget")
-        diff = first.difference(reference)
-        checker.check(diff is None, "full_budget", lambda: f"budget {case.budget} >= {case.schedule.total} tokens "
-                                                            f"evicted: {diff}")
-        for what in ("kv_bytes", "peak_kv_bytes", "layer_kv_bytes"):
-            mine, full = getattr(first.report, what), getattr(reference.report, what)
-            checker.check(mine == full, "full_budget", lambda: f"{what} {mine} differ from the full cache's {full}")
-    exercised = set(checker.exercised)
-    for trace in (first,):
-        exercised |= trace.exercised
-    return exercised
+def _rows_alone(spec, case, checker, run, inputs, first):
+    """Each row as if alone (a CFG pair or a batch never couples rows)."""
+    row = case.seed % case.rows
+    alone = run(build_for(spec, case, checker), inputs.row(row))
+    checker.where = ""
+    checker.exercised.add("rows_alone")
+    diff = first.difference(alone, rows=slice(row, row + 1))
+    checker.check(diff is None, "rows_alone", lambda: f"row {row} alone differs from row {row} in the batch: {diff}")
+
+
+def _full_budget(case, checker, run, inputs, first):
+    """A budget covering every token is the full cache: same selection, same counted bytes."""
+    reference = run(None, inputs)
+    checker.where = ""
+    checker.exercised.add("full_budget")
+    diff = first.difference(reference)
+    checker.check(diff is None, "full_budget", lambda: f"budget {case.budget} >= {case.schedule.total} tokens "
+                                                        f"evicted: {diff}")
+    for what in ("kv_bytes", "peak_kv_bytes", "layer_kv_bytes"):
+        mine, full = getattr(first.report, what), getattr(reference.report, what)
+        checker.check(mine == full, "full_budget", lambda: f"{what} {mine} differ from the full cache's {full}")
 
 
 @attrs.frozen
@@ -171,10 +185,10 @@ class PlanCase:
                 f"budget={self.budget!r}, options={self.options!r})")
 
 
-def check_plan(policy, case: PlanCase, *, enabled=None) -> set[str]:
+def check_plan(policy, case: PlanCase, *, enabled=None, ignored=()) -> set[str]:
     """Plan-level capacity and budget: mean kept (layers, heads) <= budget at every scale."""
     spec = policy if isinstance(policy, PolicySpec) else PolicySpec.of(policy)
-    checker = Checker(None, case, enabled)
+    checker = Checker(None, case, enabled, ignored)
     checker.policy_label = spec.name
     try:
         built = spec.build(case.budget, case.options)
@@ -232,10 +246,10 @@ def plan_kept_lengths(plan, schedule: ScaleSchedule) -> list[list[tuple[int, ...
     return out
 
 
-def check_config(policy, case: Case, *, enabled=None) -> set[str]:
+def check_config(policy, case: Case, *, enabled=None, ignored=()) -> set[str]:
     """to_config() is JSON-friendly and from_config() rebuilds an equal policy with the same config."""
     spec = policy if isinstance(policy, PolicySpec) else PolicySpec.of(policy)
-    checker = Checker(None, case, enabled)
+    checker = Checker(None, case, enabled, ignored)
     checker.policy_label = spec.name
     try:
         built = spec.build(case.budget, case.options)

@@ -31,16 +31,23 @@ def label(policy: Optional[Policy]) -> str:
 
 
 class Checker:
-    """Which invariants raise (the others block the case), what was exercised, and where we are."""
+    """Which invariants raise, which are ignored (not asked for) and which block the case (known
+    to fail already: a case where they fail cannot check the others); what was exercised; where."""
 
-    def __init__(self, policy: Optional[Policy], case=None, enabled=None):
+    def __init__(self, policy: Optional[Policy], case=None, enabled=None, ignored=()):
         self.policy_label = label(policy)
         self.case = case
         self.enabled = frozenset(INVARIANTS if enabled is None else enabled)
+        self.ignored = frozenset(ignored) - self.enabled - {"completes"}
         self.exercised: set[str] = set()
         self.where = ""
 
+    def wants(self, invariant: str) -> bool:
+        return invariant in self.enabled
+
     def fail(self, invariant: str, detail: str):
+        if invariant in self.ignored:
+            return
         if invariant not in self.enabled:
             raise Blocked(invariant)
         raise violation(invariant, self.policy_label, f"{self.where}: {detail}" if self.where else detail, self.case)

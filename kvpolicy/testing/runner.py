@@ -170,10 +170,12 @@ def run_checks(policy, *, examples: int = 25, options: Optional[dict] = None, op
                 raise exc
         return new
 
+    ignored = set(INVARIANTS) - set(selected)
+
     def body_for(check, enabled):
         def body(case):
             try:
-                exercised = check(spec, case, enabled=enabled)
+                exercised = check(spec, case, enabled=enabled, ignored=ignored)
             except Refused as exc:
                 refusals.append(str(exc))
                 reject()

@@ -51,8 +51,9 @@ def schedules(draw, tables=SMALL_SCHEDULES) -> ScaleSchedule:
     """Real (square and non-square) small tables or random ones; whole or a short prefix."""
     # Random schedules first and prefixes before whole ones, so that failures shrink to few small maps.
     base = draw(st.one_of(random_schedules(), st.sampled_from(tables)))
-    # Half whole schedules (where eviction happens), half a prefix down to one scale.
-    return base.prefix(draw(st.one_of(st.integers(1, base.num_scales), st.just(base.num_scales))))
+    # Mostly whole schedules (where eviction happens), a third of the time a prefix down to one scale.
+    whole = st.just(base.num_scales)
+    return base.prefix(draw(st.one_of(st.integers(1, base.num_scales), whole, whole)))
 
 
 @st.composite
@@ -61,11 +62,13 @@ def budgets(draw, schedule: ScaleSchedule):
     total, reference = schedule.total, schedule.reference_length
     smallest_ratio = min(1.0, (0.5 + 1e-6) / reference)  # the smallest ratio that is one token
     ratios = [r for r in (0.01, 0.04, 0.1, 0.2, 0.5, 0.9) if r * reference >= 0.5]
+    # About a quarter of the draws cover every token (no eviction allowed); the rest evict.
     return draw(st.one_of(
         st.integers(1, max(1, total - 1)).map(Tokens),
-        st.sampled_from([Tokens(1), Tokens(max(1, total - 1)), Tokens(total), Tokens(total + 1)]),
-        st.integers(total, total + 50).map(Tokens),
+        st.integers(max(1, total // 8), max(1, total - 1)).map(Tokens),
+        st.sampled_from([Tokens(1), Tokens(max(1, total - 1)), Tokens(total)]),
         st.sampled_from([Ratio(1.0), Ratio(smallest_ratio)] + [Ratio(r) for r in ratios]),
+        st.integers(total, total + 50).map(Tokens),
     ))
 
 

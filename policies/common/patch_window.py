@@ -189,6 +189,11 @@ class PatchWindowPolicy(Policy):
         # window_size cache tokens), so the check does not depend on the scale.
         return check_window_fits(plan, schedule, lambda s: self.window_size, self.name, self.window_size)
 
+    def promised_positions(self, ctx):
+        """The observation window (patch centres, or the last tokens on small maps) is always kept."""
+        return observation_window_positions(*ctx.current_shape, self.window_size, ctx.current_start,
+                                            length=ctx.length)
+
     def select(self, keys, values, ctx):
         if ctx.capacity is None or ctx.length <= ctx.capacity:
             return Selection(None, ctx.state)

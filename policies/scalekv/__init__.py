@@ -113,6 +113,12 @@ def _optional_positive(instance, attribute, value):
 class ScaleKV(PatchWindowPolicy):
     """ScaleKV: drafter/refiner budgets per scale and observation-window token selection."""
 
+    # kvpolicy check: layer 0 drafts at every scale, a window that fits small budgets; the values it
+    # draws for each option (both selection modes and both allocations).
+    check_options = {"drafters": [0], "window_size": 4, "kernel_size": 3}
+    check_option_values = {"mode": ("attention", "reference"), "allocation": ("released", "paper"),
+                           "pooling": (None, "max", "avg")}
+
     budget_file: Optional[str] = attrs.field(default=None, converter=_path)
     calibration: Any = attrs.field(default=None, converter=_calibration)
     drafters: Any = attrs.field(default=None, converter=_drafters)
