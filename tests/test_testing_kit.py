@@ -218,10 +218,11 @@ def test_the_minimal_case_is_shrunk():
     with registered("kit_keeps_one_too_many", KeepsOneTooMany), pytest.raises(PolicyCheckError) as info:
         check_policy("kit_keeps_one_too_many", examples=10)
     case = info.value.report.results["capacity"].violation.case
-    # Shrunk to the smallest geometry: one layer, one row, one head, the first budget.
+    # Shrunk to the smallest geometry: one scale of two tokens, one layer, row and head, 1 token.
     assert (case.num_layers, case.rows, case.heads, case.query_group, case.budget) == (1, 1, 1, 1, Tokens(1))
+    assert case.schedule.total == 2 and case.dtype == "float32" and not case.tied
     assert info.value.report.results["capacity"].violation.detail == \
-        "scale 1, layer 0: row 0, head 0: kept 2 tokens, capacity 1 (cache length 5)"
+        "scale 0, layer 0: row 0, head 0: kept 2 tokens, capacity 1 (cache length 2)"
 
 
 def test_bytes_invariant_catches_miscounted_bytes(monkeypatch):
@@ -301,7 +302,9 @@ def test_kvpolicy_check_on_a_users_file(tmp_path):
     assert re.search(r"^capacity\s+FAIL\s+kept <= capacity", bad.stdout, re.M)
     assert "    minimal failing case: Case(schedule=" in bad.stdout
     assert "num_layers=1, batch=1, cfg=False, heads=1" in bad.stdout
-    assert "    scale 1, layer 0: row 0, head 0: kept 2 tokens, capacity 1 (cache length 5)" in bad.stdout
+    kept, capacity = map(int, re.search(r"^    scale \d+, layer 0: row 0, head 0: kept (\d+) tokens, capacity (\d+) ",
+                                        bad.stdout, re.M).groups())
+    assert kept == capacity + 1
     assert bad.stdout.rstrip().endswith("invariants failed: capacity")
 
 
@@ -341,3 +344,32 @@ def test_every_builtin_policy_passes_kvpolicy_check(capsys):
         out = capsys.readouterr().out
         assert code == 0, out
         assert out.rstrip().endswith("all invariants hold")
+
+
+# -- the README's "Test your policy" example, run as documented -------------------------------------
+def readme_test_section():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "## Test your policy" in text
+    section = text.split("## Test your policy", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```$", section, flags=re.S | re.M)
+    code = [body for lang, body in blocks if lang == "python"]
+    outputs = [body for lang, body in blocks if not lang]
+    assert len(code) == 1 and len(outputs) == 2, "one python file, then its two outputs"
+    return code[0], outputs
+
+
+def test_readme_test_your_policy_example(tmp_path):
+    code, (script_output, check_output) = readme_test_section()
+    assert 'class OneTooMany' in code and "ctx.capacity - 1" in code  # the deliberately broken one
+    user_file = tmp_path / "my_policies.py"
+    user_file.write_text(code)
+    env = {**os.environ, "KVPOLICY_PLUGINS": ""}
+    script = subprocess.run([sys.executable, str(user_file)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert script.returncode == 0, script.stderr
+    assert script.stdout == script_output
+    check = subprocess.run([sys.executable, "-m", "benchmarks.cli", "check", "one_too_many", "--plugin",
+                            str(user_file)], capture_output=True, text=True, env=env)
+    assert check.returncode == 1, check.stderr
+    assert check.stdout == check_output
