@@ -375,4 +375,9 @@ def test_readme_test_your_policy_example(tmp_path):
     check = subprocess.run([sys.executable, "-m", "benchmarks.cli", "check", "one_too_many", "--plugin",
                             str(user_file)], capture_output=True, text=True, env=env)
     assert check.returncode == 1, check.stderr
-    assert check.stdout == check_output
+    # The "cases" column counts the distinct passing cases hypothesis explored, which moves with
+    # any change to the strategies or the code under test; everything else must print as shown.
+    def without_counts(text):
+        return re.sub(r"^(\w+ +pass +)\d+ ", r"\1N ", text, flags=re.M)
+
+    assert without_counts(check.stdout) == without_counts(check_output)
