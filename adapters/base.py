@@ -1,14 +1,15 @@
-"""The interface every model adapter implements, and the model registry used by the CLI."""
+"""The interface every model adapter implements; the model registry lives in ``adapters.families``."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import attrs
 import torch
 
 from kvpolicy import CacheReport, Policy, get_policy
+
+from .families import list_models, load_model, register_model  # noqa: F401  (their old home)
 
 
 @attrs.define
@@ -37,38 +38,3 @@ def resolve_policy(policy: Policy | str | None, budget=None) -> Optional[Policy]
     if isinstance(policy, Policy):
         return policy.with_budget(budget) if budget is not None else policy
     return get_policy(policy, **({} if budget is None else {"budget": budget}))
-
-
-# name prefix -> module that registers that family's loaders on import
-_FAMILIES = {"infinity": "adapters.infinity", "var": "adapters.var"}
-_LOADERS: dict[str, Callable[..., Any]] = {}
-
-
-def register_model(name: str, loader: Callable[..., Any]) -> None:
-    """Register ``loader(**kwargs) -> model`` under a preset name (done by each adapter package)."""
-    _LOADERS[name] = loader
-
-
-def _import_families(name: Optional[str] = None) -> None:
-    for prefix, module in _FAMILIES.items():
-        if name is None or name.startswith(prefix):
-            importlib.import_module(module)
-
-
-def list_models() -> list[str]:
-    _import_families()
-    return sorted(_LOADERS)
-
-
-def load_model(name: str, **kwargs):
-    """Build a model by preset name: ``load_model("infinity-tiny")``, ``load_model("infinity-2b",
-    weights="/path/or/hub", device="cuda", dtype=torch.bfloat16)``."""
-    _import_families(name)
-    if name not in _LOADERS:
-        import difflib
-
-        known = list_models()
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(known)}")
-    return _LOADERS[name](**kwargs)

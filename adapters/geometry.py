@@ -1,128 +1,29 @@
-"""Model geometries without weights: depth, heads, head dim and scale schedules of every preset.
+"""Model geometries without weights: depth, heads, head dim and the scale schedule of every preset.
 
-This module is light (no model code) so that ``kvpolicy plan`` can use it, and the adapters build
-their schedules from the same tables. Facts: ``shared/reference/infinity.md`` §2.2 and §7,
-``shared/reference/var.md`` §1.
+The records live in the model-family registry (``adapters.families``): each family registers its
+presets and how a resolution becomes a schedule, so ``kvpolicy plan`` needs no weights and no
+model code. The family-specific tables that used to be here moved into the families' packages;
+the old names still resolve (below) so existing imports keep working.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import importlib
 
-import attrs
+from .families import ModelGeometry, geometry_names, get_geometry, register_geometry
 
-from kvpolicy import ScaleSchedule
+__all__ = ["ModelGeometry", "geometry_names", "get_geometry", "register_geometry"]
 
-# Infinity aspect-ratio templates (h/w >= 1), 13 scales each, for the '1M' (1024^2-class) size.
-INFINITY_TEMPLATES: dict[float, tuple[tuple[int, int], ...]] = {
-    1.000: ((1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16), (20, 20), (24, 24), (32, 32), (40, 40), (48, 48), (64, 64)),
-    1.250: ((1, 1), (2, 2), (3, 3), (5, 4), (10, 8), (15, 12), (20, 16), (25, 20), (30, 24), (35, 28), (45, 36), (55, 44), (70, 56)),
-    1.333: ((1, 1), (2, 2), (4, 3), (8, 6), (12, 9), (16, 12), (20, 15), (24, 18), (28, 21), (36, 27), (48, 36), (60, 45), (72, 54)),
-    1.500: ((1, 1), (2, 2), (3, 2), (6, 4), (9, 6), (15, 10), (21, 14), (27, 18), (33, 22), (39, 26), (48, 32), (63, 42), (78, 52)),
-    1.750: ((1, 1), (2, 2), (3, 3), (7, 4), (11, 6), (14, 8), (21, 12), (28, 16), (35, 20), (42, 24), (56, 32), (70, 40), (84, 48)),
-    2.000: ((1, 1), (2, 2), (4, 2), (6, 3), (10, 5), (16, 8), (22, 11), (30, 15), (38, 19), (46, 23), (60, 30), (74, 37), (90, 45)),
-    2.500: ((1, 1), (2, 2), (5, 2), (10, 4), (15, 6), (20, 8), (25, 10), (30, 12), (40, 16), (50, 20), (65, 26), (80, 32), (100, 40)),
-    3.000: ((1, 1), (2, 2), (6, 2), (9, 3), (15, 5), (21, 7), (27, 9), (36, 12), (45, 15), (54, 18), (72, 24), (90, 30), (111, 37)),
-}
-# Inverse templates are transposes, keyed int(1000 / r) / 1000 as in the official code.
-for _ratio, _shapes in list(INFINITY_TEMPLATES.items()):
-    if _ratio != 1.0:
-        INFINITY_TEMPLATES[int(1000 / _ratio) / 1000] = tuple((w, h) for h, w in _shapes)
-INFINITY_TEMPLATES = dict(sorted(INFINITY_TEMPLATES.items()))
-
-# pn names are prefixes of a template: number of scales used.
-INFINITY_PN_SCALES = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
-# 1:1 pixel size -> pn name.
-INFINITY_RESOLUTION_PN = {256: "0.06M", 512: "0.25M", 768: "0.60M", 1024: "1M"}
-
-VAR_PATCH_NUMS = {
-    256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
-    512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
+# Names that moved into a family package: name -> module now holding it.
+_MOVED = {
+    **{name: "adapters.infinity.schedule" for name in ("INFINITY_TEMPLATES", "INFINITY_PN_SCALES",
+                                                          "INFINITY_RESOLUTION_PN", "infinity_template",
+                                                          "infinity_schedule")},
+    "VAR_PATCH_NUMS": "adapters.var.schedule",
 }
 
 
-def infinity_template(aspect_ratio: float = 1.0) -> float:
-    """The template key closest to h/w (first minimum on ties, as the official code)."""
-    if not aspect_ratio > 0:
-        raise ValueError(f"aspect ratio h/w must be > 0, got {aspect_ratio!r}")
-    return min(INFINITY_TEMPLATES, key=lambda r: abs(r - aspect_ratio))
-
-
-def infinity_schedule(pn: str | int = "1M", aspect_ratio: float = 1.0) -> ScaleSchedule:
-    """Transformer scale schedule for a pn name ('0.06M'…'1M') or 1:1 resolution (256…1024)."""
-    if isinstance(pn, int) and not isinstance(pn, bool):
-        if pn not in INFINITY_RESOLUTION_PN:
-            raise ValueError(f"Infinity resolution {pn} is not one of {sorted(INFINITY_RESOLUTION_PN)}")
-        pn = INFINITY_RESOLUTION_PN[pn]
-    if pn not in INFINITY_PN_SCALES:
-        raise ValueError(f"Infinity pn {pn!r} is not one of {list(INFINITY_PN_SCALES)} (or 256/512/768/1024)")
-    shapes = INFINITY_TEMPLATES[infinity_template(aspect_ratio)]
-    return ScaleSchedule(shapes[: INFINITY_PN_SCALES[pn]])
-
-
-@attrs.frozen
-class ModelGeometry:
-    """What memory planning needs: depth, heads, head dim, the schedule and CFG."""
-
-    name: str
-    family: str  # "infinity" or "var"
-    num_layers: int
-    num_heads: int
-    head_dim: int
-    schedule: ScaleSchedule
-    cfg: bool = True
-
-    @property
-    def width(self) -> int:
-        return self.num_heads * self.head_dim
-
-
-# name -> (family, depth, heads, head_dim, default resolution)
-_PRESETS: dict[str, tuple[str, int, int, int, int]] = {
-    "infinity-2b": ("infinity", 32, 16, 128, 1024),
-    "infinity-8b": ("infinity", 40, 28, 128, 1024),
-    "infinity-layer12": ("infinity", 12, 8, 96, 1024),
-    "infinity-layer16": ("infinity", 16, 12, 96, 1024),
-    "infinity-layer24": ("infinity", 24, 16, 96, 1024),
-    "infinity-layer32": ("infinity", 32, 20, 104, 1024),
-    "infinity-layer40": ("infinity", 40, 24, 112, 1024),
-    "infinity-layer48": ("infinity", 48, 28, 120, 1024),
-    "var-d16": ("var", 16, 16, 64, 256),
-    "var-d20": ("var", 20, 20, 64, 256),
-    "var-d24": ("var", 24, 24, 64, 256),
-    "var-d30": ("var", 30, 30, 64, 256),
-    "var-d36": ("var", 36, 36, 64, 512),
-}
-
-
-def register_geometry(name: str, family: str, num_layers: int, num_heads: int, head_dim: int, resolution: int) -> None:
-    """Add a preset (the tiny adapters register theirs so ``kvpolicy plan`` knows them)."""
-    _PRESETS[name] = (family, num_layers, num_heads, head_dim, resolution)
-
-
-def geometry_names() -> list[str]:
-    return sorted(_PRESETS)
-
-
-def get_geometry(name: str, resolution: Optional[int | str] = None, aspect_ratio: float = 1.0) -> ModelGeometry:
-    """Geometry of a preset at a resolution (Infinity: 256/512/768/1024 or a pn name; VAR: 256/512)."""
-    if name not in _PRESETS:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(_PRESETS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(geometry_names())}")
-    family, depth, heads, head_dim, default_res = _PRESETS[name]
-    resolution = default_res if resolution is None else resolution
-    if family == "infinity":
-        schedule = infinity_schedule(resolution, aspect_ratio)
-    else:
-        if aspect_ratio != 1.0:
-            raise ValueError(f"{name} generates square images only (aspect ratio 1.0), got {aspect_ratio}")
-        if resolution not in VAR_PATCH_NUMS:
-            raise ValueError(f"VAR resolution {resolution!r} is not one of {sorted(VAR_PATCH_NUMS)}")
-        if resolution != default_res:
-            raise ValueError(f"{name} is trained at {default_res}^2; got resolution {resolution}")
-        schedule = ScaleSchedule(VAR_PATCH_NUMS[resolution])
-    return ModelGeometry(name=name, family=family, num_layers=depth, num_heads=heads, head_dim=head_dim,
-                         schedule=schedule)
+def __getattr__(name: str):
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

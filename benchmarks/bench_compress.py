@@ -1,11 +1,13 @@
 """Micro-benchmark of ``kvpolicy.compress``: median seconds per call for every registered policy.
 
-Geometry (issue 2): keys/values (B, H=16, L=6425, D=128) bf16, the Infinity 1024^2 schedule at
-scale 11 (the 48x48 map: L = 6425 cached tokens, 2304 queries), budget 650 tokens, 32 layers
-(Infinity-2B depth; the timed layer is ``--layer``). Stateful policies get a zero state aligned
-with the history. Run: ``python -m benchmarks.bench_compress [--repeats N] [--batch B]``; scalekv
-runs with ``--budget-file`` (default: the released Infinity-2B 10 % file shipped with kvpolicy, whose
-depth and geometry this benchmark uses). A policy that cannot be built is an error, never skipped.
+Geometry (issue 2): a registered model's geometry (``--model``, default the first benchmark preset
+of the registry: Infinity-2B, so keys/values (B, H=16, L=6425, D=128) bf16 at its 1024^2 schedule's
+scale 11, the 48x48 map: L = 6425 cached tokens, 2304 queries), budget 650 tokens, at the scale
+before the last (the longest cache a scale reads); the timed layer is ``--layer``. Stateful
+policies get a zero state aligned with the history. Run: ``python -m benchmarks.bench_compress
+[--repeats N] [--batch B]``; a policy that takes a plan file runs with ``--budget-file`` (default:
+the released file it ships for that model and budget). A policy that cannot be built is an error,
+never skipped.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import kvpolicy
-from adapters.geometry import infinity_schedule
-from benchmarks.policy_spec import build_policy
+from adapters.families import get_geometry
+from benchmarks.policy_spec import build_policy, check_budget
 
 
 def make_inputs(batch: int, heads: int, head_dim: int, length: int, n_current: int, seed: int, dtype, device):
@@ -66,9 +68,11 @@ def main(argv=None) -> None:
     parser.add_argument("--policies", default="", help="comma-separated names (default: every registered policy)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--budget-file", default="infinity-2b-10%",
-                        help="ScaleKV budget JSON for scalekv's roles: a path or a released name (default "
-                             "infinity-2b-10%%, the released file for this geometry)")
+    parser.add_argument("--model", default=None, help="the geometry (default: the registry's first benchmark preset)")
+    parser.add_argument("--budget-file", default=None,
+                        help="plan file for the policies that take one, a path or a released name (default: the "
+                             "released file the policy ships for this model and budget, e.g. ScaleKV's "
+                             "infinity-2b-10%%)")
     args = parser.parse_args(argv)
     for name in ("repeats", "batch"):
         if getattr(args, name) < 1:
@@ -76,18 +80,27 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    schedule, scale, num_layers, heads, head_dim = infinity_schedule(1024), 11, 32, 16, 128
+    from benchmarks.bench_gpu import default_models
+
+    model = args.model or default_models(dry=False).split(",")[0]
+    geometry = get_geometry(model)
+    schedule, num_layers, heads, head_dim = geometry.schedule, geometry.num_layers, geometry.num_heads, geometry.head_dim
+    scale = max(0, schedule.num_scales - 2)
     length = schedule.cumulative_length(scale)
     names = [n for n in args.policies.split(",") if n] or list(kvpolicy.list_policies())
     policies = {}
     for name in names:  # every policy is built before any timing: one that cannot run stops the benchmark
         try:
-            policy = build_policy(name, args.budget, budget_file=args.budget_file if name == "scalekv" else None)
+            budget_file = None
+            if kvpolicy.capabilities(name).plan_file_option:
+                budget_file = args.budget_file or kvpolicy.policy_class(name).released_plan_file(
+                    model, check_budget(args.budget, schedule, model).tokens(schedule))
+            policy = build_policy(name, args.budget, budget_file=budget_file)
             policies[name] = (policy, policy.capacity(schedule, num_layers, scale, args.layer))
         except ValueError as exc:
             parser.error(f"policy {name!r} cannot run here: {exc} (leave it out with --policies)")
     inputs = make_inputs(args.batch, heads, head_dim, length, schedule.tokens(scale), 0, torch.bfloat16, args.device)
-    print(f"compress on (B={args.batch}, H={heads}, L={length}, D={head_dim}) bf16, Infinity 1024^2 scale {scale} "
+    print(f"compress on (B={args.batch}, H={heads}, L={length}, D={head_dim}) bf16, {model} scale {scale} "
           f"({schedule.shape(scale)[0]}x{schedule.shape(scale)[1]} map), budget {args.budget}, layer {args.layer}/"
           f"{num_layers}, {args.repeats} repeats after {args.warmup} warm-up, {torch.get_num_threads()} threads, "
           f"device {args.device}")

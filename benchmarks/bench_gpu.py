@@ -4,13 +4,14 @@ Issue 5 point 5: Infinity-2B and -8B geometries with random weights in bf16 at 1
 cache and each policy at the paper's 10 % (650 tokens per layer, shared/reference/scalekv.md §3.2):
 peak allocated GPU memory (``torch.cuda.max_memory_allocated`` after a reset, so weights count in
 every row), counted KV bytes, median latency per image at batch 1 and 8 (synchronised, after
-warm-up), and the largest batch that fits for full cache and for scalekv (doubling, then bisection,
-on ``torch.cuda.OutOfMemoryError``). One table of ratios, all measured in the same run, goes to
+warm-up), and the largest batch that fits for full cache and for the policies the paper's claim is
+about (``data/paper_defaults.json``; doubling, then bisection, on ``torch.cuda.OutOfMemoryError``). One table of ratios, all measured in the same run, goes to
 stdout and to ``benchmarks/results/bench_gpu_<time>.{md,json}``.
 
-ScaleKV needs drafter/refiner roles: ``--budget-file MODEL=PATH`` (default: the released 10 % files
-shipped in benchmarks/data/scalekv_budgets), else a calibration run of the same random model
-on two prompts (its roles then mean little, its memory and speed are what is measured).
+A policy that needs a calibration gets a plan file (``--budget-file MODEL=PATH``, default: the
+released file the policy knows for that model and budget, ``released_plan_file``), else a
+calibration run of the same random model on two conditions (its plan then means little, its
+memory and speed are what is measured).
 
 ``--dry-run`` runs the whole script on the CPU with the tiny preset and small batches (no memory
 numbers): a smoke test for sessions without a GPU.
@@ -29,21 +30,32 @@ from pathlib import Path
 import torch
 
 import kvpolicy
-from .compare import library_versions
+from .compare_settings import paper_defaults
+from .conditions import synthetic_conditions
+from .outputs import library_versions
 from .plan import resolve_geometry
 from .policy_spec import build_policy, check_budget, split_list
 
 GIB = 2 ** 30
-CALIBRATION_PROMPTS = ["a red cube on a table", "a lighthouse at sunset"]
+CALIBRATION_CONDITIONS = 2  # a calibration of random weights: its roles mean little, its costs are what is measured
+
+
+def default_models(dry: bool) -> str:
+    """Every family's benchmark presets (real run) or the first such family's tiny preset (dry run)."""
+    from adapters.families import list_families
+
+    families = [f for f in list_families().values() if f.benchmark_presets]
+    if not dry:
+        return ",".join(p for f in families for p in f.benchmark_presets)
+    tiny = [name for f in families for name, p in f.presets.items() if p.tiny and p.runnable]
+    if not tiny:
+        raise ValueError("no registered model family has a tiny preset for --dry-run; pass --models")
+    return tiny[0]
 
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _conditions(family: str, batch: int) -> list:
-    return list(range(batch)) if family == "var" else [f"benchmark prompt {i}" for i in range(batch)]
 
 
 class Bench:
@@ -57,11 +69,17 @@ class Bench:
         def pick(value, real, dry):
             return value if value is not None else (dry if self.dry else real)
 
-        self.models = split_list(pick(args.models, "infinity-2b,infinity-8b", "infinity-tiny"), "--models")
-        names = [p for p in kvpolicy.list_policies() if p != "full"] if args.policies is None else split_list(args.policies, "--policies")
+        self.models = split_list(args.models if args.models is not None else default_models(self.dry), "--models")
+        for model in self.models:
+            resolve_geometry(model)  # an unknown name fails now, with the closest known one
+        if args.policies is None:
+            names = [p for p in kvpolicy.list_policies() if not kvpolicy.capabilities(p).keeps_everything]
+        else:
+            names = split_list(args.policies, "--policies")
         for name in names:
             kvpolicy.policy_class(name)
         self.policies = names
+        self.largest_batch_policies = [p for p in paper_defaults()["largest_batch_policies"] if p in names]
         self.budget = pick(args.budget, "650", "50%")
         batches = pick(args.batches, "1,8", "1,2")
         try:
@@ -75,40 +93,50 @@ class Bench:
         if self.repeats < 1 or self.warmup < 0 or self.max_batch < 1:
             raise ValueError("--repeats >= 1, --warmup >= 0 and --max-batch >= 1 are required")
         self.budget_files = self._budget_files(getattr(args, "budget_file", None))
+        for name in self.policies:  # a bad plan file fails now, not after the first model's measurements
+            if kvpolicy.capabilities(name).plan_file_option:
+                for path in self.budget_files.values():
+                    kvpolicy.policy_class(name).resolve_plan_file(path)
         self.out = Path(args.out)
         self.rows: list[dict] = []
         self.max_batches: list[dict] = []
 
     @staticmethod
     def _budget_files(items) -> dict:
-        from .budget_files import DEFAULT_FOR_MODEL, released_budget_file, resolve_budget_file
-
-        files = {m: released_budget_file(name) for m, name in DEFAULT_FOR_MODEL.items()}
+        files = {}
         for item in items or []:
             model, sep, path = item.partition("=")
             if not sep or not model or not path:
                 raise ValueError(f"--budget-file {item!r} must be MODEL=PATH (or MODEL=NAME of a released file)")
-            files[model] = Path(resolve_budget_file(path))
+            files[model] = path  # resolved by the policy that takes it (a path or a released name)
         return files
 
     def load(self, name: str):
         from adapters import load_model
 
-        extra = {"text_encoder": "random"} if name.startswith("infinity") else {}
-        return load_model(name, weights="random", vae_weights="random", device=self.device, dtype=self.dtype, **extra)
+        from adapters.families import family_of
+
+        files = {option: "random" for option in family_of(name).weight_options}
+        return load_model(name, device=self.device, dtype=self.dtype, **files)
 
     def policy(self, name: str, model_name: str, model, geometry):
-        if name != "scalekv":
-            return build_policy(name, check_budget(self.budget, geometry.schedule, model_name))
-        if model_name in self.budget_files:
-            return build_policy("scalekv", check_budget(self.budget, geometry.schedule, model_name),
-                                budget_file=str(self.budget_files[model_name]))
-        from .calibrate import run_calibration
+        budget = check_budget(self.budget, geometry.schedule, model_name)
+        caps = kvpolicy.capabilities(name)
+        if not caps.calibration_needed({}):
+            return build_policy(name, budget)
+        cls = kvpolicy.policy_class(name)
+        plan_file = self.budget_files.get(model_name)
+        if plan_file is None and caps.plan_file_option:
+            plan_file = cls.released_plan_file(model_name, budget.tokens(geometry.schedule))
+        if plan_file is not None:
+            return build_policy(name, budget, budget_file=str(plan_file))
+        from .calibrate import calibration_source, run_calibration
 
-        collector, _ = run_calibration(model, model_name, _conditions(geometry.family, 2) if geometry.family == "var"
-                                       else CALIBRATION_PROMPTS)
-        return build_policy("scalekv", check_budget(self.budget, geometry.schedule, model_name),
-                            calibration=collector.result())
+        collector, _ = run_calibration(model, model_name, synthetic_conditions(model_name, CALIBRATION_CONDITIONS),
+                                       policies=[name])
+        calibration = cls.calibration_result(collector, source=calibration_source(model_name, geometry),
+                                             schedule=geometry.schedule)
+        return build_policy(name, budget, calibration=calibration)
 
     def _release(self) -> None:
         """Give memory back after an out-of-memory failure (the failed call's frames may sit in cycles)."""
@@ -116,9 +144,9 @@ class Bench:
         if self.device == "cuda":
             torch.cuda.empty_cache()
 
-    def measure(self, model, family: str, policy, batch: int) -> dict:
+    def measure(self, model, model_name: str, policy, batch: int) -> dict:
         """Median latency and peak memory of ``repeats`` calls; an out-of-memory batch is a row, not a crash."""
-        conds = _conditions(family, batch)
+        conds = synthetic_conditions(model_name, batch)
         seconds, peaks, above, report = [], [], [], None
         try:
             for _ in range(self.warmup):
@@ -152,9 +180,9 @@ class Bench:
                 "peak_above_resident_bytes": max(above) if above else None,
                 "kv_peak_bytes": report.peak_kv_bytes, "kv_last_read_bytes": report.kv_bytes[max(0, len(report.kv_bytes) - 2)]}
 
-    def fits(self, model, family: str, policy, batch: int) -> bool:
+    def fits(self, model, model_name: str, policy, batch: int) -> bool:
         try:
-            model.generate(_conditions(family, batch), policy=policy, seed=0, batch_size=batch, progress=False)
+            model.generate(synthetic_conditions(model_name, batch), policy=policy, seed=0, batch_size=batch, progress=False)
             _sync(self.device)
             fitted = True
         except torch.cuda.OutOfMemoryError:
@@ -162,22 +190,22 @@ class Bench:
         self._release()  # outside the handler: the exception and its frames are gone by now
         return fitted
 
-    def largest_batch(self, model, family: str, policy) -> tuple[int, bool]:
+    def largest_batch(self, model, model_name: str, policy) -> tuple[int, bool]:
         """Largest batch <= max_batch that runs; second value False when the cap was reached."""
         good, bad, b = 0, None, 1
         while b <= self.max_batch:
-            if self.fits(model, family, policy, b):
+            if self.fits(model, model_name, policy, b):
                 good, b = b, b * 2
             else:
                 bad = b
                 break
         if bad is None:
-            if good < self.max_batch and self.fits(model, family, policy, self.max_batch):
+            if good < self.max_batch and self.fits(model, model_name, policy, self.max_batch):
                 return self.max_batch, False
             return good, False
         while bad - good > 1:
             mid = (good + bad) // 2
-            good, bad = (mid, bad) if self.fits(model, family, policy, mid) else (good, mid)
+            good, bad = (mid, bad) if self.fits(model, model_name, policy, mid) else (good, mid)
         return good, True
 
     def run(self) -> str:
@@ -188,7 +216,7 @@ class Bench:
             for batch in self.batches:
                 full = None
                 for name, policy in configs:
-                    m = self.measure(model, geometry.family, policy, batch)
+                    m = self.measure(model, model_name, policy, batch)
                     full = m if name == "full" else full
                     row = {"model": model_name, "batch": batch, "policy": name, "budget": None if policy is None else str(policy.budget), **m}
                     row["memory_ratio"] = _ratio(m["peak_allocated_bytes"], full["peak_allocated_bytes"])
@@ -201,9 +229,9 @@ class Bench:
                     print(f"{model_name} batch {batch} {name}: {m['seconds_per_image']:.4f} s/image"
                           + (f", peak {m['peak_allocated_bytes'] / GIB:.2f} GiB" if m["peak_allocated_bytes"] else ""),
                           file=sys.stderr)
-            scalekv = dict(configs).get("scalekv")
-            for name, policy in [("full", None)] + ([("scalekv", scalekv)] if "scalekv" in dict(configs) else []):
-                largest, limited = self.largest_batch(model, geometry.family, policy)
+            built = dict(configs)
+            for name, policy in [("full", None)] + [(n, built[n]) for n in self.largest_batch_policies]:
+                largest, limited = self.largest_batch(model, model_name, policy)
                 self.max_batches.append({"model": model_name, "policy": name, "largest_batch": largest,
                                          "out_of_memory_above": limited, "cap": self.max_batch})
             del model

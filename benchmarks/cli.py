@@ -15,18 +15,18 @@ import sys
 from typing import Optional, Sequence
 
 
-def _add_model_args(p, *, default_model: Optional[str] = None):
-    p.add_argument("--model", required=default_model is None, default=default_model,
-                   help="model preset (see `kvpolicy list --models`)" + (f"; default {default_model}" if default_model else ""))
+def _add_model_args(p, *, required: bool = True, model_help: str = "model preset (see `kvpolicy list --models`)"):
+    p.add_argument("--model", required=required, default=None, help=model_help)
     p.add_argument("--resolution", default=None, help="Infinity: 256/512/768/1024 or a pn name like 1M; VAR: 256/512")
     p.add_argument("--aspect-ratio", type=float, default=1.0, help="h/w (Infinity templates); default 1.0")
 
 
-def _add_scalekv_args(p):
+def _add_plan_file_args(p):
     p.add_argument("--budget-file", default=None, metavar="PATH|NAME",
-                   help="ScaleKV budget JSON (scalekv only): a path, or a released file shipped with kvpolicy by "
-                        "name: infinity-2b-10%%, infinity-8b-10%%")
-    p.add_argument("--calibration", default=None, help="calibration JSON from `kvpolicy calibrate` (scalekv only)")
+                   help="a plan/budget file, for the policies that take one: a path, or a released file shipped "
+                        "with the policy by name (scalekv: infinity-2b-10%%, infinity-8b-10%%)")
+    p.add_argument("--calibration", default=None, help="calibration JSON from `kvpolicy calibrate`, for the "
+                   "calibrated policies (without it they are calibrated on the model first)")
 
 
 def _add_option_arg(p):
@@ -52,7 +52,8 @@ def _add_distributed_args(p):
     add_arguments(p)
 
 
-PLUGIN_HELP = ("a Python file or importable module that registers policies (@register_policy); repeatable. "
+PLUGIN_HELP = ("a Python file or importable module that registers policies (@register_policy) or model families "
+               "(adapters.families.register_family); repeatable. "
                "Also read from KVPOLICY_PLUGINS (separated by '" + os.pathsep + "')")
 
 
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--no-cfg", action="store_true", help="one row per image (default: conditional + unconditional)")
-    _add_scalekv_args(p)
+    _add_plan_file_args(p)
     _add_option_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
@@ -97,10 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="image.png", help="output PNG (index appended for a batch)")
     _add_option_arg(p)
     _add_run_args(p)
-    _add_scalekv_args(p)
+    _add_plan_file_args(p)
 
     p = sub.add_parser("compare", help="head-to-head comparison of policies and budgets against the full cache")
-    _add_model_args(p, default_model="infinity-tiny")
+    _add_model_args(p, required=False, model_help="model preset (see `kvpolicy list --models`); default: the first "
+                    "tiny preset of the registry (infinity-tiny)")
     p.add_argument("--policies", default=None, help="comma-separated; default: every registered policy but full")
     p.add_argument("--budgets", default=None, help="comma-separated, e.g. 4%%,10%%,20%% or 265,650,1300 (the paper's "
                    "4/10/20%% at 1024^2); default 4%%,10%%,20%%, and 20%%,40%% for the *-tiny models, whose 256^2 "
@@ -119,11 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _add_option_arg(p)
     _add_run_args(p)
-    _add_scalekv_args(p)
+    _add_plan_file_args(p)
     _add_distributed_args(p)
 
-    p = sub.add_parser("calibrate", help="ScaleKV calibration from a model's attention statistics")
+    p = sub.add_parser("calibrate", help="calibrate a model for the policies that need it (attention statistics)")
     _add_model_args(p)
+    p.add_argument("--policy", default=None, help="comma-separated calibrated policies (default: every registered "
+                   "policy that needs a calibration)")
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--prompts", default=None, help="default: the shipped 10 calibration prompts (Infinity)")
     cond.add_argument("--labels", default=None, help="class labels (VAR)")
@@ -142,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default=None, help="default 650 tokens per layer, the paper's 10%% at 1024^2 "
                    "(dry run: 50%%)")
     p.add_argument("--budget-file", action="append", default=None, metavar="MODEL=PATH",
-                   help="ScaleKV budget file per model, a path or a released name (default: the shipped released 10%% "
-                        "files, infinity-2b-10%% and infinity-8b-10%%)")
+                   help="plan/budget file per model for the policies that take one, a path or a released name "
+                        "(default: the released file the policy ships for that model and budget, if any)")
     p.add_argument("--batches", default=None, help="default 1,8 (dry run: 1,2)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement, median (default 3; dry run 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1; dry run 0)")
@@ -182,13 +186,14 @@ USER_ERRORS = (CommandError, ValueError, OSError)
 
 def _cmd_list(args) -> int:
     if args.models:
-        from adapters.base import list_models
-        from adapters import geometry
+        from adapters.families import list_families, list_models
 
-        runnable = list_models()
-        for name in sorted(set(runnable) | set(geometry.geometry_names())):
-            kind = "runnable" if name in runnable else "geometry only (kvpolicy plan)"
-            print(f"{name:<20} {kind}")
+        runnable = set(list_models())
+        for family in list_families().values():
+            for name, preset in sorted(family.presets.items()):
+                kind = "runnable" if name in runnable else "geometry only (kvpolicy plan)"
+                print(f"{name:<20} {family.name:<10} {family.conditioning:<7} {kind}"
+                      f"{', tiny (random weights)' if preset.tiny else ''}")
         return 0
     import kvpolicy
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from .compare import model_family, save_png
+from .conditions import single_conditions
+from .outputs import save_png
 from .model_args import check_device, cpu_threads, default_dtype, set_threads, weights_kwargs
 from .plan import parse_resolution, resolve_geometry
-from .policy_spec import build_policy, check_budget, parse_dtype, parse_policy_options
+from .policy_spec import build_policy, check_budget, parse_dtype, parse_policy_options, policies_to_calibrate
 
 
 def output_paths(out: str, n: int) -> list[Path]:
@@ -24,31 +25,10 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(n)]
 
 
-def auto_calibrate(model, model_name: str, path: Path, *, resolution=None, aspect_ratio: float = 1.0) -> Path:
-    """scalekv without --calibration/--budget-file: calibrate on the shipped conditions (as the paper
-    does before evaluating) and keep the result next to the image; an existing file is reused."""
-    if path.is_file():
-        print(f"scalekv: using the calibration in {path}", file=sys.stderr)
-        return path
-    from .calibrate import calibration_conditions, calibration_source, run_calibration
-
-    conditions = calibration_conditions(model_name)
-    print(f"scalekv: no --calibration or --budget-file given; calibrating {model_name} on {len(conditions)} "
-          f"shipped calibration conditions -> {path}", file=sys.stderr)
-    collector, geometry = run_calibration(model, model_name, conditions, resolution=resolution, aspect_ratio=aspect_ratio)
-    collector.result(source=calibration_source(model_name, geometry)).save(path)
-    return path
-
-
 def generate_command(args) -> int:
-    family = model_family(args.model)
-    if args.label is not None and family != "var":
-        raise ValueError(f"{args.model} is a text-to-image model: use --prompt, not --label")
-    if args.prompt is not None and family == "var":
-        raise ValueError(f"{args.model} is class-conditional: use --label N, not --prompt")
-    conditions = args.prompt if args.prompt is not None else args.label
+    conditions = single_conditions(args.model, prompt=args.prompt, label=args.label)
     if args.budget is not None and args.policy is None:
-        raise ValueError("--budget needs --policy (e.g. --policy scalekv --budget 10%)")
+        raise ValueError("--budget needs --policy NAME (`kvpolicy list` names them)")
     resolution = parse_resolution(args.resolution)
     geometry = resolve_geometry(args.model, resolution, args.aspect_ratio)
     device = check_device(args.device)
@@ -62,24 +42,29 @@ def generate_command(args) -> int:
     if args.option and args.policy is None:
         raise ValueError("--option needs --policy")
     extra = parse_policy_options(args.option, [args.policy]).get(args.policy, {}) if args.policy else {}
-    auto_calibration = (args.policy == "scalekv" and not args.budget_file and not args.calibration
-                        and "drafters" not in extra)
+    if args.policy is None and (args.budget_file or args.calibration):
+        raise ValueError("--budget-file/--calibration configure a policy: give --policy")
+    from .calibrate import auto_calibrate, check_before_calibration
+
+    calibrate_first = bool(args.policy) and bool(policies_to_calibrate(
+        [args.policy], {args.policy: extra}, budget_file=args.budget_file, calibration=args.calibration))
     policy = None
-    if args.policy is not None and not auto_calibration:
+    if calibrate_first:
+        check_before_calibration(args.policy, budget, geometry, extra)
+    elif args.policy is not None:
         policy = build_policy(args.policy, budget, budget_file=args.budget_file, calibration=args.calibration,
                               options=extra)
         policy.plan(geometry.schedule, geometry.num_layers)  # a bad budget fails before the model loads
-    elif args.budget_file or args.calibration:
-        raise ValueError("--budget-file/--calibration need --policy scalekv")
     dtype = default_dtype(device, args.dtype)
     set_threads(threads)
     from adapters import load_model
 
     model = load_model(args.model, device=device, dtype=parse_dtype(dtype), **weights)
-    if auto_calibration:
-        calibration = auto_calibrate(model, args.model, Path(args.out).with_suffix(".calibration.json"),
-                                     resolution=resolution, aspect_ratio=args.aspect_ratio)
-        policy = build_policy("scalekv", budget, calibration=calibration, options=extra)
+    if calibrate_first:
+        calibration = auto_calibrate(model, args.model, [args.policy], Path(args.out).with_suffix(".calibration.json"),
+                                     resolution=resolution, aspect_ratio=args.aspect_ratio,
+                                     log=lambda msg: print(msg, file=sys.stderr))
+        policy = build_policy(args.policy, budget, calibration=calibration, options=extra)
         policy.plan(geometry.schedule, geometry.num_layers)
     kwargs = {}
     if resolution is not None:

@@ -36,8 +36,13 @@ def weights_kwargs(args, model: str) -> dict:
     """The ``load_model`` keyword arguments given on the command line, checked before loading."""
     chosen = {key: getattr(args, key, None) for key in WEIGHT_OPTIONS}
     chosen = {key: value for key, value in chosen.items() if value is not None}
-    if "text_encoder" in chosen and model.startswith("var"):
-        raise ValueError(f"--text-encoder is for Infinity models; {model} is class-conditional and has none")
+    from adapters.families import family_of
+
+    family = family_of(model)
+    for key in chosen:
+        if key not in family.weight_options:
+            takes = ", ".join(WEIGHT_OPTIONS.get(k, k) for k in family.weight_options) or "no weight files"
+            raise ValueError(f"{WEIGHT_OPTIONS[key]} does not apply to {model} ({family.name} models take {takes})")
     for key in ("weights", "vae_weights"):
         value = chosen.get(key)
         if value is not None and value != "random" and not Path(value).expanduser().exists():

@@ -1,32 +1,25 @@
 """``kvpolicy plan``: per-scale KV memory of a model geometry under a policy, without weights.
 
-Uses ``adapters.geometry`` (depth, heads, head dim, schedule) and ``kvpolicy.simulate`` (the same
+Uses the model-family registry (depth, heads, head dim, schedule) and ``kvpolicy.simulate`` (the same
 cache code a real generation uses), so the bytes are counted, not estimated.
 """
 
 from __future__ import annotations
 
-import importlib
-import math
 from typing import Optional
 
 import torch
 
 import kvpolicy
-from adapters import geometry as geo
-from .policy_spec import build_policy, check_budget, parse_policy_options
+from adapters.families import ModelGeometry, get_geometry
+from .policy_spec import build_policy, check_budget, parse_policy_options, policies_to_calibrate
 
 MIB = 2 ** 20
 
 
-def resolve_geometry(model: str, resolution=None, aspect_ratio: float = 1.0) -> geo.ModelGeometry:
-    """Geometry of a preset; tiny presets appear once their adapter package is imported."""
-    if model not in geo.geometry_names():
-        # every family, not only the one the prefix suggests: a misspelt name ('infinty-tiny') must be
-        # matched against the tiny presets too
-        for module in ("adapters.infinity", "adapters.var"):
-            importlib.import_module(module)  # part of this package: a failure here is a real error
-    return geo.get_geometry(model, resolution, aspect_ratio)
+def resolve_geometry(model: str, resolution=None, aspect_ratio: float = 1.0) -> ModelGeometry:
+    """Geometry of a registered preset (the family registry; no weights are read)."""
+    return get_geometry(model, resolution, aspect_ratio)
 
 
 def parse_resolution(text):
@@ -59,34 +52,6 @@ def _role_summary(plan, scale: int) -> str:
     return ", ".join(parts)
 
 
-def placeholder_drafters(schedule, num_layers: int, budget) -> tuple[dict, str]:
-    """Drafters for planning memory when no calibration or budget file is given.
-
-    Counted bytes depend on how many layers are drafters at each scale, not on which: take the
-    calibration default count (round(0.075 x layers x compressed scales), spread evenly over the
-    scales, as the released files roughly do) at placeholder layers 0, 1, ..."""
-    from policies.scalekv.allocation import decision_scales
-    from policies.scalekv.calibration import CalibrationResult
-
-    if budget is None:
-        raise ValueError("scalekv needs --budget (e.g. 10%) to plan without a budget file")
-    scales = decision_scales(schedule, budget.tokens(schedule))
-    fraction = attrs_default(CalibrationResult, "drafter_fraction")
-    total = math.floor(fraction * num_layers * len(scales) + 0.5)
-    per_scale = {s: total // len(scales) + (1 if i < total % len(scales) else 0) for i, s in enumerate(scales)} if scales else {}
-    drafters = {s: list(range(n)) for s, n in per_scale.items()}
-    note = (f"no --calibration or --budget-file: {total} drafters ({fraction:g} of {num_layers} layers x {len(scales)} "
-            f"compressed scales) at placeholder layers; the bytes depend only on the drafter count per scale. "
-            f"Use --calibration (kvpolicy calibrate) or --budget-file for the real roles.")
-    return drafters, note
-
-
-def attrs_default(cls, name: str):
-    import attrs
-
-    return next(f.default for f in attrs.fields(cls) if f.name == name)
-
-
 def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect_ratio: float = 1.0,
                 batch: int = 1, dtype: torch.dtype = torch.bfloat16, cfg: bool = True,
                 budget_file: Optional[str] = None, calibration=None, options=None) -> dict:
@@ -98,9 +63,10 @@ def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect
     parsed = None if budget is None else check_budget(budget, schedule, model)
     note = None
     extra = parse_policy_options(options, [policy_name]).get(policy_name, {})
-    if policy_name == "scalekv" and budget_file is None and calibration is None and "drafters" not in extra:
-        drafters, note = placeholder_drafters(schedule, g.num_layers, parsed)
-        policy = build_policy("scalekv", parsed, options={"drafters": drafters, **extra})
+    if policies_to_calibrate([policy_name], {policy_name: extra}, budget_file=budget_file, calibration=calibration):
+        # planning needs no weights: a calibrated policy plans with the stand-in it declares
+        stand_in, note = kvpolicy.policy_class(policy_name).planning_stand_in(schedule, g.num_layers, parsed)
+        policy = build_policy(policy_name, parsed, options={**stand_in, **extra})
     else:
         policy = build_policy(policy_name, parsed, budget_file=budget_file, calibration=calibration, options=extra)
     common = dict(schedule=schedule, num_layers=g.num_layers, num_heads=g.num_heads, head_dim=g.head_dim,

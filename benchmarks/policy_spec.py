@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
-
-import torch
+from typing import Optional, Sequence
 
 import kvpolicy
+from adapters.dtypes import parse_dtype  # noqa: F401  (one dtype parser for the harness and the adapters)
 from kvpolicy import ScaleSchedule, Tokens, parse_budget
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def parse_dtype(text: str) -> torch.dtype:
-    try:
-        return DTYPES[text]
-    except KeyError:
-        raise ValueError(f"dtype {text!r} is not one of {', '.join(DTYPES)}") from None
 
 
 def split_list(text: str, what: str) -> list[str]:
@@ -39,7 +29,7 @@ def parse_policy_options(items, policies) -> dict[str, dict]:
         name, dot, rest = str(item).partition(".")
         key, eq, raw = rest.partition("=")
         if not dot or not eq or not name or not key:
-            raise ValueError(f"--option {item!r} must look like POLICY.OPTION=VALUE, e.g. snapkv.window_size=16")
+            raise ValueError(f"--option {item!r} must look like POLICY.OPTION=VALUE, e.g. NAME.window_size=16 (`kvpolicy list` names the policies)")
         if name not in policies:
             raise ValueError(f"--option {item!r} names policy {name!r}, which is not among {', '.join(policies)}")
         try:
@@ -64,24 +54,41 @@ def check_budget(budget, schedule: ScaleSchedule, model: str):
     return parsed
 
 
+def _takers(option: str) -> list[str]:
+    """Registered policies that accept a plan file ("plan_file_option") or a calibration ("calibration_option")."""
+    return [name for name in kvpolicy.list_policies() if getattr(kvpolicy.capabilities(name), option) is not None]
+
+
+def check_file_options(policies, *, budget_file=None, calibration=None) -> None:
+    """--budget-file / --calibration must configure at least one of the chosen policies."""
+    for flag, value, option in (("--budget-file", budget_file, "plan_file_option"),
+                                ("--calibration", calibration, "calibration_option")):
+        if value and not any(getattr(kvpolicy.capabilities(p), option) for p in policies):
+            raise ValueError(f"{flag} configures the policies that take one ({', '.join(_takers(option)) or 'none'}); "
+                             f"none of them is among --policies ({', '.join(policies)})")
+
+
 def build_policy(name: str, budget=None, *, budget_file: Optional[str] = None, calibration=None,
                  options: Optional[dict] = None):
-    """``get_policy(name, budget=…)`` plus ScaleKV's sources of a capacity plan (a released budget
-    file or a calibration result); those files are refused for other policies rather than ignored."""
+    """``get_policy(name, budget=…)`` plus the files that define a plan: a plan/budget file (for a
+    policy with a ``plan_file_option``) and a calibration (``calibration_option``). A file given to
+    a policy that takes none is refused rather than ignored."""
     check_policy_name(name)
+    caps = kvpolicy.capabilities(name)
     options = dict(options or {})
-    if budget_file is not None or calibration is not None:
-        if name != "scalekv":
-            raise ValueError(f"--budget-file/--calibration configure the 'scalekv' policy, not {name!r}")
-        if budget_file is not None:
-            from .budget_files import resolve_budget_file
-
-            options["budget_file"] = resolve_budget_file(budget_file)  # a path or a released name
-        if calibration is not None:
-            if isinstance(calibration, (str, Path)) and not Path(calibration).is_file():
-                raise FileNotFoundError(f"calibration file {str(calibration)!r} does not exist "
-                                        "(make one with `kvpolicy calibrate`)")
-            options["calibration"] = str(calibration) if isinstance(calibration, Path) else calibration
+    if budget_file is not None:
+        if caps.plan_file_option is None:
+            raise ValueError(f"--budget-file configures the policies that take a plan file "
+                             f"({', '.join(_takers('plan_file_option')) or 'none'}), not {name!r}")
+        options[caps.plan_file_option] = kvpolicy.policy_class(name).resolve_plan_file(budget_file)
+    if calibration is not None:
+        if caps.calibration_option is None:
+            raise ValueError(f"--calibration configures the policies that are calibrated "
+                             f"({', '.join(_takers('calibration_option')) or 'none'}), not {name!r}")
+        if isinstance(calibration, (str, Path)) and not Path(calibration).is_file():
+            raise FileNotFoundError(f"calibration file {str(calibration)!r} does not exist "
+                                    "(make one with `kvpolicy calibrate`)")
+        options[caps.calibration_option] = str(calibration) if isinstance(calibration, Path) else calibration
     if budget is not None:
         options["budget"] = budget
     try:
@@ -91,7 +98,31 @@ def build_policy(name: str, budget=None, *, budget_file: Optional[str] = None, c
         # wrong type is the user's error, not a bug
         raise ValueError(str(exc)) from None
     except ValueError as exc:
-        if name == "scalekv" and budget_file is None and calibration is None:
-            raise ValueError(f"{exc}. On the command line: --budget-file FILE (released ScaleKV budgets) or "
-                             "--calibration FILE (from `kvpolicy calibrate --model M --out FILE`)") from None
+        if caps.calibration_needed(options):
+            files = " or ".join(flag for flag, option in (("--budget-file FILE", caps.plan_file_option),
+                                                          ("--calibration FILE", caps.calibration_option)) if option)
+            raise ValueError(f"{exc}. On the command line: {files} (a calibration comes from "
+                             "`kvpolicy calibrate --model M --out FILE`)") from None
         raise
+
+
+def policies_to_calibrate(policies: Sequence[str], options: Optional[dict] = None, *, budget_file=None,
+                          calibration=None) -> list[str]:
+    """The policies among ``policies`` that need a calibration and are not given one (nor a plan
+    file or another source of their plan) through ``options`` or the command line's files."""
+    out = []
+    for name in policies:
+        caps = kvpolicy.capabilities(name)
+        given = dict((options or {}).get(name, {}))
+        if budget_file and caps.plan_file_option:
+            given[caps.plan_file_option] = budget_file
+        if calibration and caps.calibration_option:
+            given[caps.calibration_option] = calibration
+        if caps.calibration_needed(given):
+            out.append(name)
+    return out
+
+
+def calibrated_policies() -> list[str]:
+    """Every registered policy that declares needs_calibration."""
+    return [name for name in kvpolicy.list_policies() if kvpolicy.capabilities(name).needs_calibration]

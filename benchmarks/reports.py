@@ -142,7 +142,7 @@ def write_summary(path: Path, summary: Sequence[dict], *, settings: dict, notes:
         f"after {settings['warmup']} warm-up call(s) per configuration"
         + (f", {settings['threads']} CPU thread(s)" if settings.get("threads") else "") + "."
         + (f" Command: `{settings['command']}`" if settings.get("command") else ""),
-        "Fidelity is measured against the full-cache image of the same condition and seed (ScaleKV protocol). "
+        "Fidelity is measured against the full-cache image of the same condition and seed (the protocol of arXiv 2505.19602 §6.1). "
         "KV MiB are counted bytes per image (both CFG rows, all layers): the cache the last scale reads and the "
         "peak including one layer's uncompressed current map. Latency is the median seconds per image; "
         "speed-up is the reference's median latency divided by the configuration's, measured in this run.",

@@ -8,6 +8,7 @@ layer and scale, and ``simulate`` plans memory without weights.
 from .attention_stats import AttentionStatistics, AttentionStatsCollector, calibration_measures, load_statistics
 from .budget import Budget, Ratio, Tokens, parse_budget
 from .cache import CacheReport, KVCache
+from .capabilities import Capabilities, capabilities
 from .compress import CompressionResult, compress, gather_tokens
 from .plan import CapacityPlan
 from .policy import CompressionContext, Policy, ScoredPolicy, Selection
@@ -19,7 +20,8 @@ from . import scoring
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionStatistics", "AttentionStatsCollector", "calibration_measures", "load_statistics", "Budget", "Ratio", "Tokens", "parse_budget", "CacheReport", "KVCache", "CompressionResult",
+    "AttentionStatistics", "AttentionStatsCollector", "calibration_measures", "load_statistics", "Budget", "Ratio",
+    "Tokens", "parse_budget", "CacheReport", "KVCache", "Capabilities", "capabilities", "CompressionResult",
     "compress", "gather_tokens", "CapacityPlan", "CompressionContext", "Policy", "ScoredPolicy",
     "Selection", "ENTRY_POINT_GROUP", "get_policy", "list_policies", "policy_class",
     "register_policy", "ScaleSchedule", "simulate", "scoring", "__version__",

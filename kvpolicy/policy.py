@@ -80,6 +80,12 @@ class Policy:
     # the values it draws for each option; see ``promised_positions`` for what it must always keep.
     check_options: ClassVar[dict] = {}
     check_option_values: ClassVar[dict] = {}
+    # capabilities the harness acts on (kvpolicy.capabilities explains each)
+    keeps_everything: ClassVar[bool] = False
+    needs_calibration: ClassVar[bool] = False
+    calibration_option: ClassVar[Optional[str]] = None
+    plan_file_option: ClassVar[Optional[str]] = None
+    plan_sources: ClassVar[tuple] = ()
 
     budget: Optional[Budget] = attrs.field(default=None, converter=_optional_budget)
     _plans: dict = attrs.field(factory=dict, init=False, repr=False, eq=False)
@@ -137,6 +143,56 @@ class Policy:
     def calibration_measures(cls, schedule: ScaleSchedule) -> list:
         """Measures (``kvpolicy.attention_stats``) this policy's calibration needs on ``schedule``;
         ``kvpolicy calibrate`` records those of every registered policy in one run (default: none)."""
+        return []
+
+    # -- calibration (policies with needs_calibration) -------------------------------------------
+    @classmethod
+    def calibration_collector(cls, num_layers: int, num_scales: int, *, seed: int = 0, **options):
+        """The ``stats=`` object a model's generation feeds (``observe(layer, scale, queries, keys,
+        current_start=...)``); its ``result(source=..., **options)`` is what ``calibration_option``
+        takes and has ``save(path)``."""
+        raise NotImplementedError(f"policy {cls.name!r} does not calibrate (needs_calibration is False)")
+
+    @classmethod
+    def check_calibration_options(cls, schedule: ScaleSchedule, num_layers: int, budget_tokens: Optional[int] = None,
+                                  **options) -> None:
+        """Refuse bad calibration settings before any model runs (default: this policy takes none)."""
+        if options:
+            raise ValueError(f"policy {cls.name!r} takes no calibration option(s) {sorted(options)}")
+
+    @classmethod
+    def calibration_result(cls, collector, *, source: str, schedule: ScaleSchedule, budget_tokens: Optional[int] = None,
+                           **options):
+        """The calibration made from a filled collector; ``options`` are the command line's
+        calibration settings, checked by ``check_calibration_options``."""
+        cls.check_calibration_options(schedule, collector.num_layers, budget_tokens, **options)
+        return collector.result(source=source)
+
+    @classmethod
+    def released_plan_file(cls, model: str, budget_tokens: int):
+        """A published plan file this policy knows for a model at a budget (a path), or None."""
+        return None
+
+    @classmethod
+    def resolve_plan_file(cls, value) -> str:
+        """The path a plan file given on the command line names (default: an existing file)."""
+        if not pathlib.Path(str(value)).expanduser().is_file():
+            raise FileNotFoundError(f"plan file {str(value)!r} does not exist")
+        return str(pathlib.Path(str(value)).expanduser())
+
+    def export_plan_file(self, schedule: ScaleSchedule, num_layers: int, path) -> None:
+        """Write this policy's plan in the format its ``plan_file_option`` reads back."""
+        raise NotImplementedError(f"policy {self.name!r} has no plan file format")
+
+    @classmethod
+    def planning_stand_in(cls, schedule: ScaleSchedule, num_layers: int, budget) -> tuple[dict, str]:
+        """Options that give this policy's memory plan without a calibration (``kvpolicy plan``
+        without weights), and a note saying what they stand in for."""
+        raise NotImplementedError(f"policy {cls.name!r} cannot be planned without a calibration")
+
+    @classmethod
+    def describe_calibration(cls, calibration, schedule: ScaleSchedule, budget_tokens: int) -> list[str]:
+        """Lines that say what a calibration means for this policy at a budget (printed by calibrate)."""
         return []
 
     # -- configuration -----------------------------------------------------------------------

@@ -13,7 +13,10 @@ import re
 import warnings
 from importlib import metadata
 
-from .policy import Policy
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the registry is below the base class: Policy.from_config looks names up here
+    from .policy import Policy
 
 ENTRY_POINT_GROUP = "kvpolicy.policies"
 _REGISTRY: dict[str, type[Policy]] = {}
@@ -27,7 +30,7 @@ def register_policy(name: str, *, description: str | None = None):
         raise ValueError(f"policy name {name!r} must be lowercase letters, digits and '_' starting with a letter")
 
     def decorate(cls):
-        if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        if not _is_policy_class(cls):
             raise TypeError(f"@register_policy({name!r}) decorates Policy subclasses, not {cls!r}")
         if "__attrs_attrs__" not in cls.__dict__:
             # attrs builds a new class: registered before it, the name would build the bare class.
@@ -43,6 +46,13 @@ def register_policy(name: str, *, description: str | None = None):
         return cls
 
     return decorate
+
+
+def _is_policy_class(cls) -> bool:
+    """A subclass of ``kvpolicy.Policy``, recognised by the base class's identity in its MRO (this
+    module sits below ``kvpolicy.policy``, which looks names up here)."""
+    return isinstance(cls, type) and any(base.__module__ == __package__ + ".policy" and base.__qualname__ == "Policy"
+                                         for base in cls.__mro__)
 
 
 def _load_entry_points() -> None:
@@ -71,7 +81,7 @@ def policy_class(name: str) -> type[Policy]:
 
 def get_policy(name: str | Policy, **options) -> Policy:
     """Build a registered policy: ``get_policy("snapkv", budget="10%", window_size=32)``."""
-    if isinstance(name, Policy):
+    if not isinstance(name, str) and _is_policy_class(type(name)):
         return name.with_budget(options.pop("budget")) if set(options) == {"budget"} else (
             name if not options else _reject_options(name))
     cls = policy_class(name)

@@ -13,6 +13,7 @@ class FullCache(Policy):
     """Never evicts: every layer keeps every token of every scale (takes no budget)."""
 
     requires_budget = False
+    keeps_everything = True
 
     def __attrs_post_init__(self):
         if self.budget is not None:  # a budget would be silently meaningless

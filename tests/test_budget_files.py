@@ -9,7 +9,8 @@ import re
 import pytest
 
 from benchmarks.bench_compress import main as bench_compress
-from benchmarks.budget_files import released_budget_file, resolve_budget_file
+import kvpolicy
+from policies.scalekv import released_budget_file, resolve_budget_file
 from benchmarks.cli import main
 from conftest import GOLDEN_DIR, require_golden
 
@@ -66,11 +67,11 @@ def test_unknown_budget_name_is_one_line_naming_the_shipped_ones(tmp_path, monke
 
 
 def test_bench_gpu_defaults_to_the_shipped_files():
-    from benchmarks.bench_gpu import Bench
-
-    files = Bench._budget_files(None)
-    assert files["infinity-2b"] == released_budget_file("infinity-2b-10%")
-    assert files["infinity-8b"] == released_budget_file("infinity-8b-10%")
+    # bench-gpu and bench_compress ask the policy for the released file of a model at a budget
+    scalekv = kvpolicy.policy_class("scalekv")
+    assert scalekv.released_plan_file("infinity-2b", 650) == released_budget_file("infinity-2b-10%")
+    assert scalekv.released_plan_file("infinity-8b", 650) == released_budget_file("infinity-8b-10%")
+    assert scalekv.released_plan_file("infinity-2b", 1300) is None  # no released 20 % file
 
 
 def test_bench_compress_runs_scalekv_by_default(capsys):

@@ -224,7 +224,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     (["--budgets", "0"], "budget"),
     (["--budgets", "100000"], "out of range"),
     (["--prompts", "/nonexistent/prompts.txt"], "does not exist"),
-    (["--labels", "1,2"], "--labels are class labels for VAR"),
+    (["--labels", "1,2"], "text-to-image model: use --prompts, not --labels"),
     (["--seeds", "a"], "--seeds"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--device", "cuda"], "CUDA is not available"),

@@ -127,12 +127,12 @@ def test_generate_infinity_tiny_writes_images_and_prints_the_report(tmp_path, ca
     (["generate", "--model", "var-tiny", "--prompt", "x"], "use --label"),
     (["generate", "--model", "infinity-tiny", "--prompt", "x", "--out", "/nonexistent/dir/x.png"], "does not exist"),
     (["generate", "--model", "infinity-tiny", "--prompt", "x", "--budget", "10%"], "--budget needs --policy"),
-    (["compare", "--model", "var-tiny", "--prompts", "p.txt"], "give --labels"),
+    (["compare", "--model", "var-tiny", "--prompts", "p.txt"], "class-conditional model: use --labels"),
     (["compare", "--model", "var-tiny", "--labels", "1,2,1", "--out", "z"], "--labels repeat 1: every condition"),
     (["compare", "--model", "var-tiny", "--labels", "0-3,2", "--out", "z"], "--labels repeat 2"),
     (["compare", "--prompts", "/", "--out", "z"], "is a folder"),
     (["compare", "--model", "var-tiny", "--labels", "1000"], "out of range"),
-    (["calibrate", "--model", "infinity-tiny", "--labels", "1", "--out", "c.json"], "takes --prompts"),
+    (["calibrate", "--model", "infinity-tiny", "--labels", "1", "--out", "c.json"], "use --prompts, not --labels"),
     (["calibrate", "--model", "var-tiny", "--out", "c.json", "--num-drafters", "2"], "needs --budget"),
 ])
 def test_model_command_errors(tmp_path, capsys, argv, message):

@@ -95,7 +95,7 @@ def test_compare_records_weights_in_settings_and_resume_fingerprint(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "--model", "var-tiny", "--label", "1", "--text-encoder", "random"], "--text-encoder is for Infinity"),
+    (["generate", "--model", "var-tiny", "--label", "1", "--text-encoder", "random"], "--text-encoder does not apply to var-tiny"),
     (["generate", "--model", "var-tiny", "--label", "1", "--weights", "/no/such/var.pth"], "--weights '/no/such/var.pth' does not exist"),
     (["calibrate", "--model", "infinity-tiny", "--out", "c.json", "--vae-weights", "/no/vae.pth"], "--vae-weights '/no/vae.pth'"),
     (["generate", "--model", "infinity-tiny", "--prompt", "x", "--device", "cuda:99"], "--device cuda:99"),

@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from adapters.base import GenerationOutput, resolve_policy
-from adapters.geometry import (INFINITY_PN_SCALES, INFINITY_RESOLUTION_PN, INFINITY_TEMPLATES, ModelGeometry,
-                               infinity_template)
+from adapters.families import ModelGeometry
 from kvpolicy import KVCache, ScaleSchedule
 
 from .bsq_vae import BSQVAEDecoder, images_to_uint8, load_bsq_vae
 from .config import PRESETS, InfinityPreset
 from .generate import LoopResult, run_generation
 from .hub import check_text_encoder, resolve_vae, resolve_weights
+from .schedule import INFINITY_PN_SCALES, INFINITY_RESOLUTION_PN, INFINITY_TEMPLATES, infinity_template
 from adapters.dtypes import parse_dtype
 
 from .model import InfinityTransformer

@@ -12,8 +12,9 @@ from typing import Optional
 
 import attrs
 
-from adapters.geometry import VAR_PATCH_NUMS
 from adapters.validators import positive_int
+
+from .schedule import VAR_PATCH_NUMS
 
 HUB_REPO = "FoundationVision/var"
 VAE_FILE = "vae_ch160v4096z32.pth"

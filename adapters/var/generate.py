@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from adapters.base import GenerationOutput, resolve_policy
-from adapters.geometry import ModelGeometry
+from adapters.families import ModelGeometry
 from adapters.dtypes import parse_dtype
 from kvpolicy import KVCache, ScaleSchedule
 

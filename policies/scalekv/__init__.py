@@ -103,6 +103,38 @@ def _calibration(value):
     raise TypeError(f"calibration must be a CalibrationResult, its dict or a JSON path, got {type(value).__name__}")
 
 
+# ScaleKV's released budget files, shipped unchanged with their source (budgets/SOURCE.md)
+RELEASED_DIR = Path(__file__).resolve().parent / "budgets"
+
+
+def _released_index() -> dict:
+    import json
+
+    return json.loads((RELEASED_DIR / "index.json").read_text())["files"]
+
+
+def released_budget_file(name: str) -> Path:
+    """The shipped copy of a released budget file by short name (``<model>-10%``, also ``-10pct``,
+    the stored file name and the released file name, with or without ``budgets/``)."""
+    for short, entry in _released_index().items():
+        if name in (short, short.replace("%", "pct"), entry["file"], entry["released"], f"budgets/{entry['released']}"):
+            return RELEASED_DIR / entry["file"]
+    raise ValueError(f"budget file {name!r} is neither an existing file nor a released budget: "
+                     f"the shipped ones are {', '.join(_released_index())}")
+
+
+def resolve_budget_file(value) -> str:
+    """An existing path as given; otherwise a released file by short name; otherwise a one-line error."""
+    text = str(value)
+    if Path(text).expanduser().is_file():
+        return str(Path(text).expanduser())
+    try:
+        return str(released_budget_file(text))
+    except ValueError:
+        raise ValueError(f"budget file {text!r} does not exist and is not a released budget name "
+                         f"(shipped: {', '.join(_released_index())})") from None
+
+
 def _optional_positive(instance, attribute, value):
     if value is not None:
         check_positive_int(instance, attribute, value)
@@ -136,6 +168,95 @@ class ScaleKV(PatchWindowPolicy):
         from .calibration import scalekv_measure
 
         return [scalekv_measure(16)]
+
+    # roles come from a calibration, unless a released budget file or an explicit drafter table is given
+    needs_calibration = True
+    calibration_option = "calibration"
+    plan_file_option = "budget_file"
+    plan_sources = ("drafters",)
+
+    @classmethod
+    def calibration_collector(cls, num_layers, num_scales, *, seed=0, **options):
+        from .calibration import ScaleKVStatsCollector
+
+        return ScaleKVStatsCollector(num_layers, num_scales, seed=seed, **options)
+
+    @classmethod
+    def _drafter_fraction(cls, schedule, num_layers, budget_tokens, num_drafters):
+        """The calibration's drafter fraction that ranks exactly ``num_drafters`` (layer, scale)
+        pairs over the scales ``budget_tokens`` compresses."""
+        from .allocation import decision_scales
+
+        if budget_tokens is None:
+            raise ValueError("--num-drafters needs --budget: the number of drafters is counted over the scales "
+                             "that budget compresses")
+        scales = len(decision_scales(schedule, budget_tokens))
+        total = num_layers * scales
+        if isinstance(num_drafters, bool) or not isinstance(num_drafters, int) or not 0 <= num_drafters <= total:
+            raise ValueError(f"--num-drafters must be in 0..{total} ({num_layers} layers x {scales} compressed "
+                             f"scales), got {num_drafters}")
+        return num_drafters / total
+
+    @classmethod
+    def check_calibration_options(cls, schedule, num_layers, budget_tokens=None, num_drafters=None, **options):
+        super().check_calibration_options(schedule, num_layers, budget_tokens, **options)
+        if num_drafters is not None:
+            cls._drafter_fraction(schedule, num_layers, budget_tokens, num_drafters)
+
+    @classmethod
+    def calibration_result(cls, collector, *, source, schedule, budget_tokens=None, num_drafters=None, **options):
+        """``num_drafters``: rank exactly that many drafter pairs at ``budget_tokens``."""
+        cls.check_calibration_options(schedule, collector.num_layers, budget_tokens, num_drafters, **options)
+        if num_drafters is None:
+            return collector.result(source=source)
+        return collector.result(source=source, drafter_fraction=cls._drafter_fraction(
+            schedule, collector.num_layers, budget_tokens, num_drafters))
+
+    @classmethod
+    def released_plan_file(cls, model, budget_tokens):
+        """The shipped released budget file made for ``model`` whose layer mean is ``budget_tokens``."""
+        for entry in _released_index().values():
+            path = RELEASED_DIR / entry["file"]
+            if entry["model"] == model and BudgetFile.load(path).implied_budget() == budget_tokens:
+                return path
+        return None
+
+    @classmethod
+    def resolve_plan_file(cls, value) -> str:
+        """An existing path as given; otherwise a shipped released file by short name."""
+        return resolve_budget_file(value)
+
+    def export_plan_file(self, schedule, num_layers, path):
+        """The released budget-file format (reads back with ``budget_file=``)."""
+        self.budget_file_export(schedule, num_layers).save(path)
+
+    @classmethod
+    def planning_stand_in(cls, schedule, num_layers, budget):
+        """Counted bytes depend on how many layers are drafters at each scale, not on which: the
+        calibration's default count (round(0.075 x layers x compressed scales), spread evenly over
+        the scales, as the released files roughly do) at placeholder layers 0, 1, ..."""
+        import math
+
+        from .allocation import decision_scales
+
+        if budget is None:
+            raise ValueError(f"{cls.name} needs --budget (e.g. 10%) to plan without a budget file")
+        scales = decision_scales(schedule, budget.tokens(schedule))
+        fraction = next(f.default for f in attrs.fields(CalibrationResult) if f.name == "drafter_fraction")
+        total = math.floor(fraction * num_layers * len(scales) + 0.5)
+        per_scale = {s: total // len(scales) + (1 if i < total % len(scales) else 0) for i, s in enumerate(scales)}
+        note = (f"no --calibration or --budget-file: {total} drafters ({fraction:g} of {num_layers} layers x "
+                f"{len(scales)} compressed scales) at placeholder layers; the bytes depend only on the drafter count "
+                "per scale. Use --calibration (kvpolicy calibrate) or --budget-file for the real roles.")
+        return {"drafters": {s: list(range(n)) for s, n in per_scale.items()}}, note
+
+    @classmethod
+    def describe_calibration(cls, calibration, schedule, budget_tokens):
+        drafters = calibration.drafters(schedule, budget_tokens)
+        lines = [f"drafters at {budget_tokens} tokens per layer, {sum(len(v) for v in drafters.values())} in all, "
+                 "by decision scale:"]
+        lines += [f"  scale {scale:2d}: {', '.join(map(str, layers)) or '-'}" for scale, layers in drafters.items()]
+        return lines
 
     def __attrs_post_init__(self):
         sources = [n for n in ("budget_file", "calibration", "drafters") if getattr(self, n) is not None]

@@ -11,8 +11,8 @@ the keys, divide, sum, pool, top-k). The vectorised form is ``scalekv``'s ``sele
 keep identical indices (and, if not, how many (row, head) pairs and tokens differ), both medians
 and their ratio, and exits with an error when the indices differ.
 
-    python -m benchmarks.bench_scalekv                      # CPU, 1 thread, B = 2 and 16
-    python -m benchmarks.bench_scalekv --device cuda --threads 0
+    python scripts/bench_scalekv.py                      # CPU, 1 thread, B = 2 and 16
+    python scripts/bench_scalekv.py --device cuda --threads 0
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from adapters.geometry import infinity_schedule
+from adapters.infinity.schedule import infinity_schedule
 from kvpolicy import CompressionContext, compress, get_policy
 from policies.common import patch_window
+from policies.scalekv import resolve_budget_file
 
 
 def loop_reference_indices(keys, raw_queries, window, capacity, kernel_size=5):
@@ -68,7 +69,7 @@ def run(batch: int, heads: int, dim: int, layer: int, repeats: int, device: str,
     keys = F.normalize(torch.randn(batch, heads, length, dim, generator=g), dim=-1).to(device, dtype)
     values = torch.randn(batch, heads, length, dim, generator=g).to(device, dtype)
     raw = torch.randn(batch, heads, n, dim, generator=g).to(device, dtype)
-    policy = get_policy("scalekv", mode="reference", budget_file=budget_file)
+    policy = get_policy("scalekv", mode="reference", budget_file=resolve_budget_file(budget_file))
     capacity = policy.plan(schedule, 32).capacity(scale, layer)
     h, w = schedule.shape(scale)
     window = patch_window.observation_window_positions(h, w, 16, length - n, device=keys.device)
@@ -112,7 +113,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
-    parser.add_argument("--budget-file", default="../shared/golden/scalekv/budgets/infinity-2b-10pct.json")
+    parser.add_argument("--budget-file", default="infinity-2b-10%", help="a path or a released name")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
