@@ -25,6 +25,8 @@ import attrs
 
 from kvpolicy import ScaleSchedule
 
+from .validators import positive_int
+
 ENTRY_POINT_GROUP = "kvpolicy.models"
 CONDITION_KINDS = ("prompt", "label")  # text-to-image, class-conditional
 _NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
@@ -34,11 +36,6 @@ def _check_name(instance, attribute, value) -> None:
     if not isinstance(value, str) or not _NAME.match(value):
         raise ValueError(f"{type(instance).__name__}.{attribute.name} {value!r} must be lowercase letters, digits, "
                          "'-', '_' or '.' starting with a letter")
-
-
-def _positive_int(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be a positive int, got {value!r}")
 
 
 @attrs.frozen
@@ -65,9 +62,9 @@ class Preset:
     serve ``kvpolicy plan``). ``tiny``: random weights sized for a CPU (tests, smoke runs)."""
 
     name: str = attrs.field(validator=_check_name)
-    num_layers: int = attrs.field(validator=_positive_int)
-    num_heads: int = attrs.field(validator=_positive_int)
-    head_dim: int = attrs.field(validator=_positive_int)
+    num_layers: int = attrs.field(validator=positive_int)
+    num_heads: int = attrs.field(validator=positive_int)
+    head_dim: int = attrs.field(validator=positive_int)
     resolution: Any = None
     runnable: bool = True
     tiny: bool = False

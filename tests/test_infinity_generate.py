@@ -178,7 +178,7 @@ def test_geometry_matches_the_registered_tiny_geometry(tiny):
 def test_batches_and_progress(tiny, capsys):
     out = tiny.generate(["a", "b", "c"], batch_size=2, progress=True)
     assert out.images.shape[0] == 3 and out.tokens[-1].shape[0] == 3
-    assert out.cache_report.extra["batches"] == 2
+    assert out.cache_report.extra["num_batches"] == 2
     assert "scale" in capsys.readouterr().err
 
 

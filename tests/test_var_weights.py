@@ -114,7 +114,7 @@ def test_missing_key_is_an_error(tmp_path, source):
 def test_misshaped_key_is_an_error(tmp_path, source):
     state = official_var_state(source)
     state["head.bias"] = torch.zeros(7)
-    _expect_error(state, official_vae_state(source), tmp_path, r"mis-shaped keys: head\.bias: file \(7,\)")
+    _expect_error(state, official_vae_state(source), tmp_path, r"wrong shapes: head\.bias \(7,\) \(model: \(")
 
 
 def test_unknown_extra_key_is_an_error(tmp_path, source):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.checkpoint_io import describe_keys as _describe, load_torch_file
+from adapters.checkpoint_io import check_state_dict, describe_keys as _describe, load_torch_file
 from adapters.validators import positive_int
 
 __all__ = [
@@ -569,24 +569,10 @@ def load_bsq_vae(
 
     if duplicated:
         raise ValueError(f"BSQ-VAE keys given in both spellings (ambiguous): {_describe(duplicated)}")
-    mis_shaped = [
-        f"{k} {tuple(v.shape)} (expected {tuple(own[wrapped_to_own[k]].shape)})"
-        for k, v in found.items()
-        if tuple(v.shape) != tuple(own[wrapped_to_own[k]].shape)
-    ]
-    if mis_shaped:
-        raise ValueError(f"BSQ-VAE decoder weights with the wrong shape for {config}: {_describe(mis_shaped)}")
-    missing = [k for k in wrapped_to_own if k not in found]
-    problems = []
-    if missing:
-        problems.append(f"missing decoder keys: {_describe(missing)}")
-    if unexpected:
-        problems.append(f"unexpected decoder keys: {_describe(unexpected)}")
-    if problems:
-        message = "BSQ-VAE state dict does not match the decoder: " + "; ".join(problems)
-        if strict:
-            raise KeyError(message)
-        warnings.warn(message + " (strict=False: continuing)", stacklevel=2)
+    # the one strict check, on the wrapped (``decoder.*``) names the files use
+    own_wrapped = {wrapped: own[own_key] for wrapped, own_key in wrapped_to_own.items()}
+    check_state_dict(own_wrapped, {**found, **{k: state[k] for k in unexpected}}, what="BSQ-VAE state dict",
+                     target=f"the decoder ({config})", strict=strict)
 
     if foreign:
         prefixes = sorted({k.split(".")[0] for k in foreign})

@@ -20,6 +20,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from adapters.validators import int_argument, real_argument
 from kvpolicy import KVCache, ScaleSchedule
 
 from .bsq_vae import bits_to_codes, resize_codes
@@ -45,14 +46,10 @@ def sample_bits(logits: torch.Tensor, *, top_k: int, top_p: float, generator: to
 
 
 def _check_sampling(cfg, tau, top_k, top_p):
-    if not isinstance(cfg, (int, float)) or isinstance(cfg, bool) or not math.isfinite(cfg):
-        raise ValueError(f"cfg must be a finite number (1 = no guidance), got {cfg!r}")
-    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0 or not math.isfinite(tau):
-        raise ValueError(f"tau must be a positive temperature, got {tau!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_p must lie in [0, 1] (0 or 1 = off), got {top_p!r}")
+    real_argument("cfg", cfg, note=" (1 = no guidance)")
+    real_argument("tau", tau, low=0, low_open=True, note=" (a temperature)")
+    int_argument("top_k", top_k, low=0, note=" (0 = off)")
+    real_argument("top_p", top_p, low=0, high=1, note=" (0 or 1 = off)")
 
 
 @attrs.define

@@ -9,20 +9,17 @@ loop (``generate.py``) with any registered cache policy and returns ``adapters.b
 from __future__ import annotations
 
 import os
-import sys
-import time
 from typing import Optional, Sequence
 
 import torch
-from torch import nn
 
-from adapters.base import GenerationOutput, resolve_policy
+from adapters.base import BatchResult, GenerationOutput, GenerationSetup, NextScaleModel
 from adapters.families import ModelGeometry
 from kvpolicy import KVCache, ScaleSchedule
 
 from .bsq_vae import BSQVAEDecoder, images_to_uint8, load_bsq_vae
 from .config import PRESETS, InfinityPreset
-from .generate import LoopResult, run_generation
+from .generate import LoopResult, _check_sampling, run_generation
 from .hub import check_text_encoder, resolve_vae, resolve_weights
 from .schedule import INFINITY_PN_SCALES, INFINITY_RESOLUTION_PN, INFINITY_TEMPLATES, infinity_template
 from adapters.dtypes import parse_dtype
@@ -33,8 +30,9 @@ from .weights import load_transformer_weights, random_init
 
 
 
-class InfinityModel(nn.Module):
-    """Infinity text-to-image generation with a pluggable KV-cache policy."""
+class InfinityModel(NextScaleModel):
+    """Infinity text-to-image generation with a pluggable KV-cache policy (``generate`` is the shared
+    template, ``adapters.base.NextScaleModel``)."""
 
     def __init__(self, transformer: InfinityTransformer, vae: Optional[BSQVAEDecoder] = None,
                  text_encoder: Optional[TextEncoder] = None, *, name: str = "infinity", default_resolution: int = 1024):
@@ -51,6 +49,14 @@ class InfinityModel(nn.Module):
     @property
     def config(self):
         return self.transformer.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.depth
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
 
     # -- geometry ---------------------------------------------------------------------------------
     def schedule(self, resolution=None, aspect_ratio: float = 1.0) -> tuple[ScaleSchedule, tuple, str]:
@@ -108,61 +114,51 @@ class InfinityModel(nn.Module):
         """Generate one image per prompt. Images are (N, H, W, 3) uint8 RGB; tokens are the bits per
         scale (N, h, w, token_bits) uint8; the cache report counts KV bytes per scale and the peak.
 
-        With several batches (``batch_size`` < number of prompts) the random generator runs on across
-        batches, the cache report is the first (largest) batch's and its per-scale seconds are summed
-        over batches. ``dtype`` (float32 / bfloat16 / float16) recasts the blocks' linear layers in
-        place when it differs from their current dtype; ``stats`` receives every self-attention's
-        conditional-row queries and keys (``observe``, see ``adapters.attention``).
+        Seeds, batches (the random generator runs on across batches; the report is the first batch's
+        with per-scale seconds summed), the policy and the report: ``adapters.base.NextScaleModel``.
+        ``dtype`` (float32 / bfloat16 / float16) recasts the blocks' linear layers in place when it
+        differs from their current dtype; ``stats`` receives every self-attention's conditional-row
+        queries and keys (``observe``, see ``adapters.attention``).
         """
-        started = time.perf_counter()
+        return self.run_generation(prompts, policy=policy, budget=budget, seed=seed, batch_size=batch_size, dtype=dtype,
+                                   stats=stats, progress=progress, resolution=resolution, aspect_ratio=aspect_ratio,
+                                   sampling={"cfg": cfg, "tau": tau, "top_k": top_k, "top_p": top_p})
+
+    # -- the template's model-specific steps --------------------------------------------------------
+    def check_conditions(self, prompts) -> list[str]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+        return prompts
+
+    def describe_conditions(self, prompts: list) -> dict:
+        return {"num_prompts": len(prompts)}
+
+    def setup(self, *, resolution, aspect_ratio, dtype, sampling: dict) -> GenerationSetup:
         if self.vae is None:
             raise RuntimeError(f"{self.name} has no VAE decoder; load it with vae_weights=")
-        if batch_size is None:
-            batch_size = len(prompts)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        policy = resolve_policy(policy, budget)
+        _check_sampling(sampling["cfg"], sampling["tau"], sampling["top_k"], sampling["top_p"])
         schedule, template, pn = self.schedule(resolution, aspect_ratio)
         if dtype is not None and parse_dtype(dtype) != self.transformer.block_dtype:
             self.transformer.set_block_dtype(parse_dtype(dtype))
-        if progress is None:
-            progress = sys.stderr.isatty()
-        wrap = None
-        if progress:
-            from tqdm.auto import tqdm
+        return GenerationSetup(
+            schedule=schedule, compute_dtype=self.transformer.block_dtype, sampling=dict(sampling),
+            rows_per_condition=2 if sampling["cfg"] != 1 else 1, details={"template": template},
+            config={"resolution": pn, "aspect_ratio": aspect_ratio, "schedule": [list(s) for s in schedule.shapes]})
 
-            def wrap(scales, _desc=f"{self.name} {pn}"):
-                return tqdm(scales, desc=_desc, unit="scale", leave=False)
+    def generate_batch(self, prompts, setup, *, cache, generator, stats, on_scale, cfg, tau, top_k, top_p):
+        def scales(indices):
+            for si in indices:
+                yield si
+                on_scale()
 
-        generator = torch.Generator().manual_seed(seed)
-        images, bits, reports = [], None, []
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            result = self.generate_from_features(self.encode(chunk), schedule=schedule, template=template,
-                                                 policy=policy, seed=generator, cfg=cfg, tau=tau, top_k=top_k,
-                                                 top_p=top_p, stats=stats, progress=wrap)
-            reports.append(result.cache.report())
-            result.cache.reset()  # free the K/V before decoding, as the official loop clears its caches
-            decoded = self.vae.decode(result.summed_codes.to(self.vae.conv_in.conv.weight.dtype))
-            images.append(images_to_uint8(decoded.float()).cpu())
-            bits = result.bits if bits is None else [torch.cat([a, b]) for a, b in zip(bits, result.bits)]
-        report = reports[0]
-        report.scale_seconds = [sum(r.scale_seconds[s] for r in reports) for s in range(schedule.num_scales)]
-        report.extra.update({"batches": len(reports), "rows_per_batch": (2 if cfg != 1 else 1) * min(batch_size, len(prompts)),
-                             "dtype": str(self.transformer.block_dtype).replace("torch.", "")})
-        config = {
-            "model": self.name, "policy": None if policy is None else policy.to_config(), "seed": seed, "cfg": cfg,
-            "tau": tau, "top_k": top_k, "top_p": top_p, "resolution": pn, "aspect_ratio": aspect_ratio,
-            "schedule": [list(s) for s in schedule.shapes], "batch_size": batch_size, "num_prompts": len(prompts),
-            "dtype": str(self.transformer.block_dtype).replace("torch.", ""), "device": str(self.transformer.device),
-        }
-        return GenerationOutput(images=torch.cat(images), tokens=bits, cache_report=report,
-                                seconds=time.perf_counter() - started, config=config)
+        result = self.generate_from_features(self.encode(prompts), schedule=setup.schedule,
+                                             template=setup.details["template"], cache=cache, seed=generator, cfg=cfg,
+                                             tau=tau, top_k=top_k, top_p=top_p, stats=stats, progress=scales)
+        report = cache.report()
+        cache.reset()  # free the K/V before decoding, as the official loop clears its caches
+        decoded = self.vae.decode(result.summed_codes.to(self.vae.conv_in.conv.weight.dtype))
+        return BatchResult(images=images_to_uint8(decoded.float()).cpu(), tokens=result.bits, report=report)
 
 
 def _random_vae(preset: InfinityPreset, seed: int, device) -> BSQVAEDecoder:

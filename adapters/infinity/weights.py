@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from adapters.checkpoint_io import describe_keys as _describe, load_torch_file
+from adapters.checkpoint_io import check_state_dict, copy_state_dict, load_torch_file
 
 from .model import InfinityTransformer
 
@@ -90,26 +90,11 @@ def load_transformer_weights(model: InfinityTransformer, source, *, source_name:
     name = source_name or (str(source) if not isinstance(source, Mapping) else "state dict")
     state = read_state_dict(source)
     own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith(OPTIONAL_SUFFIX)]
-    unexpected = [k for k in state if k not in own and k not in IGNORED_KEYS]
-    wrong = [f"{k} {tuple(state[k].shape)} (model: {tuple(own[k].shape)})"
-             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_describe(missing)}")
-    if wrong:
-        problems.append(f"wrong shapes: {_describe(wrong)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_describe(unexpected)}")
-    if problems:
-        c = model.config
-        raise ValueError(f"{name} does not fit the Infinity transformer (depth {c.depth}, width {c.embed_dim}, "
-                         f"{c.num_heads} heads, {c.block_chunks} block chunks, {c.token_bits} bits/token): "
-                         + "; ".join(problems))
-    with torch.no_grad():
-        for key, target in own.items():
-            if key in state:
-                target.copy_(state[key].to(device=target.device, dtype=target.dtype))
+    c = model.config
+    check_state_dict(own, state, what=name, ignored=IGNORED_KEYS, optional=lambda key: key.endswith(OPTIONAL_SUFFIX),
+                     target=f"the Infinity transformer (depth {c.depth}, width {c.embed_dim}, {c.num_heads} heads, "
+                            f"{c.block_chunks} block chunks, {c.token_bits} bits/token)")
+    copy_state_dict(own, state)
     return model
 
 

@@ -23,11 +23,11 @@ from typing import Callable, Optional, Sequence
 import attrs
 import numpy as np
 import torch
-import torch.nn as nn
 
-from adapters.base import GenerationOutput, resolve_policy
+from adapters.base import BatchResult, GenerationOutput, GenerationSetup, NextScaleModel, resolve_policy
 from adapters.families import ModelGeometry
 from adapters.dtypes import parse_dtype
+from adapters.validators import int_argument, real_argument
 from kvpolicy import KVCache, ScaleSchedule
 
 from .model import VARTransformer
@@ -99,8 +99,9 @@ class TeacherForcedOutput:
     images: torch.Tensor
 
 
-class VARModel(nn.Module):
-    """A loaded VAR: transformer + VQVAE decoder, with ``generate`` and ``geometry``."""
+class VARModel(NextScaleModel):
+    """A loaded VAR: transformer + VQVAE decoder, with ``generate`` (the shared template,
+    ``adapters.base.NextScaleModel``) and ``geometry``."""
 
     def __init__(self, name: str, transformer: VARTransformer, vqvae: VQVAE, *, resolution: int, sources: dict | None = None):
         super().__init__()
@@ -126,6 +127,10 @@ class VARModel(nn.Module):
         return self.transformer.head.weight.device
 
     @property
+    def num_layers(self) -> int:
+        return self.config.depth
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.transformer.head.weight.dtype
 
@@ -146,7 +151,7 @@ class VARModel(nn.Module):
         return torch.autocast(self.device.type, dtype=compute), compute
 
     def _run(self, labels: list[int], cfg: float, choose: Callable, cache: KVCache, *, stats=None,
-             bar=None, keep_logits: bool = False, synchronize=None):
+             on_scale: Optional[Callable[[], None]] = None, keep_logits: bool = False, synchronize=None):
         t, v = self.transformer, self.vqvae
         patch_nums = self.config.patch_nums
         count = len(patch_nums)
@@ -175,8 +180,8 @@ class VARModel(nn.Module):
                 x = t.next_input(next_map, si + 1, level_pos)
             tokens.append(indices)
             cache.end_scale(si, synchronize)
-            if bar is not None:
-                bar.update(1)
+            if on_scale is not None:
+                on_scale()
         return tokens, f_hat, kept_logits
 
     def _decode(self, f_hat: torch.Tensor) -> torch.Tensor:
@@ -190,72 +195,55 @@ class VARModel(nn.Module):
         """Class-conditional images for ``labels`` (ImageNet indices 0..999), ``policy`` applied to
         every self-attention layer's cache. Defaults are the official demo's (cfg 4, top-k 900,
         top-p 0.95); the FID setting is cfg 1.5, top-p 0.96. ``resolution`` / ``aspect_ratio`` are
-        accepted for a uniform harness interface but must be the model's own (square, fixed size)."""
-        labels = check_labels(labels, self.config.num_classes)
+        accepted for a uniform harness interface but must be the model's own (square, fixed size).
+        Seeds, batches, the policy and the cache report: ``adapters.base.NextScaleModel``."""
+        return self.run_generation(labels, policy=policy, budget=budget, seed=seed, batch_size=batch_size, dtype=dtype,
+                                   stats=stats, progress=progress, resolution=resolution, aspect_ratio=aspect_ratio,
+                                   sampling={"cfg": cfg, "top_k": top_k, "top_p": top_p, "more_smooth": more_smooth})
+
+    # -- the template's model-specific steps --------------------------------------------------------
+    def check_conditions(self, labels) -> list[int]:
+        return check_labels(labels, self.config.num_classes)
+
+    def describe_conditions(self, labels: list) -> dict:
+        return {"labels": labels}
+
+    def setup(self, *, resolution, aspect_ratio, dtype, sampling: dict) -> GenerationSetup:
         if resolution is not None and resolution != self.resolution:
             raise ValueError(f"{self.name} generates {self.resolution}x{self.resolution} images only, got resolution={resolution!r}")
         if aspect_ratio != 1.0:
             raise ValueError(f"{self.name} generates square images only (aspect ratio 1.0), got {aspect_ratio!r}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        if isinstance(cfg, bool) or not isinstance(cfg, numbers.Real) or not cfg >= 0:
-            raise ValueError(f"cfg must be a real number >= 0, got {cfg!r}")
-        vocab = self.config.vocab_size
-        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 <= top_k <= vocab:
-            raise ValueError(f"top_k must be an int in 0..{vocab} (0 = off), got {top_k!r}")
-        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 <= top_p <= 1:
-            raise ValueError(f"top_p must be in [0, 1] (0 = off), got {top_p!r}")
-        if batch_size is None:
-            batch_size = len(labels)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        resolved = resolve_policy(policy, budget)
-        autocast, compute = self._precision(dtype)
-        generator = torch.Generator().manual_seed(int(seed))
+        cfg = real_argument("cfg", sampling["cfg"], low=0)
+        top_k = int_argument("top_k", sampling["top_k"], low=0, high=self.config.vocab_size, note=" (0 = off)")
+        top_p = real_argument("top_p", sampling["top_p"], low=0, high=1, note=" (0 = off)")
+        _, compute = self._precision(dtype)  # a bad dtype fails before any batch
         device = self.device  # the model's GPU, which need not be the current one (cuda:1)
         synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+        return GenerationSetup(
+            schedule=self.schedule, compute_dtype=compute, context=lambda: self._precision(dtype)[0],
+            sampling={"cfg": cfg, "top_k": top_k, "top_p": top_p,
+                      "more_smooth": bool(sampling["more_smooth"])},
+            details={"synchronize": synchronize},
+            config={"weights_dtype": str(self.dtype).replace("torch.", ""), "resolution": self.resolution,
+                    "sampling": "cpu_generator", "weights": self.sources})
 
+    def generate_batch(self, labels, setup, *, cache, generator, stats, on_scale, cfg, top_k, top_p, more_smooth):
         def choose(si, ratio, logits):
-            indices = sample_indices(logits, generator, int(top_k), float(top_p))
+            indices = sample_indices(logits, generator, top_k, top_p)
             if not more_smooth:
                 return indices, None
             # logits were masked in place by the sampler, as in the official loop
             return indices, gumbel_codes(logits, ratio, generator, self.vqvae.quantize.embedding.weight)
 
-        from tqdm.auto import tqdm
-
-        batches = [labels[i:i + batch_size] for i in range(0, len(labels), batch_size)]
-        bar = tqdm(total=len(batches) * len(self.config.patch_nums), desc=f"{self.name} scales",
-                   disable=not progress, leave=False)
-        started = time.perf_counter()
-        tokens_per_batch, images, reports, decode_seconds = [], [], [], 0.0
-        cache = KVCache(self.config.depth, self.schedule, resolved)
-        with bar, autocast:
-            for batch in batches:
-                cache.reset()
-                tokens, f_hat, _ = self._run(batch, float(cfg), choose, cache, stats=stats, bar=bar,
-                                             synchronize=synchronize)
-                decode_started = time.perf_counter()
-                images.append(_to_uint8(self._decode(f_hat)))
-                if synchronize is not None:
-                    synchronize()
-                decode_seconds += time.perf_counter() - decode_started
-                tokens_per_batch.append([tok.cpu() for tok in tokens])
-                reports.append(cache.report())
-        seconds = time.perf_counter() - started
-        report = reports[0]  # the first batch is the largest: its bytes are the peak
-        report.scale_seconds = [sum(r.scale_seconds[s] for r in reports) for s in range(len(report.scale_seconds))]
-        report.extra.update({"batch_size": batch_size, "num_batches": len(batches), "rows_per_batch": 2 * len(batches[0]),
-                             "decode_seconds": decode_seconds})
-        tokens = [torch.cat([t[s] for t in tokens_per_batch]) for s in range(len(self.config.patch_nums))]
-        config = {
-            "model": self.name, "labels": labels, "policy": None if resolved is None else resolved.to_config(),
-            "seed": int(seed), "cfg": float(cfg), "top_k": int(top_k), "top_p": float(top_p),
-            "more_smooth": bool(more_smooth), "batch_size": batch_size, "dtype": str(compute).replace("torch.", ""),
-            "weights_dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
-            "resolution": self.resolution, "sampling": "cpu_generator", "weights": self.sources,
-        }
-        return GenerationOutput(images=torch.cat(images), tokens=tokens, cache_report=report, seconds=seconds, config=config)
+        synchronize = setup.details["synchronize"]
+        tokens, f_hat, _ = self._run(labels, cfg, choose, cache, stats=stats, on_scale=on_scale,
+                                     synchronize=synchronize)
+        decode_started = time.perf_counter()
+        images = _to_uint8(self._decode(f_hat))
+        if synchronize is not None:
+            synchronize()
+        return BatchResult(images=images, tokens=[tok.cpu() for tok in tokens],
+                           extra={"decode_seconds": time.perf_counter() - decode_started})
 
     @torch.no_grad()
     def teacher_forced(self, labels, indices: Sequence[torch.Tensor], *, cfg: float = 4.0, policy=None, budget=None,

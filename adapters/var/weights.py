@@ -24,7 +24,7 @@ from typing import Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from adapters.checkpoint_io import describe_keys as _describe, load_torch_file
+from adapters.checkpoint_io import check_state_dict, copy_state_dict, load_torch_file
 
 from .config import HUB_REPO, VAE_FILE, VARConfig
 from .model import VARTransformer
@@ -88,23 +88,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_and_copy(module: nn.Module, state: Mapping[str, torch.Tensor], ignored: set[str], what: str) -> None:
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected and k not in ignored]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_describe(missing)}")
-    if shapes:
-        problems.append("mis-shaped keys: " + "; ".join(shapes[:8]) + (f"; … ({len(shapes)} in all)" if len(shapes) > 8 else ""))
-    if unexpected:
-        problems.append(f"unexpected keys: {_describe(unexpected)}")
-    if problems:
-        raise ValueError(f"{what} does not match the model: " + " | ".join(problems))
-    with torch.no_grad():
-        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-            tensor.copy_(state[name])
+    own = module.state_dict()
+    check_state_dict(own, state, what=what, target=f"the {type(module).__name__}", ignored=ignored)
+    copy_state_dict(own, state)
 
 
 def load_var_state_dict(model: VARTransformer, state: Mapping[str, torch.Tensor], what: str = "VAR state dict") -> None:

@@ -9,14 +9,12 @@ it), and each token is classified into one of 8 codes; the last map's codes beco
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
 import kvpolicy
 from adapters.attention import cached_self_attention
-from adapters.base import GenerationOutput, resolve_policy
+from adapters.base import BatchResult, GenerationSetup, NextScaleModel
 from adapters.families import ModelFamily, Preset, register_family
 
 PATCH_NUMS = {16: (1, 2, 3, 4, 6, 8)}  # pixels -> side of each scale's map (image = 2x the last map)
@@ -29,10 +27,14 @@ def schedule(preset, resolution=None, aspect_ratio=1.0):
     return kvpolicy.ScaleSchedule(PATCH_NUMS[resolution])
 
 
-class ToyModel:
+class ToyModel(NextScaleModel):
+    """Only the model-specific steps: the template (adapters.base.NextScaleModel) does seeds,
+    batches, the policy, progress and the cache report."""
+
     def __init__(self, preset, width=16, codes=8, seed=1234):
-        self.name, self.schedule = preset.name, schedule(preset)
-        self.layers, self.heads, self.head_dim = preset.num_layers, preset.num_heads, preset.head_dim
+        super().__init__()
+        self.name, self.preset, self.width = preset.name, preset, width
+        self.heads, self.head_dim, self.layers = preset.num_heads, preset.head_dim, preset.num_layers
         gen = torch.Generator().manual_seed(seed)
         inner = self.heads * self.head_dim
         self.w_qkv = [torch.randn(width, 3 * inner, generator=gen) / width ** 0.5 for _ in range(self.layers)]
@@ -40,24 +42,30 @@ class ToyModel:
         self.embed = torch.randn(codes, width, generator=gen)
         self.label_embed = torch.randn(FAMILY.num_classes, width, generator=gen)
         self.palette = torch.randint(0, 256, (codes, 3), generator=gen, dtype=torch.uint8)
-        self.width = width
 
-    def generate(self, labels, *, policy=None, budget=None, seed=0, batch_size=None, stats=None, progress=None,
-                 resolution=None, aspect_ratio=1.0):
-        started = time.perf_counter()
+    @property
+    def num_layers(self):
+        return self.layers
+
+    def check_conditions(self, labels):
         labels = [int(x) for x in labels]
-        if schedule(FAMILY.presets[self.name], resolution, aspect_ratio) != self.schedule:
-            raise ValueError("toy models generate at their own size only")
-        policy = resolve_policy(policy, budget)
-        cache = kvpolicy.KVCache(self.layers, self.schedule, policy)
-        rows, gen = len(labels), torch.Generator().manual_seed(seed)
+        if not labels or not all(0 <= x < FAMILY.num_classes for x in labels):
+            raise ValueError(f"toy labels are 0..{FAMILY.num_classes - 1}, got {labels}")
+        return labels
+
+    def setup(self, *, resolution, aspect_ratio, dtype, sampling):
+        return GenerationSetup(schedule=schedule(self.preset, resolution, aspect_ratio), compute_dtype=torch.float32,
+                               rows_per_condition=1)
+
+    def generate_batch(self, labels, setup, *, cache, generator, stats, on_scale):
+        rows = len(labels)
         state = self.label_embed[torch.tensor(labels)][:, None, None, :]
         tokens = []
-        for scale, (h, w) in enumerate(self.schedule.shapes):
+        for scale, (h, w) in enumerate(setup.schedule.shapes):
             cache.start_scale(scale)
             x = F.interpolate(state.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=False)
             x = x.permute(0, 2, 3, 1).reshape(rows, h * w, self.width)
-            x = x + 0.3 * torch.randn(rows, h * w, self.width, generator=gen)
+            x = x + 0.3 * torch.randn(rows, h * w, self.width, generator=generator)
             for layer in range(self.layers):
                 q, k, v = (x @ self.w_qkv[layer]).split(self.heads * self.head_dim, dim=-1)
                 q, k, v = (t.reshape(rows, h * w, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -68,12 +76,15 @@ class ToyModel:
             tokens.append(code)
             state = self.embed[code].reshape(rows, h, w, self.width)
             cache.end_scale(scale)
-        h, w = self.schedule.shapes[-1]
+            on_scale()
+        h, w = setup.schedule.shapes[-1]
         images = self.palette[tokens[-1]].reshape(rows, h, w, 3).repeat_interleave(2, 1).repeat_interleave(2, 2)
-        return GenerationOutput(images=images, tokens=tokens, cache_report=cache.report(),
-                                seconds=time.perf_counter() - started,
-                                config={"model": self.name, "labels": labels, "seed": seed,
-                                        "policy": None if policy is None else policy.to_config()})
+        return BatchResult(images=images, tokens=tokens)
+
+    def generate(self, labels, *, policy=None, budget=None, seed=0, batch_size=None, dtype=None, stats=None,
+                 progress=None, resolution=None, aspect_ratio=1.0):
+        return self.run_generation(labels, policy=policy, budget=budget, seed=seed, batch_size=batch_size, dtype=dtype,
+                                   stats=stats, progress=progress, resolution=resolution, aspect_ratio=aspect_ratio)
 
 
 def load(name, *, device="cpu", dtype=None, weights=None):
