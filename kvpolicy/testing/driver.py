@@ -180,17 +180,22 @@ def check_kept(checker: Checker, before: torch.Tensor, bounds: Optional[torch.Te
                indices: torch.Tensor, kept: torch.Tensor) -> Optional[torch.Tensor]:
     """Indices in range, unique and ascending; kept <= bound; no eviction where the cache fits.
 
-    before (R, H) cache lengths, bounds (H,) capacities or None, indices (R, H, k) valid up to
-    kept (R, H). ``adaptive``: the bound holds for each row's sum over heads. Returns the (R, H)
-    mask of what fits (None without a bound).
+    before (R, H) tokens each (row, head) holds, bounds (H,) capacities or None, indices (R, H, k)
+    valid up to kept (R, H), counted in the policy's view: ``length`` = before.max() positions with
+    each (row, head)'s tokens last (left padding before them when the cache is ragged).
+    ``adaptive``: the bound holds for each row's sum over heads. Returns the (R, H) mask of what
+    fits (None without a bound).
     """
     batch, heads, k = indices.shape
     checker.exercised.add("indices")
+    length = int(before.max()) if before.numel() else 0
+    first = length - before  # (R, H) the first real position of each (row, head)
     valid = torch.arange(k) < kept.unsqueeze(-1)
-    out = valid & ((indices < 0) | (indices >= before.unsqueeze(-1)))
+    out = valid & ((indices < first.unsqueeze(-1)) | (indices >= length))
     if bool(out.any()):
         b, h, i = _first(out)
-        checker.fail("indices", f"row {b}, head {h}: index {int(indices[b, h, i])} outside the cache 0..{int(before[b, h]) - 1}")
+        checker.fail("indices", f"row {b}, head {h}: index {int(indices[b, h, i])} outside the cache "
+                                f"{int(first[b, h])}..{length - 1}")
     if k > 1:
         bad = valid[..., 1:] & (indices[..., 1:] <= indices[..., :-1])
         if bool(bad.any()):
@@ -220,7 +225,7 @@ def check_kept(checker: Checker, before: torch.Tensor, bounds: Optional[torch.Te
         checker.exercised.add("capacity")
     if bool(fits.any()):
         checker.exercised.add("no_early_eviction")
-        positions = torch.arange(k).expand(batch, heads, k)
+        positions = first.unsqueeze(-1) + torch.arange(k)
         evicted = fits & ((kept != before) | (valid & (indices != positions)).any(dim=-1))
         if bool(evicted.any()):
             b, h = _first(evicted)
@@ -275,11 +280,16 @@ def probe(policy: Policy) -> Policy:
 
 # -- the generation -------------------------------------------------------------------------------
 
-def _dense_held(cache: KVCache, layer: int):
-    """(keys, values, kept (R, H)) held for a layer, keys/values (R, H, k, D) with row/head valid up to kept."""
+def _held(cache: KVCache, layer: int):
+    """A layer's held keys and values as left-padded (R, H, L, D) views, the tokens each (row,
+    head) holds (R, H), and the tensors that hold them (dense tensors, or a ragged store's data)."""
     keys, values = cache.keys[layer], cache.values[layer]
-    kept = torch.full(tuple(keys.shape[:2]), keys.shape[2], dtype=torch.long)
-    return keys, values, kept, [keys, values]
+    if isinstance(keys, torch.Tensor):
+        kept = torch.full(tuple(keys.shape[:2]), keys.shape[2], dtype=torch.long)
+        return keys, values, kept, [keys, values]
+    # Physically ragged storage (kvpolicy.ragged.Ragged): packed data, (B, H) lengths.
+    kept = keys.lengths.detach().cpu().long()
+    return keys.padded(), values.padded(), kept, [keys.data, values.data]
 
 
 def _tensor_bytes(tensors) -> int:
@@ -327,8 +337,8 @@ def drive(policy: Optional[Policy], inputs: Inputs, *, reuse: Optional[Trace] = 
                 new_ids = torch.arange(offset, offset + n).expand(rows, heads, n)
                 if ids[layer] is None:
                     ids[layer], id_kept[layer] = new_ids, torch.full((rows, heads), n, dtype=torch.long)
-                else:
-                    ids[layer], id_kept[layer] = _append_ids(ids[layer], id_kept[layer], new_ids)
+                else:  # left-padded like the policy's view: the new map follows every (row, head)
+                    ids[layer], id_kept[layer] = torch.cat([ids[layer], new_ids], dim=2), id_kept[layer] + n
                 before = id_kept[layer].clone()
                 held_bytes[layer] = int(before.sum()) * item[layer]
                 peak = max(peak, sum(held_bytes))
@@ -337,7 +347,7 @@ def drive(policy: Optional[Policy], inputs: Inputs, *, reuse: Optional[Trace] = 
                     result = cache.compress(layer, scale, queries=queries if cache.needs_queries else None,
                                             raw_queries=raw if cache.needs_raw_queries else None)
                 if result is None:
-                    idx = torch.arange(before.max()).expand(rows, heads, -1)
+                    idx = (before.max() - before).unsqueeze(-1) + torch.arange(int(before.max()))
                     kept = before
                 else:
                     idx = result.indices.detach().cpu()
@@ -367,27 +377,25 @@ def drive(policy: Optional[Policy], inputs: Inputs, *, reuse: Optional[Trace] = 
     return trace
 
 
-def _append_ids(ids: torch.Tensor, kept: torch.Tensor, new_ids: torch.Tensor):
-    rows, heads, n = new_ids.shape
-    if bool((kept == ids.shape[2]).all()):
-        return torch.cat([ids, new_ids], dim=2), kept + n
-    width = int(kept.max()) + n
-    out = torch.full((rows, heads, width), -1, dtype=torch.long)
-    out[..., : ids.shape[2]] = ids
-    positions = kept.unsqueeze(-1) + torch.arange(n)
-    out.scatter_(2, positions, new_ids)
-    return out, kept + n
-
-
 def _gather_ids(ids: torch.Tensor, indices: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Global ids (left-padded with -1, like the policy's view) of the kept positions."""
+    rows, heads, k = indices.shape
+    width = int(kept.max()) if kept.numel() else 0
     safe = indices.clamp(0, max(ids.shape[2] - 1, 0))
-    gathered = torch.gather(ids, 2, safe) if indices.shape[2] else indices.clone()
-    return _valid(gathered, kept)
+    gathered = torch.gather(ids, 2, safe) if k else indices.clone()
+    valid = torch.arange(k) < kept.unsqueeze(-1)
+    out = torch.full((rows, heads, width), -1, dtype=torch.long)
+    # Entry i < kept[b, h] goes to slot width - kept[b, h] + i (each (row, head)'s tokens last).
+    slots = (width - kept).unsqueeze(-1) + torch.arange(k)
+    out_flat = out.view(-1)
+    base = (torch.arange(rows * heads) * width).view(rows, heads, 1)
+    out_flat[(base + slots)[valid]] = gathered[valid]
+    return out
 
 
 def _check_held(checker, cache, layer, scale, originals, ids, kept, item_bytes) -> None:
     """The cache holds exactly the generated tensors of the kept tokens; bytes are counted exactly."""
-    keys, values, held_kept, tensors = _dense_held(cache, layer)
+    keys, values, held_kept, tensors = _held(cache, layer)
     checker.exercised.update({"bit_exact", "bytes"})
     checker.check(torch.equal(held_kept, kept), "bit_exact",
                   lambda: f"the cache holds {held_kept.tolist()} tokens per row and head, the selection kept {kept.tolist()}")
@@ -432,6 +440,11 @@ def _check_report(checker, policy, plan, inputs, trace, item, peak) -> None:
             checker.check(list(report.capacities[s]) == list(plan.capacities[s]), "bytes",
                           lambda: f"scale {s}: the report's capacities {list(report.capacities[s])} are not the "
                                   f"plan's {list(plan.capacities[s])}")
+        head_kept = getattr(report, "head_kept_lengths", None)
+        if head_kept:
+            per_head = [tuple(int(v) for v in trace.kept[(s, l)].max(dim=0).values) for l in range(num_layers)]
+            checker.check([tuple(h) for h in head_kept[s]] == per_head, "bytes",
+                          lambda: f"scale {s}: the report says heads kept {head_kept[s]} tokens, the cache held {per_head}")
         full = sum(rows * heads * schedule.cumulative[s] * item[l] for l in range(num_layers))
         checker.check(report.full_kv_bytes[s] == full, "bytes",
                       lambda: f"scale {s}: the report's full-cache bytes {report.full_kv_bytes[s]} != {full}")
