@@ -133,9 +133,10 @@ class Policy:
         raise NotImplementedError(f"{type(self).__name__} must implement select()")
 
     def promised_positions(self, ctx: CompressionContext) -> torch.Tensor:
-        """Cache positions (1-D, numbered as in ``select``'s keys) that every row and head keeps
-        whenever this layer evicts: the policy's promise (sinks, recent or observation windows),
-        checked by ``kvpolicy.testing``. Default: no promise."""
+        """Cache positions (numbered as in ``select``'s keys) this policy promises to keep whenever
+        the layer evicts (sinks, recent or observation windows), checked by ``kvpolicy.testing``:
+        a 1-D tensor for every row and head, or (H, P) per head / (B, H, P) per row and head with
+        -1 where there is no promise (head-wise capacities). Default: no promise."""
         return torch.empty(0, dtype=torch.long)
 
     # -- calibration ------------------------------------------------------------------------

@@ -381,3 +381,19 @@ def test_readme_test_your_policy_example(tmp_path):
         return re.sub(r"^(\w+ +pass +)\d+ ", r"\1N ", text, flags=re.M)
 
     assert without_counts(check.stdout) == without_counts(check_output)
+
+
+def test_promises_may_be_per_head():
+    @attrs.define(kw_only=True)
+    class NewestPromisingPerHead(Policy):
+        """Keeps the newest tokens; promises the newest to head 0 and, wrongly, the oldest to head 1."""
+
+        def promised_positions(self, ctx):
+            return torch.tensor([[ctx.length - 1, -1], [ctx.length - 1, 0]])  # (H, P), -1 = no promise
+
+        def select(self, keys, values, ctx):
+            return Selection(expand(recent(ctx, ctx.capacity), keys), ctx.state)
+
+    with registered("kit_per_head_promise", NewestPromisingPerHead):
+        with pytest.raises(violation_class("promises"), match=r"scale 1, layer 0: row 0, head 1: promised position 0 \(of \[4, 0\]\)"):
+            check_case("kit_per_head_promise", Case(schedule=[1, 2, 3], budget=3, heads=2, cfg=False))

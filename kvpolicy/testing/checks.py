@@ -97,6 +97,12 @@ def check_case(policy, case: Case, *, enabled=None, ignored=()) -> set[str]:
                                         f"tokens): {exc}")
         raise
 
+    # A head-wise plan fixes the number of heads (say, by per-head weights): the case uses it.
+    planned_heads = getattr(first_policy.plan(case.schedule, case.num_layers), "num_heads", None)
+    if planned_heads is not None and planned_heads != case.heads:
+        case = attrs.evolve(case, heads=planned_heads)
+        checker.case = case
+
     def run(policy, inputs, reuse=None):
         try:
             return drive(policy, inputs, reuse=reuse, checker=checker)

@@ -90,12 +90,20 @@ class Trace:
             a_kept, b_kept = self.kept[key][rows], other.kept[key][other_rows]
             if a_kept.shape != b_kept.shape or not torch.equal(a_kept, b_kept):
                 return f"scale {key[0]}, layer {key[1]}: kept {a_kept.tolist()} tokens vs {b_kept.tolist()}"
-            a, b = _valid(self.indices[key][rows], a_kept), _valid(other.indices[key][other_rows], b_kept)
+            # Compare positions among each (row, head)'s own tokens (views of other batches pad differently).
+            a, b = self.own_positions(key)[rows], other.own_positions(key)[other_rows]
+            width = int(a_kept.max()) if a_kept.numel() else 0
+            a, b = _valid(a[..., :width], a_kept), _valid(b[..., :width], b_kept)
             if not torch.equal(a, b):
                 at = _first(a != b)
                 return (f"scale {key[0]}, layer {key[1]}, row {at[0]}, head {at[1]}: kept positions "
-                        f"{_valid_row(self.indices[key][rows], a_kept, at)} vs {_valid_row(other.indices[key][other_rows], b_kept, at)}")
+                        f"{_valid_row(a, a_kept, at)} vs {_valid_row(b, b_kept, at)}")
         return None
+
+    def own_positions(self, key) -> torch.Tensor:
+        """The kept indices counted among each (row, head)'s own tokens (0 = its oldest)."""
+        padding = self.lengths[key] - self.before[key]
+        return self.indices[key] - padding.unsqueeze(-1)
 
 
 def _valid(indices: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -163,17 +171,23 @@ def check_selection(checker: Checker, policy: Policy, keys: torch.Tensor, ctx, s
     promised = policy.promised_positions(ctx)
     if promised is None:
         return
-    promised = torch.as_tensor(promised, dtype=torch.long).detach().cpu().reshape(-1)
-    if promised.numel() == 0:
+    promised = torch.as_tensor(promised, dtype=torch.long).detach().cpu()
+    if promised.dim() > 3 or promised.dim() > 1 and tuple(promised.shape[-3:-1]) not in ((batch, heads), (heads,)):
+        checker.fail("promises", f"promised_positions returned shape {tuple(promised.shape)}; need (P,) for every "
+                                 f"row and head, (H={heads}, P) per head or (B={batch}, H={heads}, P), -1 = none")
+    promised = promised.reshape((1, 1) + tuple(promised.shape[-1:]) if promised.dim() == 1 else
+                                (1,) * (3 - promised.dim()) + tuple(promised.shape)).expand(batch, heads, -1)
+    if not bool((promised >= 0).any()):
         return
     checker.exercised.add("promises")
     valid = torch.arange(k) < kept.unsqueeze(-1)
-    present = ((indices.unsqueeze(-1) == promised) & valid.unsqueeze(-1)).any(dim=2)  # (B, H, P)
-    missing = ~present & ~fits.unsqueeze(-1)
+    present = ((indices.unsqueeze(-1) == promised.unsqueeze(2)) & valid.unsqueeze(-1)).any(dim=2)  # (B, H, P)
+    missing = ~present & (promised >= 0) & ~fits.unsqueeze(-1)
     if bool(missing.any()):
         b, h, p = _first(missing)
-        checker.fail("promises", f"row {b}, head {h}: promised position {int(promised[p])} (of "
-                                 f"{_short(promised.tolist())}) was evicted; kept {_valid_row(indices, kept, (b, h))}")
+        mine = [v for v in promised[b, h].tolist() if v >= 0]
+        checker.fail("promises", f"row {b}, head {h}: promised position {int(promised[b, h, p])} (of "
+                                 f"{_short(mine)}) was evicted; kept {_valid_row(indices, kept, (b, h))}")
 
 
 def check_kept(checker: Checker, before: torch.Tensor, bounds: Optional[torch.Tensor], adaptive: bool,
