@@ -168,6 +168,23 @@ def test_torchrun_calibrate_equals_one_process(workdir, capsys):
     assert json.loads((workdir / "sharded.json").read_text()) == single  # bit-identical statistics
 
 
+def test_an_error_on_rank_0_stops_every_rank_with_its_message(workdir):
+    """Rank 0 prepares the output alone; the others must fail with its message, not wait forever."""
+    blocker = workdir / "a-file"
+    blocker.write_text("not a folder")
+    run = _torchrun(["calibrate", "--model", "infinity-tiny", "--out", str(blocker / "calib.json")], timeout=120)
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if "kvpolicy calibrate: error:" in line]
+    assert len(lines) == 2 and all("exists and is not a folder" in line for line in lines), run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("device, local_rank, expected", [("cuda", 3, "cuda:3"), ("cpu", 3, "cpu")])
+def test_each_rank_runs_on_its_local_device(device, local_rank, expected):
+    rank = distributed.Distributed(rank=7, world_size=8, local_rank=local_rank, backend="gloo")
+    assert rank.local_device(device) == expected
+    assert distributed.SINGLE.local_device("cuda") == "cuda"  # one process: torch's current device, as before
+
+
 # -- without launching torchrun -------------------------------------------------------------------
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
