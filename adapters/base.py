@@ -34,6 +34,27 @@ class GenerationOutput:
     config: dict = attrs.field(factory=dict)
 
 
+class ScaleTimer:
+    """Seconds per scale of one generation, timed by the adapter (the cache only counts bytes).
+    ``synchronize`` (e.g. the model's own ``torch.cuda.synchronize``) runs before each reading."""
+
+    def __init__(self, num_scales: int):
+        self.seconds = [0.0] * num_scales
+        self._started: Optional[float] = None
+
+    def start(self, scale: int, synchronize=None) -> None:
+        if synchronize is not None:
+            synchronize()
+        self._started = time.perf_counter()
+
+    def stop(self, scale: int, synchronize=None) -> None:
+        if synchronize is not None:
+            synchronize()
+        if self._started is not None:
+            self.seconds[scale] += time.perf_counter() - self._started
+            self._started = None
+
+
 def resolve_policy(policy: Policy | str | None, budget=None) -> Optional[Policy]:
     """``policy`` may be a Policy, a registered name or None (full cache, no policy overhead)."""
     if policy is None:
@@ -59,6 +80,7 @@ class BatchResult:
     tokens: list
     extra: dict = attrs.field(factory=dict)
     report: Optional[CacheReport] = None  # taken early by a step that frees the cache before decoding
+    scale_seconds: list = attrs.field(factory=list)  # timed by the family's loop (the cache counts bytes only)
 
 
 @attrs.define
@@ -145,6 +167,7 @@ class NextScaleModel(torch.nn.Module):
                     result = self.generate_batch(batch, setup, cache=cache, generator=generator, stats=stats,
                                                  on_scale=lambda: bar.update(1), **setup.sampling)
                 reports.append(result.report if result.report is not None else cache.report())
+                reports[-1].scale_seconds = list(result.scale_seconds)
                 cache.reset()
                 images.append(result.images)
                 tokens.append(result.tokens)

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--no-cfg", action="store_true", help="one row per image (default: conditional + unconditional)")
     _add_plan_file_args(p)
+    p.add_argument("--per-head", action="store_true",
+                   help="also print every head's kept tokens per scale (head-wise policies) and the plan's per-head capacities")
     _add_option_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
@@ -212,7 +214,7 @@ def _cmd_plan(args) -> int:
                          aspect_ratio=args.aspect_ratio, batch=args.batch, dtype=parse_dtype(args.dtype),
                          cfg=not args.no_cfg, budget_file=args.budget_file, calibration=args.calibration,
                          options=args.option)
-    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    print(json.dumps(result, indent=1) if args.json else format_plan(result, per_head=args.per_head))
     return 0
 
 

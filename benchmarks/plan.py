@@ -88,11 +88,17 @@ def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect
         "peak_kv_bytes": report.peak_kv_bytes, "full_peak_kv_bytes": report.full_peak_kv_bytes,
         "last_read_scale": last_read, "note": note,
         "last_read_ratio": report.kv_bytes[last_read] / report.full_kv_bytes[last_read],
+        # Head-wise policies: [scale][layer] per-head kept lengths (max over rows), and the plan's
+        # [scale][layer] per-head capacities (None where a layer is layer-wise); None otherwise.
+        "head_kept_lengths": [[list(h) for h in row] for row in report.head_kept_lengths] if report.head_wise else None,
+        "mean_kept_lengths": report.mean_kept_lengths if report.head_wise else None,
+        "head_capacities": report.head_capacities,
+        "head_table": plan.head_table() if plan.head_wise else None,
     }
 
 
-def format_plan(d: dict) -> str:
-    """The human-readable table for ``kvpolicy plan``."""
+def format_plan(d: dict, per_head: bool = False) -> str:
+    """The human-readable table for ``kvpolicy plan`` (``per_head``: each head's kept tokens too)."""
     shapes = d["schedule"]
     res = d["resolution"] if d["resolution"] is not None else "default"
     lines = [
@@ -109,7 +115,7 @@ def format_plan(d: dict) -> str:
     lines.append(header + ("  capacities by role" if with_roles else ""))
     for s, (h, w) in enumerate(shapes):
         full, mine = d["full_kv_bytes"][s], d["kv_bytes"][s]
-        kept = d["kept_lengths"][s]
+        kept = d["mean_kept_lengths"][s] if d.get("mean_kept_lengths") else d["kept_lengths"][s]
         cum = sum(hh * ww for hh, ww in shapes[: s + 1])
         row = (f"{s:>5} {f'{h}x{w}':>7} {cum:>6} {full / MIB:>11.2f} {mine / MIB:>11.2f} {mine / full:>8.4f} "
                f"{sum(kept) / len(kept):>10.1f}")
@@ -126,6 +132,21 @@ def format_plan(d: dict) -> str:
     lines.append(f"peak (incl. one layer's current map before compression): full {d['full_peak_kv_bytes'] / MIB:.2f} MiB, "
                  f"{d['policy']['name']} {d['peak_kv_bytes'] / MIB:.2f} MiB, "
                  f"ratio {d['peak_kv_bytes'] / d['full_peak_kv_bytes']:.4f}")
+    if per_head:
+        lines.append("")
+        if not d.get("head_kept_lengths"):
+            lines.append("per head: every head of a layer keeps the same tokens (a layer-wise policy)")
+        else:
+            heads = len(d["head_kept_lengths"][0][0])
+            lines.append(f"kept tokens per head after each scale (mean over layers; {heads} heads):")
+            lines.append(f"{'scale':>5}  " + " ".join(f"{'h' + str(i):>6}" for i in range(heads)))
+            for s_, row in enumerate(d["head_kept_lengths"]):
+                means = [sum(layer[i] for layer in row) / len(row) for i in range(heads)]
+                lines.append(f"{s_:>5}  " + " ".join(f"{m:>6.1f}" for m in means))
+            if d.get("head_table"):
+                lines.append("")
+                lines.append("per-head capacities of the plan:")
+                lines.append(d["head_table"])
     if d.get("note"):
         lines.append("note: " + d["note"])
     return "\n".join(lines)

@@ -7,10 +7,12 @@ layer and scale, and ``simulate`` plans memory without weights.
 
 from .attention_stats import AttentionStatistics, AttentionStatsCollector, calibration_measures, load_statistics
 from .budget import Budget, Ratio, Tokens, parse_budget
-from .cache import CacheReport, KVCache
+from .cache import ByteLedger, CacheReport, KVCache, LayerCache
 from .capabilities import Capabilities, capabilities
+from .compose import compose
 from .compress import CompressionResult, compress, gather_tokens
 from .plan import CapacityPlan
+from .ragged import Ragged, ragged_attention
 from .policy import CompressionContext, Policy, ScoredPolicy, Selection
 from .registry import ENTRY_POINT_GROUP, get_policy, list_policies, policy_class, register_policy
 from .schedule import ScaleSchedule
@@ -21,7 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionStatistics", "AttentionStatsCollector", "calibration_measures", "load_statistics", "Budget", "Ratio",
-    "Tokens", "parse_budget", "CacheReport", "KVCache", "Capabilities", "capabilities", "CompressionResult",
+    "Tokens", "parse_budget", "ByteLedger", "CacheReport", "KVCache", "LayerCache", "Capabilities", "capabilities",
+    "compose", "Ragged", "ragged_attention", "CompressionResult",
     "compress", "gather_tokens", "CapacityPlan", "CompressionContext", "Policy", "ScoredPolicy",
     "Selection", "ENTRY_POINT_GROUP", "get_policy", "list_policies", "policy_class",
     "register_policy", "ScaleSchedule", "simulate", "scoring", "__version__",

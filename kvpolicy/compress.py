@@ -1,4 +1,10 @@
-"""``compress``: the one functional entry point every adapter calls after a layer's attention."""
+"""``compress``: the one functional entry point every adapter calls after a layer's attention.
+
+Layer-wise results are dense (B, H, k, D) tensors. When (row, head)s keep different numbers of
+tokens (head-wise plans, head-adaptive policies) the kept keys and values are a ``Ragged`` (packed,
+no padding), and a ragged cache comes back in the same form: the policy then sees it left-padded
+to its longest (row, head), with ``ctx.lengths`` saying what is real (see ``CompressionContext``).
+"""
 
 from __future__ import annotations
 
@@ -8,35 +14,49 @@ import attrs
 import torch
 
 from .policy import CompressionContext, Policy
+from .ragged import Ragged, gather_ragged
 from .schedule import ScaleSchedule
 
 
 @attrs.frozen
 class CompressionResult:
-    keys: torch.Tensor  # (B, H, k, D), compact
-    values: torch.Tensor  # (B, H, k, Dv), compact
-    indices: torch.Tensor  # (B, H, k) int64, strictly ascending per row and head
+    keys: Any  # (B, H, k, D) tensor, compact; a Ragged when (row, head)s keep different lengths
+    values: Any  # (B, H, k, Dv) tensor or Ragged, like keys
+    indices: torch.Tensor  # (B, H, k) int64: indices[b, h, :lengths[b, h]] strictly ascending (positions in the policy's view)
     state: Any = None
     capacity: Optional[int] = None
+    lengths: Optional[torch.Tensor] = None  # (B, H) int64 tokens each (row, head) keeps
+    head_capacities: Optional[tuple] = None  # the plan's per-head capacities at this (scale, layer), if any
+
+    @property
+    def ragged(self) -> bool:
+        return isinstance(self.keys, Ragged)
 
 
-def _check_query(name, tensor, keys, n_current):
+def _check_query(name, tensor, shape, n_current, device):
     if tensor is None:
         return
     if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
         raise ValueError(f"{name} must be a (B, H, n_current, D) tensor, got "
                          f"{getattr(tensor, 'shape', type(tensor).__name__)}")
     b, h, n, _ = tensor.shape
-    if b != keys.shape[0] or n != n_current or h % keys.shape[1]:
-        raise ValueError(f"{name} shape {tuple(tensor.shape)} does not fit keys {tuple(keys.shape)}: "
-                         f"need (B={keys.shape[0]}, a multiple of H={keys.shape[1]}, n_current={n_current}, D)")
-    if tensor.shape[3] != keys.shape[3]:
-        raise ValueError(f"{name} head dim {tensor.shape[3]} does not match the keys' head dim {keys.shape[3]} "
+    if b != shape[0] or n != n_current or h % shape[1]:
+        raise ValueError(f"{name} shape {tuple(tensor.shape)} does not fit keys {tuple(shape)}: "
+                         f"need (B={shape[0]}, a multiple of H={shape[1]}, n_current={n_current}, D)")
+    if tensor.shape[3] != shape[3]:
+        raise ValueError(f"{name} head dim {tensor.shape[3]} does not match the keys' head dim {shape[3]} "
                          "(queries are dotted with the cached keys)")
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {tensor.dtype}")
-    if tensor.device != keys.device:
-        raise ValueError(f"{name} is on {tensor.device} but keys are on {keys.device}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but keys are on {device}")
+
+
+def _shape(t) -> tuple:
+    """(B, H, L, D) of a dense tensor, or of a Ragged's left-padded view (L = its longest)."""
+    if isinstance(t, Ragged):
+        return (t.batch, t.heads, t.max_length, t.dim)
+    return tuple(t.shape)
 
 
 def validate_inputs(keys, values, schedule, scale, layer, num_layers, queries, raw_queries) -> None:
@@ -47,21 +67,31 @@ def validate_inputs(keys, values, schedule, scale, layer, num_layers, queries, r
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
         raise IndexError(f"layer {layer!r} out of range 0..{num_layers - 1}")
+    if isinstance(keys, Ragged) != isinstance(values, Ragged):
+        raise ValueError("keys and values must both be dense tensors or both Ragged")
     for name, t in (("keys", keys), ("values", values)):
+        if isinstance(t, Ragged):
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"{name} must be floating point, got {t.dtype}")
+            continue
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a (B, H, L, D) tensor, got {getattr(t, 'shape', type(t).__name__)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
-    if keys.shape[:3] != values.shape[:3]:
-        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must agree on (B, H, L)")
+    k_shape, v_shape = _shape(keys), _shape(values)
+    if k_shape[:3] != v_shape[:3] or (isinstance(keys, Ragged) and keys.host != values.host):
+        raise ValueError(f"keys {k_shape} and values {v_shape} must agree on (B, H, L)")
     if keys.device != values.device:
         raise ValueError(f"keys are on {keys.device} but values on {values.device}")
-    length, n_current, full = keys.shape[2], schedule.tokens(scale), schedule.cumulative_length(scale)
+    length, n_current, full = k_shape[2], schedule.tokens(scale), schedule.cumulative_length(scale)
     if not n_current <= length <= full:
         raise ValueError(f"cache length {length} at scale {scale} must lie in {n_current}..{full} "
                          f"(the current {schedule.shape(scale)} map up to every token of scales 0..{scale})")
-    _check_query("queries", queries, keys, n_current)
-    _check_query("raw_queries", raw_queries, keys, n_current)
+    if isinstance(keys, Ragged) and min(min(row) for row in keys.host) < n_current:
+        raise ValueError(f"a ragged cache at scale {scale} holds fewer tokens in some (row, head) than the current "
+                         f"map's {n_current}")
+    _check_query("queries", queries, k_shape, n_current, keys.device)
+    _check_query("raw_queries", raw_queries, k_shape, n_current, keys.device)
 
 
 def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -95,34 +125,119 @@ def compress(policy: Policy, keys: torch.Tensor, values: torch.Tensor, *, schedu
         raise ValueError(f"policy {policy.name!r} needs queries= (the current map's attention queries)")
     if policy.needs_raw_queries and raw_queries is None:
         raise ValueError(f"policy {policy.name!r} needs raw_queries= (the bare query projection x @ W_q^T)")
-    batch, heads, length, _ = keys.shape
-    capacity = policy.capacity(schedule, num_layers, scale, layer)
+    batch, heads, length, _ = _shape(keys)
+    plan = policy.plan(schedule, num_layers)
+    capacity = plan.capacity(scale, layer)
+    head_caps = plan.head_capacity(scale, layer)
+    if head_caps is not None and len(head_caps) != heads:
+        raise ValueError(f"policy {policy.name!r} planned {len(head_caps)} heads at scale {scale}, layer {layer} but the "
+                         f"cache has H={heads}")
+    ragged_in = isinstance(keys, Ragged)
+    view_lengths = keys.lengths if ragged_in else None
+    host = keys.host_lengths() if ragged_in else None  # [b][h]
 
     def keep_all(new_state):
         indices = torch.arange(length, device=keys.device).expand(batch, heads, length)
-        return CompressionResult(keys, values, indices, new_state, capacity)
+        if not ragged_in:
+            return CompressionResult(keys, values, indices, new_state, capacity,
+                                     torch.full((batch, heads), length, dtype=torch.long, device=keys.device), head_caps)
+        return CompressionResult(keys, values, indices, new_state, capacity, view_lengths, head_caps)
 
-    if not policy.stateful and (capacity is None or length <= capacity):
+    def fits() -> bool:
+        if capacity is None:
+            return True
+        if head_caps is None or policy.head_adaptive:
+            return length <= capacity
+        if host is None:
+            return length <= min(head_caps)
+        return all(host[b][h] <= head_caps[h] for b in range(batch) for h in range(heads))
+
+    if not policy.stateful and fits():
         return keep_all(state)
     ctx = CompressionContext(schedule=schedule, scale=scale, layer=layer, num_layers=num_layers,
-                             capacity=capacity, length=length, queries=queries,
-                             raw_queries=raw_queries, state=state)
-    selection = policy.select(keys, values, ctx)
+                             capacity=capacity, length=length, queries=queries, raw_queries=raw_queries, state=state,
+                             head_capacities=None if head_caps is None else torch.tensor(head_caps, device=keys.device),
+                             lengths=view_lengths)
+    if ragged_in:  # the policy sees a transient left-padded view (never stored)
+        selection = policy.select(keys.padded(length), values.padded(length), ctx)
+    else:
+        selection = policy.select(keys, values, ctx)
     if selection.indices is None:
-        if capacity is not None and length > capacity:
-            raise RuntimeError(f"policy {policy.name!r} kept all {length} tokens over capacity {capacity}")
+        if not fits():
+            raise RuntimeError(f"policy {policy.name!r} kept all {length} tokens over capacity "
+                               f"{capacity if head_caps is None else list(head_caps)}")
         return keep_all(selection.state)
     indices = selection.indices
     if indices.dim() != 3 or indices.shape[:2] != (batch, heads) or indices.dtype != torch.long:
         raise RuntimeError(f"policy {policy.name!r} returned indices {tuple(indices.shape)} {indices.dtype}; "
                            f"need (B={batch}, H={heads}, k) int64")
     kept = indices.shape[2]
-    if capacity is not None and kept > capacity:
-        raise RuntimeError(f"policy {policy.name!r} kept {kept} tokens over capacity {capacity}")
-    # One device->host sync per call (this runs once per layer and scale): ascending rows lie in
-    # range iff their first index is >= 0 and their last < length.
-    if kept and not bool(((indices[..., 1:] > indices[..., :-1]).all() & (indices[..., 0] >= 0).all()
-                          & (indices[..., -1] < length).all())):
-        raise RuntimeError(f"policy {policy.name!r} returned indices that are not unique, ascending and in 0..{length - 1}")
-    return CompressionResult(gather_tokens(keys, indices), gather_tokens(values, indices), indices,
-                             selection.state, capacity)
+    if selection.lengths is None and not ragged_in and head_caps is None:
+        # The layer-wise path: every (row, head) keeps k tokens of a dense cache.
+        if capacity is not None and kept > capacity:
+            raise RuntimeError(f"policy {policy.name!r} kept {kept} tokens over capacity {capacity}")
+        # One device->host sync per call (this runs once per layer and scale): ascending rows lie in
+        # range iff their first index is >= 0 and their last < length.
+        if kept and not bool(((indices[..., 1:] > indices[..., :-1]).all() & (indices[..., 0] >= 0).all()
+                              & (indices[..., -1] < length).all())):
+            raise RuntimeError(f"policy {policy.name!r} returned indices that are not unique, ascending and in 0..{length - 1}")
+        return CompressionResult(gather_tokens(keys, indices), gather_tokens(values, indices), indices,
+                                 selection.state, capacity, torch.full((batch, heads), kept, dtype=torch.long,
+                                                                       device=keys.device), head_caps)
+    return _ragged_result(policy, keys, values, ctx, selection, head_caps)
+
+
+def _ragged_result(policy, keys, values, ctx, selection, head_caps) -> CompressionResult:
+    """Check a per-(row, head) selection and keep it: dense when every (row, head) keeps the same
+    count, a Ragged otherwise."""
+    indices = selection.indices
+    batch, heads, kept = indices.shape
+    device = indices.device
+    lengths = selection.lengths
+    if lengths is None:
+        lengths = torch.full((batch, heads), kept, dtype=torch.long, device=device)
+    elif (not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (batch, heads)
+          or lengths.dtype != torch.long):
+        raise RuntimeError(f"policy {policy.name!r} returned lengths {getattr(lengths, 'shape', lengths)!r}; need a "
+                           f"(B={batch}, H={heads}) int64 tensor")
+    lengths = lengths.to(device)
+    padding = ctx.padding()
+    low = padding.unsqueeze(-1) if padding is not None else 0
+    real = torch.arange(kept, device=device) < lengths.unsqueeze(-1)
+    ascending = (indices[..., 1:] > indices[..., :-1]) | ~real[..., 1:]
+    in_range = ((indices >= low) & (indices < ctx.length)) | ~real
+    host = lengths.tolist()  # the one device->host sync of this path
+    if not bool(ascending.all() & in_range.all()):
+        raise RuntimeError(f"policy {policy.name!r} returned indices that are not unique, ascending and in range "
+                           f"(each (row, head)'s real positions of 0..{ctx.length - 1})")
+    flat = [v for row in host for v in row]
+    if min(flat) < 0 or max(flat) > kept:
+        raise RuntimeError(f"policy {policy.name!r} returned lengths outside 0..{kept} (the indices' last dim)")
+    capacity = ctx.capacity
+    if capacity is not None:
+        if policy.head_adaptive:
+            for b, row in enumerate(host):
+                if sum(row) > heads * capacity:
+                    raise RuntimeError(f"policy {policy.name!r} kept {sum(row)} tokens in row {b} over H x capacity = "
+                                       f"{heads} x {capacity}")
+        else:
+            caps = head_caps if head_caps is not None else (capacity,) * heads
+            for b, row in enumerate(host):
+                for h, (n, cap) in enumerate(zip(row, caps)):
+                    if n > cap:
+                        raise RuntimeError(f"policy {policy.name!r} kept {n} tokens in (row {b}, head {h}) over its "
+                                           f"capacity {cap}")
+    head_major = [list(col) for col in zip(*host)]
+    if not isinstance(keys, Ragged) and all(v == flat[0] for v in flat):
+        order = indices[..., :flat[0]]  # every (row, head) keeps the same count: stay dense
+        return CompressionResult(gather_tokens(keys, order), gather_tokens(values, order), indices, selection.state,
+                                 capacity, lengths, head_caps)
+    if isinstance(keys, Ragged):
+        new_keys = keys.gather(indices, lengths, padding=padding, host_lengths=head_major)
+        new_values = values.gather(indices, lengths, padding=padding, host_lengths=head_major)
+        if new_keys.uniform:  # back to equal lengths: dense storage again
+            new_keys, new_values = new_keys.dense(), new_values.dense()
+    else:
+        new_keys = gather_ragged(keys, indices, lengths, head_major)
+        new_values = gather_ragged(values, indices, lengths, head_major)
+    return CompressionResult(new_keys, new_values, indices, selection.state, capacity, lengths, head_caps)

@@ -3,8 +3,13 @@
 A policy does two things:
 
 1. ``plan(schedule, num_layers)`` turns its budget into a ``CapacityPlan`` (tokens per
-   (scale, layer)); plans are cached per geometry.
-2. ``select(keys, values, ctx)`` chooses which cached tokens a layer keeps after a scale's step.
+   (scale, layer) and optionally per head); plans are cached per geometry. This is the policy's
+   *allocation* (``make_plan``).
+2. ``select(keys, values, ctx)`` chooses which cached tokens a layer keeps after a scale's step:
+   its *selector*. A ``Selection`` holds (B, H, k) indices and, when (row, head)s keep different
+   counts, their (B, H) ``lengths``.
+
+Allocations and selectors are separate parts that ``kvpolicy.compose`` combines (see there).
 
 Policies declare what they need (``needs_queries``, ``needs_raw_queries``, ``stateful``) so that
 callers compute only that. Policy state (H2O's accumulated attention, say) is never hidden in the
@@ -43,6 +48,40 @@ class CompressionContext:
     queries: Optional[torch.Tensor] = None  # (B, Hq, n_current, D): logits = queries @ keys^T
     raw_queries: Optional[torch.Tensor] = None  # (B, Hq, n_current, D): x @ W_q^T, nothing else
     state: Any = None
+    # Head-wise plans: (H,) int64 per-head capacities on the keys' device (None: every head has
+    # ``capacity``, the layer's per-head average budget).
+    head_capacities: Optional[torch.Tensor] = None
+    # Ragged caches (heads holding different numbers of tokens): (B, H) int64 tokens each (row, head)
+    # holds now. The keys a policy sees are then left-padded to ``length``: the (row, head)'s tokens
+    # are the last lengths[b, h] positions, so the current map is always at ``current_start`` and
+    # positions before ``padding()[b, h]`` are padding (zeros) that must not be kept. None: every
+    # (row, head) holds ``length`` tokens.
+    lengths: Optional[torch.Tensor] = None
+
+    @property
+    def ragged(self) -> bool:
+        return self.lengths is not None
+
+    def padding(self) -> Optional[torch.Tensor]:
+        """(B, H) number of padding positions at the front of each (row, head), or None."""
+        return None if self.lengths is None else self.length - self.lengths
+
+    def valid_mask(self) -> Optional[torch.Tensor]:
+        """(B, H, L) True where a position holds a real token (None when nothing is padded)."""
+        if self.lengths is None:
+            return None
+        positions = torch.arange(self.length, device=self.lengths.device)
+        return positions >= self.padding().unsqueeze(-1)
+
+    def capacities_per_head(self, batch: int, heads: int) -> Optional[torch.Tensor]:
+        """(B, H) int64 capacity of every (row, head), or None when every (row, head) has ``capacity``
+        and nothing is ragged (the layer-wise case)."""
+        if self.head_capacities is None and self.lengths is None:
+            return None
+        device = self.lengths.device if self.lengths is not None else self.head_capacities.device
+        if self.head_capacities is not None:
+            return self.head_capacities.to(device).expand(batch, heads)
+        return torch.full((batch, heads), self.capacity, dtype=torch.long, device=device)
 
     @property
     def n_current(self) -> int:
@@ -60,10 +99,15 @@ class CompressionContext:
 
 @attrs.frozen
 class Selection:
-    """What ``Policy.select`` returns: kept indices (B, H, k), or None to keep everything."""
+    """What ``Policy.select`` returns: kept indices (B, H, k), or None to keep everything.
+
+    ``lengths`` (B, H) int64, optional: (row, head) keeps only ``indices[b, h, :lengths[b, h]]``
+    (ascending); the rest of its row is padding and ignored. Without it every (row, head) keeps k.
+    """
 
     indices: Optional[torch.Tensor]
     state: Any = None
+    lengths: Optional[torch.Tensor] = None
 
 
 @attrs.define(kw_only=True)
@@ -86,6 +130,9 @@ class Policy:
     calibration_option: ClassVar[Optional[str]] = None
     plan_file_option: ClassVar[Optional[str]] = None
     plan_sources: ClassVar[tuple] = ()
+    # True for policies whose per-(row, head) lengths depend on the data (AdaKV-style): compress then
+    # checks each row's total over heads against H x capacity instead of every head against its own.
+    head_adaptive: ClassVar[bool] = False
 
     budget: Optional[Budget] = attrs.field(default=None, converter=_optional_budget)
     _plans: dict = attrs.field(factory=dict, init=False, repr=False, eq=False)
@@ -124,6 +171,12 @@ class Policy:
         row = [budget_tokens] * num_layers
         return CapacityPlan(capacities=[row] * schedule.num_scales, budget_tokens=budget_tokens,
                             policy=self.name, cumulative=schedule.cumulative)
+
+    def check_plan(self, plan: CapacityPlan, schedule: ScaleSchedule) -> CapacityPlan:
+        """A selector's check that a plan suits it (e.g. every capacity holds its window); returns the plan.
+
+        Allocations call it at the end of ``make_plan``, so any allocation composes with any selector."""
+        return plan
 
     def capacity(self, schedule: ScaleSchedule, num_layers: int, scale: int, layer: int) -> Optional[int]:
         return self.plan(schedule, num_layers).capacity(scale, layer)
@@ -245,7 +298,10 @@ class ScoredPolicy(Policy):
     """Helper base for policies that score tokens: some positions are forced to stay (windows,
     sinks, recent tokens), the rest are ranked by ``score`` and the top (capacity - forced) kept.
 
-    Subclasses implement ``score`` (B, H, L) and optionally ``forced_positions``.
+    Subclasses implement ``score`` (B, H, L) and optionally ``forced_positions``. With head-wise
+    capacities (or a ragged cache) each (row, head) keeps its own top count, padding never kept;
+    ``head_budgets`` decides the per-(row, head) counts and is what a head-adaptive wrapper
+    overrides (see ``kvpolicy.compose``).
     """
 
     def score(self, keys: torch.Tensor, ctx: CompressionContext) -> torch.Tensor:
@@ -258,9 +314,20 @@ class ScoredPolicy(Policy):
     def promised_positions(self, ctx: CompressionContext) -> torch.Tensor:
         return self.forced_positions(ctx)
 
+    def head_budgets(self, scores: torch.Tensor, forced: torch.Tensor, ctx: CompressionContext) -> Optional[torch.Tensor]:
+        """(B, H) tokens each (row, head) keeps, or None for ``ctx.capacity`` everywhere (layer-wise).
+
+        Default: the plan's head capacities (``ctx.capacities_per_head``). Head-adaptive wrappers (class
+        flag ``head_adaptive = True``) redistribute the layer's H x capacity across heads here."""
+        return ctx.capacities_per_head(*scores.shape[:2])
+
     def select(self, keys, values, ctx):
-        if ctx.capacity is None or ctx.length <= ctx.capacity:
+        if ctx.capacity is None or (ctx.length <= ctx.capacity and ctx.head_capacities is None):
             return Selection(None, ctx.state)
         forced = self.forced_positions(ctx).to(keys.device)
         scores = self.score(keys, ctx)
-        return Selection(scoring.topk_with_forced(scores, forced, ctx.capacity), ctx.state)
+        budgets = self.head_budgets(scores, forced, ctx)
+        if budgets is None:
+            return Selection(scoring.topk_with_forced(scores, forced, ctx.capacity), ctx.state)
+        indices, lengths = scoring.topk_per_head(scores, budgets, forced=forced, valid=ctx.valid_mask())
+        return Selection(indices, ctx.state, lengths)

@@ -27,13 +27,16 @@ def group_queries(queries: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 def attention_scores(queries: torch.Tensor, keys: torch.Tensor, *, softmax: bool = True,
-                     scale: float = 1.0, exclude: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float = 1.0, exclude: torch.Tensor | None = None,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over queries of the attention each key receives: (B, Hkv, L), float32.
 
     ``softmax=True`` sums probabilities softmax(scale * q k^T) over the whole cache; ``False``
     sums the raw logits ``scale * q k^T``. ``exclude`` (1-D positions) gets -inf logits before
     the softmax/sum and -inf in the result. Queries are processed in blocks so that at most
     ~16M attention entries exist at a time (a 4096-query scale over a 10k cache stays small).
+    ``valid`` (B, Hkv, L) bool marks the real positions of a ragged (left-padded) view: the others
+    get -inf logits, so they receive probability 0 (``softmax=True``) or -inf (``False``).
     """
     batch, kv_heads, length, dim = keys.shape
     grouped = group_queries(queries, kv_heads)
@@ -52,6 +55,8 @@ def attention_scores(queries: torch.Tensor, keys: torch.Tensor, *, softmax: bool
             logits = logits * scale
         if exclude is not None and exclude.numel():
             logits[..., exclude] = float("-inf")
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, :, None, None, :], float("-inf"))
         if softmax:
             logits = torch.softmax(logits, dim=-1)
         total += logits.sum(dim=3).mean(dim=2) if group > 1 else logits.sum(dim=3)[:, :, 0]
@@ -153,3 +158,59 @@ def __getattr__(name: str):
         raise ImportError(f"kvpolicy.scoring.{name} moved to {_MOVED[name]} (the core holds no policy-specific "
                              f"code): use `from {_MOVED[name]} import {name}`")
     raise AttributeError(f"module 'kvpolicy.scoring' has no attribute {name!r}")
+
+
+def topk_per_head(scores: torch.Tensor, budgets: torch.Tensor, *, forced: torch.Tensor | None = None,
+                  valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (row, head) keeps its own number of tokens: its forced positions plus its best-scored others.
+
+    scores (B, H, L); budgets (B, H) int64 tokens per (row, head); ``forced`` 1-D positions shared by
+    every row and head or a (B, H, L) bool mask; ``valid`` (B, H, L) bool, False for padding (never
+    kept), or None. A (row, head) with no more real positions than its budget keeps all of them.
+    Returns (indices (B, H, k) int64, lengths (B, H) int64) with k the largest length:
+    ``indices[b, h, :lengths[b, h]]`` ascending, the rest 0 (padding). Ties follow ``torch.topk``;
+    non-forced -inf/NaN scores are lifted to the lowest finite value, as in ``topk_with_forced``.
+    """
+    batch, heads, length = scores.shape
+    device = scores.device
+    masked = scores.float()
+    masked = torch.where(torch.isneginf(masked) | torch.isnan(masked),
+                         torch.full_like(masked, torch.finfo(masked.dtype).min), masked)
+    if forced is None:
+        forced_mask = torch.zeros(batch, heads, length, dtype=torch.bool, device=device)
+    elif forced.dtype == torch.bool:
+        forced_mask = forced.to(device).expand(batch, heads, length)
+    else:
+        forced_mask = torch.zeros(length, dtype=torch.bool, device=device)
+        forced_mask[forced.to(device)] = True
+        forced_mask = forced_mask.expand(batch, heads, length)
+    if valid is not None:
+        forced_mask = forced_mask & valid
+        masked = masked.masked_fill(~valid, float("-inf"))
+        real = valid.sum(dim=-1)
+    else:
+        real = torch.full((batch, heads), length, dtype=torch.long, device=device)
+    budgets = budgets.to(device=device, dtype=torch.long).expand(batch, heads)
+    lengths = torch.minimum(budgets, real)
+    too_many = (forced_mask.sum(dim=-1) > lengths) & (budgets < real)
+    if bool(too_many.any()):
+        b, h = (int(v) for v in too_many.nonzero()[0])
+        raise ValueError(f"{int(forced_mask[b, h].sum())} positions are forced to stay in (row {b}, head {h}) but its "
+                         f"capacity is {int(budgets[b, h])}")
+    masked = masked.masked_fill(forced_mask, float("inf"))
+    kept = int(lengths.max()) if lengths.numel() else 0
+    top = masked.topk(kept, dim=-1).indices  # best first: forced (+inf), then by score
+    real_slot = torch.arange(kept, device=device) < lengths.unsqueeze(-1)
+    ordered = torch.where(real_slot, top, torch.full_like(top, length)).sort(dim=-1).values
+    return torch.where(ordered == length, torch.zeros_like(ordered), ordered), lengths
+
+
+def left_align(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, H, k) values whose first lengths[b, h] entries are real -> the same entries at the END of
+    each row (zeros before): the layout of the left-padded view a policy sees at the next scale.
+    For policy state kept per cached token (H2O's totals) under a ragged cache."""
+    batch, heads, kept = values.shape
+    shift = kept - lengths.unsqueeze(-1)  # (B, H, 1)
+    source = torch.arange(kept, device=values.device) - shift
+    gathered = values.gather(-1, source.clamp_min(0))
+    return torch.where(source >= 0, gathered, torch.zeros_like(gathered))

@@ -4,10 +4,13 @@ It uses the same ``KVCache`` the adapters use, in the same order (per scale, per
 current map, then compress), so its byte counts are what a real generation of that geometry holds.
 
 Large geometries (Infinity-8B at 1024^2 with batch 8 would need ~100 GB of synthetic tensors) are
-simulated on a probe of one row and one head with the real head dimension and dtype: every row and
-head of a compact cache keeps the same number of tokens, so the counted bytes of the probe times
-rows x heads are exactly the bytes of the full geometry (``report.extra["materialized"]`` says
-which way was used).
+simulated on a probe with the real head dimension and dtype: one row and one head for layer-wise
+policies (every row and head of a compact cache keeps the same number of tokens, so the counted
+bytes of the probe times rows x heads are exactly the bytes of the full geometry); one row and all
+heads for head-wise plans (every row keeps the same per-head lengths: exact too); one row and all
+heads for head-adaptive policies, whose lengths depend on the data (each row is counted as the
+probe row: exact whenever every row fills its budget, which a row does once it evicts).
+``report.extra["materialized"]`` and ``["probe"]`` say which way was used.
 """
 
 from __future__ import annotations
@@ -47,8 +50,16 @@ def simulate(policy: Policy | None, *, schedule: ScaleSchedule, num_layers: int,
     if materialize is None:
         materialize = estimate_full_bytes(schedule, num_layers=num_layers, num_heads=num_heads, head_dim=head_dim,
                                           rows=rows, dtype=dtype) <= MATERIALIZE_LIMIT_BYTES
-    sim_rows, sim_heads = (rows, num_heads) if materialize else (1, 1)
-    cache = KVCache(num_layers, schedule, policy, replicas=1 if materialize else rows * num_heads)
+    plan = policy.plan(schedule, num_layers) if policy is not None else None
+    if plan is not None and plan.head_wise and plan.num_heads != num_heads:
+        raise ValueError(f"policy {policy.name!r} plans {plan.num_heads} heads per layer but the model has "
+                         f"num_heads={num_heads}")
+    per_head = policy is not None and (policy.head_adaptive or plan.head_wise)
+    if materialize:
+        sim_rows, sim_heads = rows, num_heads
+    else:
+        sim_rows, sim_heads = (1, num_heads) if per_head else (1, 1)
+    cache = KVCache(num_layers, schedule, policy, replicas=(rows * num_heads) // (sim_rows * sim_heads))
     generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(*shape):
@@ -67,6 +78,7 @@ def simulate(policy: Policy | None, *, schedule: ScaleSchedule, num_layers: int,
                 raw = randn(sim_rows, sim_heads, n, head_dim).to(dtype)
             cache.compress(layer, scale, queries=queries, raw_queries=raw)
     report = cache.report()
-    report.extra.update({"materialized": materialize, "rows": rows, "num_heads": num_heads,
+    report.extra.update({"materialized": materialize, "probe": f"{sim_rows} row(s) x {sim_heads} head(s)",
+                         "rows": rows, "num_heads": num_heads,
                          "head_dim": head_dim, "dtype": str(dtype).replace("torch.", "")})
     return report

@@ -8,22 +8,12 @@ last ~13.5 rows of the 48x48 map. Nothing is evicted while the cache fits the bu
 from __future__ import annotations
 
 import attrs
-import torch
 
-from kvpolicy import Policy, Selection, register_policy
+from kvpolicy import register_policy
+from policies.common import SlidingWindowSelector, UniformAllocation
 
 
 @register_policy("sliding_window")
 @attrs.define(kw_only=True)
-class SlidingWindow(Policy):
+class SlidingWindow(UniformAllocation, SlidingWindowSelector):
     """Keep the last B tokens in generation order."""
-
-    def promised_positions(self, ctx):
-        return torch.arange(ctx.length - ctx.capacity, ctx.length)
-
-    def select(self, keys, values, ctx):
-        if ctx.capacity is None or ctx.length <= ctx.capacity:
-            return Selection(None, ctx.state)
-        batch, heads = keys.shape[:2]
-        kept = torch.arange(ctx.length - ctx.capacity, ctx.length, device=keys.device)
-        return Selection(kept.expand(batch, heads, -1).clone(), ctx.state)

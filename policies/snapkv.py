@@ -22,17 +22,14 @@ from __future__ import annotations
 import attrs
 
 from kvpolicy import register_policy
-from policies.common import RecentWindowPolicy
+from policies.common import RecentWindowSelector, UniformAllocation
 
 
 @register_policy("snapkv")
 @attrs.define(kw_only=True)
-class SnapKV(RecentWindowPolicy):
+class SnapKV(UniformAllocation, RecentWindowSelector):
     """Observation window of the last w raster queries, pooled attention votes, top-k + window."""
 
     # kvpolicy check: a window that fits small budgets; the values it draws for each option.
     check_options = {"window_size": 4, "kernel_size": 3}
     check_option_values = {"window_size": (1, 2, 3, 4, 6), "kernel_size": (1, 3, 5), "pooling": ("max", "avg")}
-
-    def make_plan(self, schedule, num_layers, budget_tokens):
-        return self.check_plan(super().make_plan(schedule, num_layers, budget_tokens), schedule)

@@ -11,32 +11,14 @@ If the budget is smaller than S, only the first B sinks are kept.
 from __future__ import annotations
 
 import attrs
-import torch
 
-from kvpolicy import Policy, Selection, register_policy, scoring
-from kvpolicy.validators import check_int_at_least
+from kvpolicy import register_policy
+from policies.common import SinksRecentSelector, UniformAllocation
 
 
 @register_policy("streamingllm")
 @attrs.define(kw_only=True)
-class StreamingLLM(Policy):
+class StreamingLLM(UniformAllocation, SinksRecentSelector):
     """Attention sinks (first tokens) plus the most recent tokens."""
 
-    num_sinks: int = attrs.field(default=4, validator=check_int_at_least(0))
-
     check_option_values = {"num_sinks": (0, 1, 2, 4, 8)}
-
-    def promised_positions(self, ctx):
-        sinks = min(self.num_sinks, ctx.capacity)
-        return torch.cat([scoring.first_positions(ctx.length, sinks),
-                          scoring.recent_positions(ctx.length, ctx.capacity - sinks)])
-
-    def select(self, keys, values, ctx):
-        if ctx.capacity is None or ctx.length <= ctx.capacity:
-            return Selection(None, ctx.state)
-        sinks = min(self.num_sinks, ctx.capacity)
-        recent = ctx.capacity - sinks
-        kept = torch.cat([scoring.first_positions(ctx.length, sinks, device=keys.device),
-                          scoring.recent_positions(ctx.length, recent, device=keys.device)])
-        batch, heads = keys.shape[:2]
-        return Selection(kept.expand(batch, heads, -1).clone(), ctx.state)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import attrs
 
 from kvpolicy import register_policy
-from policies.common import PatchWindowPolicy
+from policies.common import PatchWindowSelector, UniformAllocation
 
 
 @register_policy("uniform")
 @attrs.define(kw_only=True)
-class Uniform(PatchWindowPolicy):
+class Uniform(UniformAllocation, PatchWindowSelector):
     """ScaleKV's selection with one capacity for every layer (no drafters or refiners)."""
 
     # kvpolicy check: a window that fits small budgets; the values it draws for each option.

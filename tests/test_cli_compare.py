@@ -20,7 +20,7 @@ from PIL import Image
 import kvpolicy
 from adapters import geometry
 from adapters.attention import cached_self_attention
-from adapters.base import GenerationOutput
+from adapters.base import GenerationOutput, ScaleTimer
 from benchmarks import compare as compare_mod
 from benchmarks import reports
 from benchmarks.cli import build_parser, main
@@ -53,13 +53,14 @@ class ToyNextScaleModel:
         self.calls.append((tuple(conditions), None if policy is None else policy.to_config(), seed))
         policy = resolve_policy(policy, budget)
         cache = kvpolicy.KVCache(self.layers, self.schedule, policy)
+        timer = ScaleTimer(self.schedule.num_scales)
         rows = len(conditions)
         cond_seed = [sum(map(ord, str(c))) for c in conditions]
         gen = torch.Generator().manual_seed(seed)
         state = torch.stack([torch.randn(self.width, generator=torch.Generator().manual_seed(s)) for s in cond_seed])[:, None, None, :]
         tokens = []
         for scale, (h, w) in enumerate(self.schedule.shapes):
-            cache.start_scale(scale)
+            timer.start(scale)
             x = F.interpolate(state.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=False)
             x = x.permute(0, 2, 3, 1).reshape(rows, h * w, self.width) + 0.3 * torch.randn(rows, h * w, self.width, generator=gen)
             for layer in range(self.layers):
@@ -72,11 +73,13 @@ class ToyNextScaleModel:
             tok = logits.argmax(-1)
             tokens.append(tok)
             state = self.embed[tok].reshape(rows, h, w, self.width)
-            cache.end_scale(scale)
+            timer.stop(scale)
         h, w = self.schedule.shapes[-1]
         img = self.palette[tokens[-1]].reshape(rows, h, w, 3)
         img = img.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
-        return GenerationOutput(images=img, tokens=tokens, cache_report=cache.report(), seconds=0.0,
+        report = cache.report()
+        report.scale_seconds = list(timer.seconds)
+        return GenerationOutput(images=img, tokens=tokens, cache_report=report, seconds=0.0,
                                 config={"seed": seed, "policy": None if policy is None else policy.to_config()})
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.validators import int_argument, real_argument
+from adapters.base import ScaleTimer
 from kvpolicy import KVCache, ScaleSchedule
 
 from .bsq_vae import bits_to_codes, resize_codes
@@ -59,6 +60,7 @@ class LoopResult:
     summed_codes: torch.Tensor  # (B, codebook_dim, H, W) float32, the decoder input
     logits: Optional[list[torch.Tensor]]  # per scale (B, h*w*token_bits, 2), when asked for
     cache: KVCache
+    scale_seconds: list[float] = attrs.field(factory=list)  # timed by the loop (the cache counts bytes only)
 
 
 def vae_shapes(schedule: ScaleSchedule, patchify: bool) -> list[tuple[int, int]]:
@@ -97,9 +99,10 @@ def run_generation(transformer: InfinityTransformer, ctx: TextContext, *, schedu
     x = transformer.start_tokens(ctx)
     used, sampled, all_logits = [], [], [] if keep_logits else None
     scales = range(schedule.num_scales)
+    timer = ScaleTimer(schedule.num_scales)
     for si in (progress(scales) if progress is not None else scales):
         h, w = schedule.shape(si)
-        cache.start_scale(si, synchronize)
+        timer.start(si, synchronize)
         hidden = transformer.forward_scale(x, si, ctx, cache=cache, rope_table=table,
                                            rope_start=schedule.offset(si), compute_dtype=compute_dtype, stats=stats)
         logits = transformer.logits(hidden, ctx).mul(1 / tau)
@@ -126,5 +129,5 @@ def run_generation(transformer: InfinityTransformer, ctx: TextContext, *, schedu
             x = transformer.embed_codes(following, ctx.rows)
         else:
             summed = summed + codes
-        cache.end_scale(si, synchronize)
-    return LoopResult(bits=used, sampled_bits=sampled, summed_codes=summed, logits=all_logits, cache=cache)
+        timer.stop(si, synchronize)
+    return LoopResult(bits=used, sampled_bits=sampled, summed_codes=summed, logits=all_logits, cache=cache, scale_seconds=timer.seconds)

@@ -156,9 +156,11 @@ class InfinityModel(NextScaleModel):
                                              template=setup.details["template"], cache=cache, seed=generator, cfg=cfg,
                                              tau=tau, top_k=top_k, top_p=top_p, stats=stats, progress=scales)
         report = cache.report()
+        report.scale_seconds = list(result.scale_seconds)
         cache.reset()  # free the K/V before decoding, as the official loop clears its caches
         decoded = self.vae.decode(result.summed_codes.to(self.vae.conv_in.conv.weight.dtype))
-        return BatchResult(images=images_to_uint8(decoded.float()).cpu(), tokens=result.bits, report=report)
+        return BatchResult(images=images_to_uint8(decoded.float()).cpu(), tokens=result.bits, report=report,
+                           scale_seconds=list(result.scale_seconds))
 
 
 def _random_vae(preset: InfinityPreset, seed: int, device) -> BSQVAEDecoder:

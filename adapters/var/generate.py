@@ -24,7 +24,7 @@ import attrs
 import numpy as np
 import torch
 
-from adapters.base import BatchResult, GenerationOutput, GenerationSetup, NextScaleModel, resolve_policy
+from adapters.base import BatchResult, GenerationOutput, GenerationSetup, NextScaleModel, ScaleTimer, resolve_policy
 from adapters.families import ModelGeometry
 from adapters.dtypes import parse_dtype
 from adapters.validators import int_argument, real_argument
@@ -151,7 +151,8 @@ class VARModel(NextScaleModel):
         return torch.autocast(self.device.type, dtype=compute), compute
 
     def _run(self, labels: list[int], cfg: float, choose: Callable, cache: KVCache, *, stats=None,
-             on_scale: Optional[Callable[[], None]] = None, keep_logits: bool = False, synchronize=None):
+             on_scale: Optional[Callable[[], None]] = None, keep_logits: bool = False, synchronize=None,
+             timer: Optional[ScaleTimer] = None):
         t, v = self.transformer, self.vqvae
         patch_nums = self.config.patch_nums
         count = len(patch_nums)
@@ -162,8 +163,9 @@ class VARModel(NextScaleModel):
         x = t.first_input(cond, level_pos)
         f_hat = cond.new_zeros(b, self.config.cvae, patch_nums[-1], patch_nums[-1])
         tokens, kept_logits = [], []
+        timer = timer if timer is not None else ScaleTimer(count)
         for si, pn in enumerate(patch_nums):
-            cache.start_scale(si, synchronize)
+            timer.start(si, synchronize)
             ratio = si / (count - 1)
             logits = t.step(x, cond, cache, si, stats=stats, stats_rows=b)
             guidance = cfg * ratio
@@ -179,7 +181,7 @@ class VARModel(NextScaleModel):
             if next_map is not None:
                 x = t.next_input(next_map, si + 1, level_pos)
             tokens.append(indices)
-            cache.end_scale(si, synchronize)
+            timer.stop(si, synchronize)
             if on_scale is not None:
                 on_scale()
         return tokens, f_hat, kept_logits
@@ -236,14 +238,15 @@ class VARModel(NextScaleModel):
             return indices, gumbel_codes(logits, ratio, generator, self.vqvae.quantize.embedding.weight)
 
         synchronize = setup.details["synchronize"]
+        timer = ScaleTimer(len(self.config.patch_nums))
         tokens, f_hat, _ = self._run(labels, cfg, choose, cache, stats=stats, on_scale=on_scale,
-                                     synchronize=synchronize)
+                                     synchronize=synchronize, timer=timer)
         decode_started = time.perf_counter()
         images = _to_uint8(self._decode(f_hat))
         if synchronize is not None:
             synchronize()
         return BatchResult(images=images, tokens=[tok.cpu() for tok in tokens],
-                           extra={"decode_seconds": time.perf_counter() - decode_started})
+                           extra={"decode_seconds": time.perf_counter() - decode_started}, scale_seconds=timer.seconds)
 
     @torch.no_grad()
     def teacher_forced(self, labels, indices: Sequence[torch.Tensor], *, cfg: float = 4.0, policy=None, budget=None,

@@ -45,11 +45,21 @@ def check_square_window(instance, attribute, value):
 def check_window_fits(plan: CapacityPlan, schedule, window, name: str, window_size: int) -> CapacityPlan:
     """Every capacity that can evict must hold the observation window (``window(scale)`` tokens)."""
     for scale, row in enumerate(plan.capacities):
-        for layer, capacity in enumerate(row):
-            if capacity is not None and capacity < schedule.cumulative_length(scale) and capacity < window(scale):
+        for layer, layer_capacity in enumerate(row):
+            heads = plan.head_capacity(scale, layer)
+            for head, capacity in enumerate((layer_capacity,) if heads is None else heads):
+                if capacity is None or capacity >= schedule.cumulative_length(scale) or capacity >= window(scale):
+                    continue
+                where = f"scale {scale}, layer {layer}" + ("" if heads is None else f", head {head}")
                 raise ValueError(
-                    f"{name}: capacity {capacity} at scale {scale}, layer {layer} is smaller than that scale's "
+                    f"{name}: capacity {capacity} at {where} is smaller than that scale's "
                     f"observation window ({window(scale)} tokens, window_size={window_size} capped by the map); "
                     f"budgets of at least {window_size} tokens always fit, or choose a smaller window_size")
     return plan
 
+
+
+def mask_padding(scores, valid, pooling: str):
+    """Scores at padding positions of a ragged view, set to what 'same' pooling pads with (-inf for
+    max, 0 for avg with the padding counted), so every (row, head) pools as if it were alone."""
+    return scores.masked_fill(~valid, float("-inf") if pooling == "max" else 0.0)

@@ -14,11 +14,12 @@ from typing import Optional
 import attrs
 import torch
 
-from kvpolicy import CapacityPlan, Policy, Selection
-from kvpolicy.scoring import _check_forced, attention_scores, group_queries, pool_scores, topk_with_forced
+from kvpolicy import CapacityPlan, ScoredPolicy, Selection
+from kvpolicy.scoring import _check_forced, attention_scores, group_queries, pool_scores, topk_per_head, topk_with_forced
 from kvpolicy.validators import check_choice
 
-from .options import PATCH_WINDOW_MODES, check_odd_kernel, check_square_window, check_window_fits, pooling_option
+from .options import (PATCH_WINDOW_MODES, check_odd_kernel, check_square_window, check_window_fits, mask_padding,
+                      pooling_option)
 
 def observation_window_positions(h: int, w: int, size: int = 16, start: int = 0, *,
                                  length: int | None = None, device=None) -> torch.Tensor:
@@ -132,6 +133,28 @@ def topk_plus_forced_exact(scores: torch.Tensor, forced: torch.Tensor, capacity:
     return chosen.sort(dim=-1).values
 
 
+def observation_window_scores(keys: torch.Tensor, ctx, *, raw: bool, window_size: int = 16, kernel_size: int = 5,
+                              pooling: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
+    """ScaleKV's scores for one (scale, layer): (pooled scores (B, H, L) with the window at −∞, the
+    window positions). See ``observation_window_select`` for the two rules. Over a ragged view
+    (``ctx.lengths``) padding gets no attention and pools like the 'same' padding (each (row, head)
+    as if alone)."""
+    h, w = ctx.current_shape
+    window = observation_window_positions(h, w, window_size, ctx.current_start, length=ctx.length,
+                                          device=keys.device)
+    valid = ctx.valid_mask()
+    if raw:
+        q = window_queries(ctx.raw_queries, window, ctx.current_start)
+        scores = summed_window_logits(q, keys, window)
+    else:
+        q = window_queries(ctx.queries, window, ctx.current_start)
+        scores = attention_scores(q, keys, softmax=True, valid=valid)
+    if valid is not None:
+        scores = mask_padding(scores, valid, pooling)
+    # pool_scores returns a fresh tensor (or the fresh scores themselves): mask it in place.
+    return pool_scores(scores, kernel_size, pooling).index_fill_(-1, window, float("-inf")), window
+
+
 def observation_window_select(keys: torch.Tensor, ctx, *, raw: bool, window_size: int = 16,
                               kernel_size: int = 5, pooling: str = "max") -> torch.Tensor:
     """ScaleKV's selection for one (scale, layer): (B, H, capacity) kept indices, ascending.
@@ -145,27 +168,20 @@ def observation_window_select(keys: torch.Tensor, ctx, *, raw: bool, window_size
     are the model's logits, softmax probabilities summed over the window queries, window masked
     only after pooling).
     """
-    h, w = ctx.current_shape
-    window = observation_window_positions(h, w, window_size, ctx.current_start, length=ctx.length,
-                                          device=keys.device)
-    if raw:
-        q = window_queries(ctx.raw_queries, window, ctx.current_start)
-        scores = summed_window_logits(q, keys, window)
-    else:
-        q = window_queries(ctx.queries, window, ctx.current_start)
-        scores = attention_scores(q, keys, softmax=True)
-    # pool_scores returns a fresh tensor (or the fresh scores themselves): mask it in place.
-    pooled = pool_scores(scores, kernel_size, pooling).index_fill_(-1, window, float("-inf"))
+    pooled, window = observation_window_scores(keys, ctx, raw=raw, window_size=window_size,
+                                               kernel_size=kernel_size, pooling=pooling)
     # Attention mode: probabilities are finite, so this is exactly topk_with_forced's choice without
     # its lifting copies (a NaN or −∞ reaching the top-k falls back to topk_with_forced).
     return topk_plus_forced_exact(pooled, window, ctx.capacity)
 
-@attrs.define(kw_only=True)
-class PatchWindowPolicy(Policy):
+
+@attrs.define(kw_only=True, slots=False)
+class PatchWindowSelector(ScoredPolicy):
     """ScaleKV's selection (``observation_window_select``): the centres of a √w × √w patch
     grid on the current map are kept and vote; ``mode="attention"`` uses the model's queries and
     softmax probabilities (average pooling by default), ``mode="reference"`` the raw query
-    projection and raw logits as the released code (max pooling by default)."""
+    projection and raw logits as the released code (max pooling by default). A scored selector:
+    head-wise capacities and head-adaptive wrappers apply (``ScoredPolicy.head_budgets``)."""
 
     mode: str = attrs.field(default="attention", validator=check_choice(PATCH_WINDOW_MODES))
     window_size: int = attrs.field(default=16, validator=check_square_window)
@@ -189,16 +205,26 @@ class PatchWindowPolicy(Policy):
         # window_size cache tokens), so the check does not depend on the scale.
         return check_window_fits(plan, schedule, lambda s: self.window_size, self.name, self.window_size)
 
-    def promised_positions(self, ctx):
-        """The observation window (patch centres, or the last tokens on small maps) is always kept."""
-        return observation_window_positions(*ctx.current_shape, self.window_size, ctx.current_start,
-                                            length=ctx.length)
+    def _scores(self, keys, ctx):
+        return observation_window_scores(keys, ctx, raw=self.mode == "reference", window_size=self.window_size,
+                                         kernel_size=self.kernel_size, pooling=self.effective_pooling)
+
+    def forced_positions(self, ctx):
+        h, w = ctx.current_shape
+        return observation_window_positions(h, w, self.window_size, ctx.current_start, length=ctx.length)
+
+    def score(self, keys, ctx):
+        return self._scores(keys, ctx)[0]
 
     def select(self, keys, values, ctx):
-        if ctx.capacity is None or ctx.length <= ctx.capacity:
+        if ctx.capacity is None or (ctx.length <= ctx.capacity and ctx.head_capacities is None):
             return Selection(None, ctx.state)
-        indices = observation_window_select(keys, ctx, raw=self.mode == "reference",
-                                                    window_size=self.window_size, kernel_size=self.kernel_size,
-                                                    pooling=self.effective_pooling)
-        return Selection(indices, ctx.state)
+        pooled, window = self._scores(keys, ctx)
+        budgets = self.head_budgets(pooled, window, ctx)
+        if budgets is None:  # layer-wise: the released tie-for-tie top-k
+            return Selection(topk_plus_forced_exact(pooled, window, ctx.capacity), ctx.state)
+        indices, lengths = topk_per_head(pooled, budgets, forced=window, valid=ctx.valid_mask())
+        return Selection(indices, ctx.state, lengths)
 
+
+PatchWindowPolicy = PatchWindowSelector  # the name the selector had in kvpolicy.windowed

@@ -57,9 +57,9 @@ from typing import Any, Mapping, Optional
 
 import attrs
 
-from kvpolicy import register_policy
+from kvpolicy import Policy, compose, register_policy
 from kvpolicy.validators import check_choice, check_positive_int
-from policies.common import PatchWindowPolicy
+from policies.common import PatchWindowSelector, RecentWindowSelector
 
 from .allocation import ALLOCATIONS, allocate, window_refiner_floor
 from .budget_file import BudgetFile, plan_to_budget_file
@@ -140,16 +140,14 @@ def _optional_positive(instance, attribute, value):
         check_positive_int(instance, attribute, value)
 
 
-@register_policy("scalekv")
-@attrs.define(kw_only=True)
-class ScaleKV(PatchWindowPolicy):
-    """ScaleKV: drafter/refiner budgets per scale and observation-window token selection."""
+@attrs.define(kw_only=True, slots=False)
+class ScaleKVAllocation(Policy):
+    """ScaleKV's drafter/refiner budgets per scale (an allocation part, ``kvpolicy.compose``)."""
 
     # kvpolicy check: layer 0 drafts at every scale, a window that fits small budgets; the values it
-    # draws for each option (both selection modes and both allocations).
+    # draws for the allocation's option (the selectors add theirs).
     check_options = {"drafters": [0], "window_size": 4, "kernel_size": 3}
-    check_option_values = {"mode": ("attention", "reference"), "allocation": ("released", "paper"),
-                           "pooling": (None, "max", "avg")}
+    check_option_values = {"allocation": ("released", "paper")}
 
     budget_file: Optional[str] = attrs.field(default=None, converter=_path)
     calibration: Any = attrs.field(default=None, converter=_calibration)
@@ -261,7 +259,7 @@ class ScaleKV(PatchWindowPolicy):
     def __attrs_post_init__(self):
         sources = [n for n in ("budget_file", "calibration", "drafters") if getattr(self, n) is not None]
         if len(sources) != 1:
-            raise ValueError("scalekv needs exactly one source of drafter/refiner roles: budget_file=PATH "
+            raise ValueError(f"{self.name} needs exactly one source of drafter/refiner roles: budget_file=PATH "
                              "(a released budget JSON), calibration=RESULT_OR_PATH, or drafters={scale: [layers]} "
                              f"(or drafters=[layers] for every scale); got {sources or 'none'}")
         if self.budget_file is not None:
@@ -309,8 +307,8 @@ class ScaleKV(PatchWindowPolicy):
                     raise ValueError(f"calibration has {self.calibration.num_layers} layers{made_for}, the model "
                                      f"{num_layers}: calibrate this model (kvpolicy calibrate)")
             floor = self.refiner_floor
-            if floor is None:
-                floor = window_refiner_floor(budget_tokens, self.window_size)
+            if floor is None:  # a refiner must hold the selector's observation window
+                floor = window_refiner_floor(budget_tokens, getattr(self, "window_size", 1))
             plan = allocate(schedule, num_layers, budget_tokens, drafters, allocation=self.allocation,
                             refiner_floor=floor, refiner_initial=self.refiner_initial,
                             refiner_decay=self.refiner_decay, policy=self.name)
@@ -319,3 +317,19 @@ class ScaleKV(PatchWindowPolicy):
     def budget_file_export(self, schedule, num_layers, budget=None) -> BudgetFile:
         """This policy's plan in the released budget-file format."""
         return plan_to_budget_file(self.plan(schedule, num_layers, budget), schedule)
+
+
+@register_policy("scalekv")
+@attrs.define(kw_only=True)
+class ScaleKV(ScaleKVAllocation, PatchWindowSelector):
+    """ScaleKV: drafter/refiner budgets per scale and observation-window token selection."""
+
+    # kvpolicy check draws both selection modes and both allocations.
+    check_option_values = {"mode": ("attention", "reference"), "allocation": ("released", "paper"),
+                           "pooling": (None, "max", "avg")}
+
+
+# A new combination is one line: ScaleKV's budgets with SnapKV's recent-window selection.
+ScaleKVSnapKV = compose("scalekv_snapkv", ScaleKVAllocation, RecentWindowSelector, class_name="ScaleKVSnapKV",
+                        description="ScaleKV's drafter/refiner budgets with SnapKV's recent-window token selection",
+                        check_option_values={"allocation": ("released", "paper"), "pooling": ("max", "avg")})

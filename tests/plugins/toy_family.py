@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import kvpolicy
 from adapters.attention import cached_self_attention
-from adapters.base import BatchResult, GenerationSetup, NextScaleModel
+from adapters.base import BatchResult, GenerationSetup, NextScaleModel, ScaleTimer
 from adapters.families import ModelFamily, Preset, register_family
 
 PATCH_NUMS = {16: (1, 2, 3, 4, 6, 8)}  # pixels -> side of each scale's map (image = 2x the last map)
@@ -61,8 +61,9 @@ class ToyModel(NextScaleModel):
         rows = len(labels)
         state = self.label_embed[torch.tensor(labels)][:, None, None, :]
         tokens = []
+        timer = ScaleTimer(setup.schedule.num_scales)
         for scale, (h, w) in enumerate(setup.schedule.shapes):
-            cache.start_scale(scale)
+            timer.start(scale)
             x = F.interpolate(state.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=False)
             x = x.permute(0, 2, 3, 1).reshape(rows, h * w, self.width)
             x = x + 0.3 * torch.randn(rows, h * w, self.width, generator=generator)
@@ -75,11 +76,11 @@ class ToyModel(NextScaleModel):
             code = (out.transpose(1, 2).reshape(rows, h * w, -1) @ self.w_out).argmax(-1)
             tokens.append(code)
             state = self.embed[code].reshape(rows, h, w, self.width)
-            cache.end_scale(scale)
+            timer.stop(scale)
             on_scale()
         h, w = setup.schedule.shapes[-1]
         images = self.palette[tokens[-1]].reshape(rows, h, w, 3).repeat_interleave(2, 1).repeat_interleave(2, 2)
-        return BatchResult(images=images, tokens=tokens)
+        return BatchResult(images=images, tokens=tokens, scale_seconds=timer.seconds)
 
     def generate(self, labels, *, policy=None, budget=None, seed=0, batch_size=None, dtype=None, stats=None,
                  progress=None, resolution=None, aspect_ratio=1.0):

@@ -1,0 +1,141 @@
+"""Position-based selectors: the most recent tokens (sliding window), attention sinks + the most
+recent tokens (StreamingLLM), and heavy hitters + the most recent tokens (H2O, with its state).
+
+Each keeps exactly what its policy always kept for layer-wise plans; with head-wise capacities or
+a ragged cache every (row, head) applies the same rule to its own tokens and its own capacity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+
+from kvpolicy import Policy, Selection, scoring
+from kvpolicy.validators import check_int_at_least
+
+
+def _recency(ctx, batch, heads, device):
+    """Scores that rank later positions higher (every (row, head) keeps its most recent tokens)."""
+    return torch.arange(ctx.length, device=device, dtype=torch.float32).expand(batch, heads, ctx.length)
+
+
+def _fits(ctx) -> bool:
+    return ctx.capacity is None or (ctx.length <= ctx.capacity and ctx.head_capacities is None)
+
+
+@attrs.define(kw_only=True, slots=False)
+class SlidingWindowSelector(Policy):
+    """The last ``capacity`` tokens in generation order."""
+
+    def promised_positions(self, ctx):
+        return torch.arange(ctx.length - ctx.capacity, ctx.length)
+
+    def select(self, keys, values, ctx):
+        if _fits(ctx):
+            return Selection(None, ctx.state)
+        batch, heads = keys.shape[:2]
+        budgets = ctx.capacities_per_head(batch, heads)
+        if budgets is None:
+            kept = torch.arange(ctx.length - ctx.capacity, ctx.length, device=keys.device)
+            return Selection(kept.expand(batch, heads, -1).clone(), ctx.state)
+        indices, lengths = scoring.topk_per_head(_recency(ctx, batch, heads, keys.device), budgets,
+                                                 valid=ctx.valid_mask())
+        return Selection(indices, ctx.state, lengths)
+
+
+@attrs.define(kw_only=True, slots=False)
+class SinksRecentSelector(Policy):
+    """The first ``num_sinks`` tokens (attention sinks) plus the most recent ones."""
+
+    num_sinks: int = attrs.field(default=4, validator=check_int_at_least(0))
+
+    def promised_positions(self, ctx):
+        sinks = min(self.num_sinks, ctx.capacity)
+        return torch.cat([scoring.first_positions(ctx.length, sinks),
+                          scoring.recent_positions(ctx.length, ctx.capacity - sinks)])
+
+    def select(self, keys, values, ctx):
+        if _fits(ctx):
+            return Selection(None, ctx.state)
+        batch, heads = keys.shape[:2]
+        budgets = ctx.capacities_per_head(batch, heads)
+        if budgets is None:
+            sinks = min(self.num_sinks, ctx.capacity)
+            recent = ctx.capacity - sinks
+            kept = torch.cat([scoring.first_positions(ctx.length, sinks, device=keys.device),
+                              scoring.recent_positions(ctx.length, recent, device=keys.device)])
+            return Selection(kept.expand(batch, heads, -1).clone(), ctx.state)
+        # Per (row, head): its first min(S, capacity) real tokens are forced, the rest most recent.
+        start = ctx.padding() if ctx.lengths is not None else torch.zeros_like(budgets)
+        sinks = torch.clamp(budgets, max=self.num_sinks)
+        positions = torch.arange(ctx.length, device=keys.device)
+        forced = (positions >= start.unsqueeze(-1)) & (positions < (start + sinks).unsqueeze(-1))
+        indices, lengths = scoring.topk_per_head(_recency(ctx, batch, heads, keys.device), budgets, forced=forced,
+                                                 valid=ctx.valid_mask())
+        return Selection(indices, ctx.state, lengths)
+
+
+def _check_ratio(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value <= 1:
+        raise ValueError(f"h2o {attribute.name} must be a number in [0, 1] (fraction of the capacity given "
+                         f"to heavy hitters; the rest is the recent window), got {value!r}")
+
+
+@attrs.define(kw_only=True, slots=False)
+class HeavyHitterSelector(Policy):
+    """H2O's selection: heavy hitters by attention accumulated over every query of every scale (the
+    policy state: totals aligned with the cached positions) plus a recent window."""
+
+    needs_queries = True
+    stateful = True
+
+    heavy_ratio: float = attrs.field(default=0.5, validator=_check_ratio)
+
+    def split(self, capacity: int) -> tuple[int, int]:
+        """(heavy, recent) token counts for a capacity; recent gets the odd token."""
+        heavy = math.floor(self.heavy_ratio * capacity + 1e-9)
+        return heavy, capacity - heavy
+
+    def promised_positions(self, ctx):
+        """The recent window (capacity - heavy tokens) is always kept."""
+        return scoring.recent_positions(ctx.length, self.split(ctx.capacity)[1])
+
+    def accumulate(self, keys: torch.Tensor, ctx) -> torch.Tensor:
+        """Running attention totals (B, H, L) after adding the current scale's queries."""
+        batch, heads, length, _ = keys.shape
+        previous = length - ctx.n_current
+        state = ctx.state
+        if state is None:
+            if previous != 0:
+                raise ValueError(f"h2o got no accumulated-attention state for a cache of {length} tokens at "
+                                 f"scale {ctx.scale}; pass the state returned by the previous compress call")
+            totals = torch.zeros(batch, heads, 0, dtype=torch.float32, device=keys.device)
+        else:
+            if not isinstance(state, torch.Tensor) or tuple(state.shape) != (batch, heads, previous):
+                raise ValueError(f"h2o state {getattr(state, 'shape', type(state).__name__)} does not match the "
+                                 f"cached history (B={batch}, H={heads}, {previous} tokens before scale "
+                                 f"{ctx.scale}); a stale state from another generation? reset the cache")
+            totals = state.to(device=keys.device, dtype=torch.float32)
+        totals = torch.cat([totals, totals.new_zeros(batch, heads, ctx.n_current)], dim=2)
+        return totals + scoring.attention_scores(ctx.queries, keys, softmax=True, valid=ctx.valid_mask())
+
+    def select(self, keys, values, ctx):
+        totals = self.accumulate(keys, ctx)
+        if _fits(ctx):
+            return Selection(None, totals)
+        batch, heads = keys.shape[:2]
+        budgets = ctx.capacities_per_head(batch, heads)
+        if budgets is None:
+            _, recent = self.split(ctx.capacity)
+            # scoring.recent_positions(length, 0) is empty (no "-0:" slice that would select everything).
+            forced = scoring.recent_positions(ctx.length, recent, device=keys.device)
+            indices = scoring.topk_with_forced(totals, forced, ctx.capacity)
+            return Selection(indices, torch.gather(totals, 2, indices))
+        heavy = torch.floor(budgets.double() * self.heavy_ratio + 1e-9).long()
+        recent = budgets - heavy
+        forced = torch.arange(ctx.length, device=keys.device) >= (ctx.length - recent).unsqueeze(-1)
+        indices, lengths = scoring.topk_per_head(totals, budgets, forced=forced, valid=ctx.valid_mask())
+        # The next scale sees this (row, head)'s kept tokens at the end of its left-padded view.
+        return Selection(indices, scoring.left_align(torch.gather(totals, 2, indices), lengths), lengths)
