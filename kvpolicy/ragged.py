@@ -37,7 +37,7 @@ class Ragged:
     ``offsets[h * B + b]``. ``host_lengths`` ([H][B] ints) may be passed to avoid a device sync.
     """
 
-    __slots__ = ("data", "lengths", "offsets", "host")
+    __slots__ = ("data", "lengths", "offsets", "host", "_head_starts")
 
     def __init__(self, data: torch.Tensor, lengths: torch.Tensor, host_lengths: Optional[list] = None):
         if not isinstance(data, torch.Tensor) or data.dim() != 2:
@@ -54,6 +54,10 @@ class Ragged:
         flat = self.lengths.t().reshape(-1)
         self.offsets = torch.zeros(flat.numel() + 1, dtype=torch.long, device=data.device)
         torch.cumsum(flat, 0, out=self.offsets[1:])
+        starts = [0]
+        for row in self.host:
+            starts.append(starts[-1] + sum(row))
+        self._head_starts = starts  # host offset of each head's first row
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -120,11 +124,11 @@ class Ragged:
         lengths = self.host[h]
         if any(v != lengths[0] for v in lengths):
             return None
-        start = sum(map(sum, self.host[:h]))
+        start = self._head_starts[h]
         return self.data[start:start + self.batch * lengths[0]].view(self.batch, lengths[0], self.dim)
 
     def segment(self, b: int, h: int) -> torch.Tensor:
-        start = sum(map(sum, self.host[:h])) + sum(self.host[h][:b])
+        start = self._head_starts[h] + sum(self.host[h][:b])
         return self.data[start:start + self.host[h][b]]
 
     # -- conversions --------------------------------------------------------------------------
@@ -211,6 +215,13 @@ def ragged_attention(queries: torch.Tensor, keys: Ragged, values: Ragged, *, sca
         raise ValueError(f"ragged attention method must be one of {METHODS}, got {method!r}")
     group = q_heads // heads
     dtype = queries.dtype
+    if keys.uniform:  # equal lengths everywhere: one SDPA over the (B, H, L, D) view of the storage
+        length = keys.host[0][0] if keys.host and keys.host[0] else 0
+        k = keys.data.view(heads, batch, length, keys.dim).transpose(0, 1).to(dtype)
+        v = values.data.view(heads, batch, length, values.dim).transpose(0, 1).to(dtype)
+        if group > 1:
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        return F.scaled_dot_product_attention(queries, k, v, scale=scale)
     if method == "padded":
         length = keys.max_length
         k, v = keys.padded(length).to(dtype), values.padded(length).to(dtype)
@@ -224,9 +235,11 @@ def ragged_attention(queries: torch.Tensor, keys: Ragged, values: Ragged, *, sca
         q = queries[:, h * group:(h + 1) * group]
         k, v = keys.head_view(h), values.head_view(h)
         if k is not None:
-            length = k.shape[1]
-            k = k.unsqueeze(1).expand(batch, group, length, keys.dim).to(dtype)
-            v = v.unsqueeze(1).expand(batch, group, length, values.dim).to(dtype)
+            k, v = k.unsqueeze(1), v.unsqueeze(1)
+            if group > 1:
+                k, v = k.expand(batch, group, -1, -1), v.expand(batch, group, -1, -1)
+            if k.dtype != dtype:
+                k, v = k.to(dtype), v.to(dtype)
             out[:, h * group:(h + 1) * group] = F.scaled_dot_product_attention(q, k, v, scale=scale)
             continue
         for b in range(batch):  # this head's rows differ in length (data-dependent allocations)

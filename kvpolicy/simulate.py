@@ -10,7 +10,7 @@ bytes of the probe times rows x heads are exactly the bytes of the full geometry
 heads for head-wise plans (every row keeps the same per-head lengths: exact too); one row and all
 heads for head-adaptive policies, whose lengths depend on the data (each row is counted as the
 probe row: exact whenever every row fills its budget, which a row does once it evicts).
-``report.extra["materialized"]`` and ``["probe"]`` say which way was used.
+``report.extra["materialized"]`` (and ``["probe"]`` for a probe) say which way was used.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def simulate(policy: Policy | None, *, schedule: ScaleSchedule, num_layers: int,
                 raw = randn(sim_rows, sim_heads, n, head_dim).to(dtype)
             cache.compress(layer, scale, queries=queries, raw_queries=raw)
     report = cache.report()
-    report.extra.update({"materialized": materialize, "probe": f"{sim_rows} row(s) x {sim_heads} head(s)",
-                         "rows": rows, "num_heads": num_heads,
+    if not materialize:
+        report.extra["probe"] = f"{sim_rows} row(s) x {sim_heads} head(s)"
+    report.extra.update({"materialized": materialize, "rows": rows, "num_heads": num_heads,
                          "head_dim": head_dim, "dtype": str(dtype).replace("torch.", "")})
     return report
