@@ -372,7 +372,14 @@ def calibration_measures(schedule, names: Sequence[str] | None = None) -> list:
     (``Policy.calibration_measures``): one calibration run records them all."""
     from .registry import list_policies, policy_class
 
-    measures = []
+    measures, seen = [], set()
     for name in (sorted(list_policies()) if names is None else names):
-        measures.extend(policy_class(name).calibration_measures(schedule))
+        declare = policy_class(name).calibration_measures
+        # Policies composed from the same allocation part (scalekv, scalekv_snapkv) declare the
+        # same measures through the same method: record them once.
+        key = getattr(declare, "__func__", declare)
+        if key in seen:
+            continue
+        seen.add(key)
+        measures.extend(declare(schedule))
     return measures
