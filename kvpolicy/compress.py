@@ -141,7 +141,11 @@ def compress(policy: Policy, keys: torch.Tensor, values: torch.Tensor, *, schedu
         if not ragged_in:
             return CompressionResult(keys, values, indices, new_state, capacity,
                                      torch.full((batch, heads), length, dtype=torch.long, device=keys.device), head_caps)
-        return CompressionResult(keys, values, indices, new_state, capacity, view_lengths, head_caps)
+        # In the left-padded view (row, head)'s tokens are its last lengths[b, h] positions.
+        shifted = indices + (length - view_lengths).unsqueeze(-1)
+        real = shifted < length
+        return CompressionResult(keys, values, torch.where(real, shifted, torch.zeros_like(shifted)), new_state,
+                                 capacity, view_lengths, head_caps)
 
     def fits() -> bool:
         if capacity is None:

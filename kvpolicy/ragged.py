@@ -24,8 +24,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-# Measured with benchmarks/bench_ragged.py (results in benchmarks/results/): on CPU the per-head loop
-# is the fastest exact method (no padded copy, no masked work).
+# The default method per device type. CPU: measured with benchmarks/bench_ragged.py (one thread,
+# Infinity-2B geometry, benchmarks/results/ragged-attention-cpu/): the per-head loop is within a few
+# percent of dense attention at equal tokens on the scales that cost time, the padded method
+# 1.2-1.6x slower (it copies the cache). CUDA: not measured yet (no GPU run recorded); per_head is
+# the choice that copies nothing. Run the benchmark with --device cuda and update this table.
 ATTENTION_METHOD = {"cpu": "per_head", "cuda": "per_head"}
 METHODS = ("per_head", "padded")
 

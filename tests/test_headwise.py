@@ -299,3 +299,12 @@ def test_plan_command_prints_per_head_lengths(tmp_path, capsys):
     assert "kept tokens per head after each scale (mean over layers; 16 heads):" in out
     assert "    9    32.0   96.0" in out  # the last scales: heads keep 32 and 96 (mean 64)
     assert "per-head capacities of the plan:" in out
+
+
+def test_keep_all_on_a_ragged_cache_names_the_real_positions():
+    lengths = torch.tensor([[4, 5]])
+    keys = Ragged.from_padded(torch.randn(1, 2, 5, 4), lengths)
+    policy = attrs.evolve(_fixed_policy(), budget=10)  # every head fits: nothing is evicted
+    out = compress(policy, keys, keys, schedule=ScaleSchedule([1, 1, 2]), scale=2, layer=0, num_layers=1)
+    assert out.keys is keys and out.lengths.tolist() == [[4, 5]]
+    assert out.indices[0, 0, :4].tolist() == [1, 2, 3, 4] and out.indices[0, 1].tolist() == [0, 1, 2, 3, 4]
