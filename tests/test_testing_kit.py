@@ -229,8 +229,8 @@ def test_the_minimal_case_is_shrunk():
 
 
 def test_bytes_invariant_catches_miscounted_bytes(monkeypatch):
-    counted = kvpolicy.KVCache._bytes
-    monkeypatch.setattr(kvpolicy.KVCache, "_bytes", lambda self, *t: counted(self, *t) // 2 * 2 + 2)
+    counted = kvpolicy.LayerCache.nbytes.fget  # what every layer reports to the cache's byte ledger
+    monkeypatch.setattr(kvpolicy.LayerCache, "nbytes", property(lambda self: counted(self) // 2 * 2 + 2))
     with pytest.raises(violation_class("bytes"), match="the cache counts"):
         check_case("sliding_window", Case(schedule=[1, 2, 3], budget=Tokens(4)))
 
