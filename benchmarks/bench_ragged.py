@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adapters.geometry import infinity_schedule
+from adapters.families import get_geometry
 from kvpolicy import Ragged, ragged_attention
 from kvpolicy.ragged import METHODS
 
+# Set from the model's geometry in main() (defaults: the registry's first benchmark preset).
 HEADS, DIM, N_REF = 16, 128, 6425
 
 
@@ -98,6 +99,8 @@ def bench_scale(scale: int, schedule, *, device, dtype, repeats: int, warmup: in
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="the geometry (default: the registry's first benchmark preset)")
+    parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=1)
@@ -110,7 +113,13 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    schedule = infinity_schedule(1024)
+    from benchmarks.bench_gpu import default_models
+
+    global HEADS, DIM, N_REF
+    model = args.model or default_models(dry=False).split(",")[0]
+    geometry = get_geometry(model, args.resolution)
+    schedule = geometry.schedule
+    HEADS, DIM, N_REF = geometry.num_heads, geometry.head_dim, schedule.reference_length
     scales = range(schedule.num_scales) if args.scales is None else [int(s) for s in args.scales.split(",")]
     rows = []
     for scale in scales:
@@ -121,7 +130,7 @@ def main(argv=None) -> int:
               f"heads {row['ragged_lengths_min_max'][0]}-{row['ragged_lengths_min_max'][1]}: dense {ms['dense']:8.2f} ms, "
               + ", ".join(f"{m} {ms[m]:8.2f} ms ({row['ratio_to_dense'][m]:.2f}x)" for m in METHODS), flush=True)
     totals = {name: sum(r["median_seconds"][name] for r in rows) for name in rows[0]["median_seconds"]}
-    summary = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+    summary = {"model": model, "resolution": args.resolution, "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
                else platform.processor() or platform.machine(), "dtype": args.dtype,
                "threads": torch.get_num_threads() if device.type == "cpu" else None, "torch": torch.__version__,
                "repeats": args.repeats, "warmup": args.warmup, "heads": HEADS, "head_dim": DIM, "rows": 1,
@@ -134,7 +143,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "ragged_attention.json").write_text(json.dumps(summary, indent=1) + "\n")
-        lines = [f"# Ragged vs dense attention, Infinity-2B 1024², 1 row x 16 heads x D=128, {args.dtype}, "
+        lines = [f"# Ragged vs dense attention, {model} at {args.resolution}, 1 row x {HEADS} heads x D={DIM}, {args.dtype}, "
                  f"{summary['device_name']}, {summary['threads'] or ''} thread(s), torch {torch.__version__}",
                  "", f"Medians of at least {args.repeats} interleaved calls after {args.warmup} warm-up rounds (more at "
                  "the sub-millisecond scales: 'repeats' in the JSON) (`python -m benchmarks.bench_ragged`); equal "
