@@ -59,7 +59,7 @@ class ModelGeometry:
 class Preset:
     """A named model of a family. ``resolution``: the size it generates by default (the family's
     ``schedule`` turns it into scales). ``runnable``: the family can load it (geometry-only presets
-    serve ``kvpolicy plan``). ``tiny``: random weights sized for a CPU (tests, smoke runs)."""
+    serve ``kvpolicy plan``). ``tiny``: sized for a CPU (tests, smoke runs; trained or random weights)."""
 
     name: str = attrs.field(validator=_check_name)
     num_layers: int = attrs.field(validator=positive_int)

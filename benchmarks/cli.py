@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .check import add_check_parser
 
     add_check_parser(sub, _add_option_arg)
+    p = sub.add_parser("train-tiny", help="train infinity-tiny and var-tiny on procedural scenes (CPU)")
+    from .train_tiny_args import add_train_tiny_arguments
+
+    add_train_tiny_arguments(p)
     return parser
 
 
@@ -248,8 +252,15 @@ def _cmd_check(args) -> int:
     return check_command(args)
 
 
+def _cmd_train_tiny(args) -> int:
+    from .train_tiny import train_tiny_command
+
+    return train_tiny_command(args)
+
+
 COMMANDS = {"list": _cmd_list, "plan": _cmd_plan, "generate": _cmd_generate, "compare": _cmd_compare,
-            "calibrate": _cmd_calibrate, "bench-gpu": _cmd_bench_gpu, "check": _cmd_check}
+            "calibrate": _cmd_calibrate, "bench-gpu": _cmd_bench_gpu, "check": _cmd_check,
+            "train-tiny": _cmd_train_tiny}
 
 
 def load_plugins(specs: Sequence[str]) -> None:

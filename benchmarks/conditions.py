@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from adapters.families import ModelFamily, family_of
 
-from .prompts import CALIBRATION_PROMPTS, EVAL_PROMPTS, check_unique, parse_labels, read_prompts
+from .prompts import check_unique, default_prompts, parse_labels, read_prompts
 
 DEFAULT_EVAL_PROMPTS = 8
 DEFAULT_EVAL_LABELS = "0-3"
@@ -53,7 +53,7 @@ def evaluation_conditions(model: str, *, prompts=None, labels=None, limit: Optio
     elif family.evaluation_conditions is not None:
         conditions = list(family.evaluation_conditions)[:limit]
     else:
-        conditions = read_prompts(EVAL_PROMPTS, limit or DEFAULT_EVAL_PROMPTS)
+        conditions = read_prompts(default_prompts(model, "eval"), limit or DEFAULT_EVAL_PROMPTS)
     check_unique(conditions, OPTIONS["label"][0] if kind == "label" else "the prompts")
     return conditions, kind
 
@@ -72,7 +72,7 @@ def calibration_conditions(model: str, prompts=None, labels=None) -> list:
         return read_prompts(prompts)
     if family.calibration_conditions is not None:
         return list(family.calibration_conditions)
-    return read_prompts(CALIBRATION_PROMPTS)
+    return read_prompts(default_prompts(model, "calibration"))
 
 
 def single_conditions(model: str, *, prompt: Optional[Sequence[str]] = None, label: Optional[Sequence[int]] = None) -> list:

@@ -19,7 +19,7 @@ WEIGHT_OPTIONS = {"weights": "--weights", "vae_weights": "--vae-weights", "text_
 
 def add_weights_args(parser) -> None:
     group = parser.add_argument_group("model files (default: the official files from the Hugging Face hub; "
-                                      "*-tiny: random weights)")
+                                      "*-tiny: the trained weights shipped in the package; *-tiny-random: random weights)")
     group.add_argument("--weights", default=None, metavar="PATH|random",
                        help="transformer checkpoint: Infinity-2B's .pth file, Infinity-8B's shard folder (index JSON "
                             "+ shards) or VAR's var_dNN.pth (a folder holding it works too); 'random' for seeded "

@@ -220,11 +220,11 @@ def test_a_calibration_for_another_model_is_refused_naming_where_it_came_from(tm
     from policies.scalekv.calibration import CalibrationResult
 
     result = CalibrationResult(num_layers=3, num_scales=4, current_ratio=[[0.5] * 4] * 3,
-                               history_topk=[[0.5] * 4] * 3, source="var-tiny, 3 layers, schedule 1x1 2x2 3x3 4x4")
+                               history_topk=[[0.5] * 4] * 3, source="var-tiny-random, 3 layers, schedule 1x1 2x2 3x3 4x4")
     path = tmp_path / "calibration.json"
     result.save(path)
     assert CalibrationResult.load(path) == result  # the source survives the JSON round trip
-    with pytest.raises(ValueError, match=r"covers 4 scales \(made for var-tiny, 3 layers.*\), the schedule has 7"):
+    with pytest.raises(ValueError, match=r"covers 4 scales \(made for var-tiny-random, 3 layers.*\), the schedule has 7"):
         kvpolicy.get_policy("scalekv", budget=40, calibration=path).plan(kvpolicy.ScaleSchedule([1, 2, 4, 6, 8, 12, 16]), 3)
-    with pytest.raises(ValueError, match=r"calibration has 3 layers \(made for var-tiny.*\), the model 5"):
+    with pytest.raises(ValueError, match=r"calibration has 3 layers \(made for var-tiny-random.*\), the model 5"):
         kvpolicy.get_policy("scalekv", budget=3, calibration=path).plan(kvpolicy.ScaleSchedule([1, 2, 3, 4]), 5)

@@ -28,7 +28,7 @@ class OutOfMemoryAboveBatchOne:
 def test_out_of_memory_is_a_row_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     real_load = bench_gpu.Bench.load
     monkeypatch.setattr(bench_gpu.Bench, "load", lambda self, name: OutOfMemoryAboveBatchOne(real_load(self, name)))
-    code = main(["bench-gpu", "--dry-run", "--models", "var-tiny", "--policies", "h2o", "--batches", "1,2",
+    code = main(["bench-gpu", "--dry-run", "--models", "var-tiny-random", "--policies", "h2o", "--batches", "1,2",
                  "--max-batch", "4", "--out", str(tmp_path)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -40,7 +40,7 @@ def test_out_of_memory_is_a_row_and_the_run_goes_on(tmp_path, monkeypatch, capsy
     # no reference at batch 2: the ratios there are unknown, not invented
     assert rows[("h2o", 2)]["speedup"] is None and rows[("h2o", 2)]["kv_ratio"] is None
     assert rows[("h2o", 1)]["speedup"] > 0 and rows[("h2o", 1)]["kv_ratio"] < 1
-    assert data["largest_batches"] == [{"model": "var-tiny", "policy": "full", "largest_batch": 1,
+    assert data["largest_batches"] == [{"model": "var-tiny-random", "policy": "full", "largest_batch": 1,
                                         "out_of_memory_above": True, "cap": 4}]
-    assert "| var-tiny | 2 | full | – | out of memory |" in captured.out
-    assert "| var-tiny | full | 1 |" in captured.out
+    assert "| var-tiny-random | 2 | full | – | out of memory |" in captured.out
+    assert "| var-tiny-random | full | 1 |" in captured.out

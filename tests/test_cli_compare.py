@@ -2,7 +2,7 @@
 
 The harness logic (jobs, resume, reports) is exercised on a small deterministic next-scale model
 built here on the shared cached-attention path (fast, and its generate calls are counted); the
-same command then runs on the real embedded ``infinity-tiny`` in test_cli_compare_tiny.py.
+same command then runs on the real embedded ``infinity-tiny-random`` in test_cli_compare_tiny.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The kvpolicy command on the real embedded models (infinity-tiny, var-tiny), CPU, small runs:
+"""The kvpolicy command on the real embedded models (infinity-tiny-random, var-tiny-random), CPU, small runs:
 compare end to end with resume and reproducibility, calibrate -> compare/generate with the
 calibration, generate, and bench-gpu's CPU dry run and its refusal without CUDA."""
 
@@ -29,13 +29,13 @@ class CountingModel:
 
 @pytest.fixture(scope="module")
 def infinity_tiny():
-    return load_model("infinity-tiny")
+    return load_model("infinity-tiny-random")
 
 
 def _compare(tmp_path, model, out="run", *extra):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube on a table\na lighthouse at sunset\n")
-    args = build_parser().parse_args(["compare", "--model", "infinity-tiny", "--prompts", str(prompts), "--policies",
+    args = build_parser().parse_args(["compare", "--model", "infinity-tiny-random", "--prompts", str(prompts), "--policies",
                                       "streamingllm,snapkv", "--budgets", "20%,40%", "--out", str(tmp_path / out),
                                       "--no-progress", "--no-learned-metrics", *extra])
     counting = CountingModel(model)
@@ -49,7 +49,7 @@ def test_infinity_tiny_compare_end_to_end_resume_and_reproducibility(tmp_path, i
     assert counting.calls == 1 + 2 * 5  # warm-up + 2 prompts x (reference + 2 policies x 2 budgets)
     rows = reports.read_rows(out / "results.jsonl")
     assert len(rows) == 10
-    schedule = geometry.get_geometry("infinity-tiny").schedule
+    schedule = geometry.get_geometry("infinity-tiny-random").schedule
     by = {(r["prompt"], r["policy"], r["budget"]): r for r in rows}
     for (prompt, policy, budget), r in by.items():
         assert Image.open(out / r["image"]).size == (256, 256)
@@ -91,20 +91,20 @@ def test_infinity_tiny_compare_end_to_end_resume_and_reproducibility(tmp_path, i
 
 def test_var_tiny_calibrate_then_compare_and_generate_with_scalekv(tmp_path, capsys):
     calib = tmp_path / "calib.json"
-    code = main(["calibrate", "--model", "var-tiny", "--labels", "1,2", "--out", str(calib), "--budget", "30%",
+    code = main(["calibrate", "--model", "var-tiny-random", "--labels", "1,2", "--out", str(calib), "--budget", "30%",
                  "--num-drafters", "3"])
     out = capsys.readouterr().out
     assert code == 0 and "3 in all" in out
     data = json.loads(calib.read_text())
-    assert data["kind"] == "scalekv-calibration" and data["num_layers"] == geometry.get_geometry("var-tiny").num_layers
-    code = main(["compare", "--model", "var-tiny", "--labels", "5", "--policies", "scalekv", "--budgets", "30%",
+    assert data["kind"] == "scalekv-calibration" and data["num_layers"] == geometry.get_geometry("var-tiny-random").num_layers
+    code = main(["compare", "--model", "var-tiny-random", "--labels", "5", "--policies", "scalekv", "--budgets", "30%",
                  "--calibration", str(calib), "--out", str(tmp_path / "cmp"), "--no-progress"])
     assert code == 0
     rows = reports.read_rows(tmp_path / "cmp" / "results.jsonl")
     scalekv = next(r for r in rows if r["policy"] == "scalekv")
     assert scalekv["label"] == 5 and scalekv["policy_config"]["calibration"]["current_ratio"] == data["current_ratio"]
     capsys.readouterr()
-    code = main(["generate", "--model", "var-tiny", "--policy", "scalekv", "--budget", "30%", "--calibration",
+    code = main(["generate", "--model", "var-tiny-random", "--policy", "scalekv", "--budget", "30%", "--calibration",
                  str(calib), "--label", "3", "--out", str(tmp_path / "img.png")])
     out = capsys.readouterr().out
     assert code == 0 and Image.open(tmp_path / "img.png").size[0] == 256
@@ -112,7 +112,7 @@ def test_var_tiny_calibrate_then_compare_and_generate_with_scalekv(tmp_path, cap
 
 
 def test_generate_infinity_tiny_writes_images_and_prints_the_report(tmp_path, capsys):
-    code = main(["generate", "--model", "infinity-tiny", "--policy", "sliding_window", "--budget", "10%", "--prompt",
+    code = main(["generate", "--model", "infinity-tiny-random", "--policy", "sliding_window", "--budget", "10%", "--prompt",
                  "a red cube", "--prompt", "a blue ball", "--out", str(tmp_path / "x.png")])
     out = capsys.readouterr().out
     assert code == 0
@@ -123,17 +123,17 @@ def test_generate_infinity_tiny_writes_images_and_prints_the_report(tmp_path, ca
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "--model", "infinity-tiny", "--label", "3"], "use --prompt"),
-    (["generate", "--model", "var-tiny", "--prompt", "x"], "use --label"),
-    (["generate", "--model", "infinity-tiny", "--prompt", "x", "--out", "/nonexistent/dir/x.png"], "does not exist"),
-    (["generate", "--model", "infinity-tiny", "--prompt", "x", "--budget", "10%"], "--budget needs --policy"),
-    (["compare", "--model", "var-tiny", "--prompts", "p.txt"], "class-conditional model: use --labels"),
-    (["compare", "--model", "var-tiny", "--labels", "1,2,1", "--out", "z"], "--labels repeat 1: every condition"),
-    (["compare", "--model", "var-tiny", "--labels", "0-3,2", "--out", "z"], "--labels repeat 2"),
+    (["generate", "--model", "infinity-tiny-random", "--label", "3"], "use --prompt"),
+    (["generate", "--model", "var-tiny-random", "--prompt", "x"], "use --label"),
+    (["generate", "--model", "infinity-tiny-random", "--prompt", "x", "--out", "/nonexistent/dir/x.png"], "does not exist"),
+    (["generate", "--model", "infinity-tiny-random", "--prompt", "x", "--budget", "10%"], "--budget needs --policy"),
+    (["compare", "--model", "var-tiny-random", "--prompts", "p.txt"], "class-conditional model: use --labels"),
+    (["compare", "--model", "var-tiny-random", "--labels", "1,2,1", "--out", "z"], "--labels repeat 1: every condition"),
+    (["compare", "--model", "var-tiny-random", "--labels", "0-3,2", "--out", "z"], "--labels repeat 2"),
     (["compare", "--prompts", "/", "--out", "z"], "is a folder"),
-    (["compare", "--model", "var-tiny", "--labels", "1000"], "out of range"),
-    (["calibrate", "--model", "infinity-tiny", "--labels", "1", "--out", "c.json"], "use --prompts, not --labels"),
-    (["calibrate", "--model", "var-tiny", "--out", "c.json", "--num-drafters", "2"], "needs --budget"),
+    (["compare", "--model", "var-tiny-random", "--labels", "1000"], "out of range"),
+    (["calibrate", "--model", "infinity-tiny-random", "--labels", "1", "--out", "c.json"], "use --prompts, not --labels"),
+    (["calibrate", "--model", "var-tiny-random", "--out", "c.json", "--num-drafters", "2"], "needs --budget"),
 ])
 def test_model_command_errors(tmp_path, capsys, argv, message):
     code = main(argv)
@@ -145,7 +145,7 @@ def test_bench_gpu_refuses_without_cuda_and_dry_runs_on_cpu(tmp_path, capsys, mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code = main(["bench-gpu", "--out", str(tmp_path)])
     assert code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
-    code = main(["bench-gpu", "--dry-run", "--models", "var-tiny", "--policies", "snapkv,scalekv", "--batches", "1",
+    code = main(["bench-gpu", "--dry-run", "--models", "var-tiny-random", "--policies", "snapkv,scalekv", "--batches", "1",
                  "--max-batch", "2", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
@@ -158,5 +158,5 @@ def test_bench_gpu_refuses_without_cuda_and_dry_runs_on_cpu(tmp_path, capsys, mo
     assert data["rows"][1]["kv_ratio"] < 1
     assert [(m["policy"], m["largest_batch"], m["out_of_memory_above"]) for m in data["largest_batches"]] == \
         [("full", 2, False), ("scalekv", 2, False)]
-    assert "| var-tiny | scalekv | ≥ 2 (cap) |" in out
-    assert next(tmp_path.glob("bench_gpu_dryrun_*.md")).read_text().count("| var-tiny |") == 5
+    assert "| var-tiny-random | scalekv | ≥ 2 (cap) |" in out
+    assert next(tmp_path.glob("bench_gpu_dryrun_*.md")).read_text().count("| var-tiny-random |") == 5

@@ -68,16 +68,16 @@ def test_cli_no_network_is_a_one_line_error(no_network, capsys):
 
 
 def test_generate_weights_options_reach_load_model(tmp_path, capsys):
-    source = load_model("infinity-tiny", seed=7)
+    source = load_model("infinity-tiny-random", seed=7)
     weights, vae = tmp_path / "transformer.pth", tmp_path / "vae.pth"
     torch.save(source.transformer.state_dict(), weights)
     torch.save({"vae": source.vae.official_state_dict("wrapped")}, vae)
     out = tmp_path / "cli.png"
-    assert main(["generate", "--model", "infinity-tiny", "--weights", str(weights), "--vae-weights", str(vae),
+    assert main(["generate", "--model", "infinity-tiny-random", "--weights", str(weights), "--vae-weights", str(vae),
                  "--prompt", "a red cube", "--out", str(out)]) == 0
     cli_image = np.array(Image.open(out))
-    api = load_model("infinity-tiny", weights=str(weights), vae_weights=str(vae)).generate(["a red cube"], seed=0)
-    default = load_model("infinity-tiny").generate(["a red cube"], seed=0)
+    api = load_model("infinity-tiny-random", weights=str(weights), vae_weights=str(vae)).generate(["a red cube"], seed=0)
+    default = load_model("infinity-tiny-random").generate(["a red cube"], seed=0)
     assert np.array_equal(cli_image, api.images[0].numpy())
     assert not np.array_equal(cli_image, default.images[0].numpy())
 
@@ -85,23 +85,23 @@ def test_generate_weights_options_reach_load_model(tmp_path, capsys):
 def test_compare_records_weights_in_settings_and_resume_fingerprint(tmp_path):
     from benchmarks.compare import settings_from_args
 
-    args = build_parser().parse_args(["compare", "--model", "var-tiny", "--labels", "1", "--weights", "random",
+    args = build_parser().parse_args(["compare", "--model", "var-tiny-random", "--labels", "1", "--weights", "random",
                                       "--vae-weights", "random", "--out", str(tmp_path / "o")])
     settings = settings_from_args(args)
     assert settings.weights == {"weights": "random", "vae_weights": "random"}
     assert settings.fingerprint()["weights"] == {"vae_weights": "random", "weights": "random"}
-    plain = settings_from_args(build_parser().parse_args(["compare", "--model", "var-tiny", "--out", "o"]))
+    plain = settings_from_args(build_parser().parse_args(["compare", "--model", "var-tiny-random", "--out", "o"]))
     assert "weights" not in plain.fingerprint()
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "--model", "var-tiny", "--label", "1", "--text-encoder", "random"], "--text-encoder does not apply to var-tiny"),
-    (["generate", "--model", "var-tiny", "--label", "1", "--weights", "/no/such/var.pth"], "--weights '/no/such/var.pth' does not exist"),
-    (["calibrate", "--model", "infinity-tiny", "--out", "c.json", "--vae-weights", "/no/vae.pth"], "--vae-weights '/no/vae.pth'"),
-    (["generate", "--model", "infinity-tiny", "--prompt", "x", "--device", "cuda:99"], "--device cuda:99"),
-    (["calibrate", "--model", "var-tiny", "--out", "c.json", "--device", "cuda:99"], "--device cuda:99"),
+    (["generate", "--model", "var-tiny-random", "--label", "1", "--text-encoder", "random"], "--text-encoder does not apply to var-tiny-random"),
+    (["generate", "--model", "var-tiny-random", "--label", "1", "--weights", "/no/such/var.pth"], "--weights '/no/such/var.pth' does not exist"),
+    (["calibrate", "--model", "infinity-tiny-random", "--out", "c.json", "--vae-weights", "/no/vae.pth"], "--vae-weights '/no/vae.pth'"),
+    (["generate", "--model", "infinity-tiny-random", "--prompt", "x", "--device", "cuda:99"], "--device cuda:99"),
+    (["calibrate", "--model", "var-tiny-random", "--out", "c.json", "--device", "cuda:99"], "--device cuda:99"),
     (["compare", "--device", "cuda:99"], "--device cuda:99"),
-    (["generate", "--model", "infinity-tiny", "--prompt", "x", "--device", "tpu"], "not a device name"),
+    (["generate", "--model", "infinity-tiny-random", "--prompt", "x", "--device", "tpu"], "not a device name"),
 ])
 def test_model_file_and_device_errors(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -129,9 +129,9 @@ def test_generate_uses_one_cpu_thread_by_default_and_checks_threads(tmp_path, ca
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        assert main(["generate", "--model", "var-tiny", "--label", "3", "--out", str(tmp_path / "a.png")]) == 0
+        assert main(["generate", "--model", "var-tiny-random", "--label", "3", "--out", str(tmp_path / "a.png")]) == 0
         assert "(cpu, fp32, 1 CPU thread(s))" in capsys.readouterr().out
-        assert main(["generate", "--model", "var-tiny", "--label", "3", "--threads", "0"]) == 2
+        assert main(["generate", "--model", "var-tiny-random", "--label", "3", "--threads", "0"]) == 2
         assert "--threads must be >= 1, got 0" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)

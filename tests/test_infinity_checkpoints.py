@@ -22,7 +22,7 @@ PROMPTS = ["a red cube on a table"]
 
 @pytest.fixture(scope="module")
 def source():
-    return load_model("infinity-tiny", seed=7)
+    return load_model("infinity-tiny-random", seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def _same_generation(a, b):
 def test_official_layouts_load_and_generate_identically(source, files, layout):
     root = files["root"]
     weights = root / ("infinity_tiny.pth" if layout == "single_pth" else layout)
-    loaded = load_model("infinity-tiny", weights=str(weights), vae_weights=str(root / "vae_wrapped.pth"),
+    loaded = load_model("infinity-tiny-random", weights=str(weights), vae_weights=str(root / "vae_wrapped.pth"),
                         text_encoder=str(files["t5"]), seed=99)
     for key, value in files["state"].items():
         assert torch.equal(loaded.transformer.state_dict()[key], value), key
@@ -85,7 +85,7 @@ def test_official_layouts_load_and_generate_identically(source, files, layout):
 def test_vae_both_key_spellings_and_t5_save_pretrained(source, files):
     root = files["root"]
     for spelling in ("wrapped", "unwrapped"):
-        loaded = load_model("infinity-tiny", weights=str(root / "infinity_tiny.pth"),
+        loaded = load_model("infinity-tiny-random", weights=str(root / "infinity_tiny.pth"),
                             vae_weights=str(root / f"vae_{spelling}.pth"), text_encoder=str(files["t5"]), seed=99)
         for key, value in source.vae.state_dict().items():
             assert torch.equal(loaded.vae.state_dict()[key], value), (spelling, key)
@@ -106,27 +106,27 @@ def test_missing_key_is_an_error(files, tmp_path):
     state = dict(files["state"])
     del state["block_chunks.1.module.0.sa.mat_qkv.weight"]
     with pytest.raises(ValueError, match=r"missing keys: block_chunks\.1\.module\.0\.sa\.mat_qkv\.weight"):
-        load_model("infinity-tiny", weights=_write(tmp_path, state))
+        load_model("infinity-tiny-random", weights=_write(tmp_path, state))
 
 
 def test_wrong_shape_is_an_error(files, tmp_path):
     state = dict(files["state"])
     state["head.weight"] = torch.zeros(10, 64)
     with pytest.raises(ValueError, match=r"wrong shapes: head\.weight \(10, 64\) \(model: \(64, 64\)\)"):
-        load_model("infinity-tiny", weights=_write(tmp_path, state))
+        load_model("infinity-tiny-random", weights=_write(tmp_path, state))
 
 
 def test_unknown_key_is_an_error_but_known_extras_are_ignored(files, tmp_path):
     state = dict(files["state"], **{"blocks.0.sa.mat_qkv.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"unexpected keys: blocks\.0\.sa\.mat_qkv\.weight"):
-        load_model("infinity-tiny", weights=_write(tmp_path, state))
+        load_model("infinity-tiny-random", weights=_write(tmp_path, state))
     state = dict(files["state"], Infinity_visible_kvlen=torch.zeros(1), Infinity_invisible_qlen=torch.zeros(1))
-    load_model("infinity-tiny", weights=_write(tmp_path, state))
+    load_model("infinity-tiny-random", weights=_write(tmp_path, state))
 
 
 def test_sharded_folder_without_index_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="without a shard index"):
-        load_model("infinity-tiny", weights=str(tmp_path))
+        load_model("infinity-tiny-random", weights=str(tmp_path))
 
 
 @pytest.mark.parametrize("name, needed", [

@@ -23,7 +23,7 @@ KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model("infinity-tiny")
+    return load_model("infinity-tiny-random")
 
 
 @pytest.mark.parametrize("name, dump", [
@@ -153,7 +153,7 @@ def test_peak_kv_bytes_equal_simulate_on_the_1024_schedule():
 
 
 def test_bfloat16_blocks_and_cache(tiny):
-    model = load_model("infinity-tiny", dtype=torch.bfloat16)
+    model = load_model("infinity-tiny-random", dtype=torch.bfloat16)
     out = model.generate(["a red cube"], progress=False)
     full = tiny.generate(["a red cube"], progress=False)
     assert out.images.dtype == torch.uint8 and out.config["dtype"] == "bfloat16"
@@ -163,14 +163,14 @@ def test_bfloat16_blocks_and_cache(tiny):
 
 
 def test_official_kv_dtypes_keep_keys_float32_under_bf16():
-    model = load_model("infinity-tiny", dtype=torch.bfloat16, official_kv_dtypes=True)
-    plain = load_model("infinity-tiny", dtype=torch.bfloat16)
+    model = load_model("infinity-tiny-random", dtype=torch.bfloat16, official_kv_dtypes=True)
+    plain = load_model("infinity-tiny-random", dtype=torch.bfloat16)
     official = model.generate(["a red cube"], progress=False).cache_report.kv_bytes[-1]
     assert official * 2 == plain.generate(["a red cube"], progress=False).cache_report.kv_bytes[-1] * 3  # 6 vs 4 bytes
 
 
 def test_geometry_matches_the_registered_tiny_geometry(tiny):
-    assert tiny.geometry() == get_geometry("infinity-tiny")
+    assert tiny.geometry() == get_geometry("infinity-tiny-random")
     wide = tiny.geometry(512, aspect_ratio=0.5)
     assert wide.schedule.shapes[-1] == (23, 46) and wide.schedule.num_scales == 10
 
@@ -244,9 +244,9 @@ def test_dtype_names_are_accepted_like_var():
     """Both adapters take torch dtypes or their names ('bf16', 'bfloat16', …) through one parser."""
     from adapters import load_model
 
-    model = load_model("infinity-tiny", dtype="bf16")
+    model = load_model("infinity-tiny-random", dtype="bf16")
     assert model.transformer.block_dtype == torch.bfloat16
     model.generate(["a red cube"], dtype="float32", progress=False)
     assert model.transformer.block_dtype == torch.float32
     with pytest.raises(ValueError, match=r"dtype 'int8' is not one of float32, bfloat16, float16"):
-        load_model("infinity-tiny", dtype="int8")
+        load_model("infinity-tiny-random", dtype="int8")

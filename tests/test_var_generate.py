@@ -1,4 +1,4 @@
-"""``var-tiny`` end to end: generation with and without a KV policy, determinism, accounting,
+"""``var-tiny-random`` end to end: generation with and without a KV policy, determinism, accounting,
 batching, dtypes, the calibration hook, label validation and the geometry."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from kvpolicy import get_policy
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model("var-tiny")
+    return load_model("var-tiny-random")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_batches_run_in_sequence_with_one_report(model):
 
 
 def test_bf16_weights_and_autocast(model):
-    bf16 = load_model("var-tiny", dtype=torch.bfloat16)
+    bf16 = load_model("var-tiny-random", dtype=torch.bfloat16)
     out = bf16.generate([7], seed=0)
     assert out.images.shape == (1, 256, 256, 3) and out.config["dtype"] == "bfloat16"
     assert out.cache_report.full_kv_bytes[-1] == 680 * _bytes_per_token(bf16, rows=2, itemsize=2) * bf16.config.depth
@@ -162,11 +162,11 @@ def test_labels_accept_ints_sequences_and_arrays():
 
 
 def test_geometry_matches_the_registry(model):
-    assert model.geometry() == get_geometry("var-tiny")
+    assert model.geometry() == get_geometry("var-tiny-random")
     d30 = get_geometry("var-d30")
     assert (d30.num_layers, d30.num_heads, d30.head_dim, d30.schedule.total) == (30, 30, 64, 680)
 
 
 def test_progress_bar_over_scales(model, capsys):
     model.generate([1], seed=0, progress=True)
-    assert "var-tiny scales" in capsys.readouterr().err
+    assert "var-tiny-random scales" in capsys.readouterr().err

@@ -71,7 +71,7 @@ def test_policies_receive_attention_queries_and_raw_projections():
             seen.append((ctx.layer, ctx.scale, ctx.queries, ctx.raw_queries, keys))
             return Selection(None, ctx.state)
 
-    model = load_model("var-tiny")
+    model = load_model("var-tiny-random")
     model.generate([1, 2], seed=0, policy=Probe(), top_k=0, top_p=0)
     depth, heads, hd = model.config.depth, model.config.num_heads, model.config.head_dim
     assert len(seen) == depth * 10

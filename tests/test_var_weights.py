@@ -70,7 +70,7 @@ def official_vae_state(model) -> dict:
 
 @pytest.fixture(scope="module")
 def source():
-    return load_model("var-tiny", seed=5)
+    return load_model("var-tiny-random", seed=5)
 
 
 @pytest.fixture()
@@ -88,21 +88,21 @@ def _same_weights(a, b) -> bool:
 
 def test_local_official_files_load_exactly(files, source):
     var_path, vae_path = files
-    loaded = load_model("var-tiny", weights=str(var_path), vae_weights=vae_path)
+    loaded = load_model("var-tiny-random", weights=str(var_path), vae_weights=vae_path)
     assert _same_weights(loaded, source)
     assert loaded.sources == {"var": str(var_path), "vae": str(vae_path)}
 
 
 def test_random_weights_depend_on_the_seed(source):
-    assert _same_weights(load_model("var-tiny", seed=5), source)
-    assert not _same_weights(load_model("var-tiny", seed=6), source)
+    assert _same_weights(load_model("var-tiny-random", seed=5), source)
+    assert not _same_weights(load_model("var-tiny-random", seed=6), source)
 
 
 def _expect_error(state_var, state_vae, tmp_path, match):
     torch.save(state_var, tmp_path / "v.pth")
     torch.save(state_vae, tmp_path / "q.pth")
     with pytest.raises(ValueError, match=match):
-        load_model("var-tiny", weights=tmp_path / "v.pth", vae_weights=tmp_path / "q.pth")
+        load_model("var-tiny-random", weights=tmp_path / "v.pth", vae_weights=tmp_path / "q.pth")
 
 
 def test_missing_key_is_an_error(tmp_path, source):
@@ -140,7 +140,7 @@ def test_vae_missing_decoder_key_is_an_error(tmp_path, source):
 
 def test_missing_local_file_names_the_path(tmp_path):
     with pytest.raises(WeightsUnavailableError, match="does not exist"):
-        load_model("var-tiny", weights=tmp_path / "nope.pth")
+        load_model("var-tiny-random", weights=tmp_path / "nope.pth")
 
 
 def test_hub_download_uses_the_official_repo_and_file_names(files, source, monkeypatch):
@@ -152,7 +152,7 @@ def test_hub_download_uses_the_official_repo_and_file_names(files, source, monke
         return str(vae_path if filename == VAE_FILE else var_path)
 
     monkeypatch.setattr(var_weights, "hf_hub_download", fake_download)
-    loaded = build_model(source.config, source.vqvae.config, var_weights=None, vae_weights=None, name="var-tiny",
+    loaded = build_model(source.config, source.vqvae.config, var_weights=None, vae_weights=None, name="var-tiny-random",
                          hub_file="var_d16.pth", official_vae=True)
     assert requested == [("FoundationVision/var", "var_d16.pth"), ("FoundationVision/var", VAE_FILE)]
     assert _same_weights(loaded, source)

@@ -2,7 +2,7 @@
 
 ``load_infinity(name, weights=..., vae_weights=..., text_encoder=..., device=..., dtype=...)`` builds
 a preset from the official files (hub or local) or with seeded random weights (``'random'``;
-``infinity-tiny`` is random by default). ``InfinityModel.generate`` runs the official generation
+``infinity-tiny`` loads its shipped trained files, ``infinity-tiny-random`` is random). ``InfinityModel.generate`` runs the official generation
 loop (``generate.py``) with any registered cache policy and returns ``adapters.base.GenerationOutput``.
 """
 
@@ -25,7 +25,7 @@ from .schedule import INFINITY_PN_SCALES, INFINITY_RESOLUTION_PN, INFINITY_TEMPL
 from adapters.dtypes import parse_dtype
 
 from .model import InfinityTransformer
-from .text import TextEncoder, load_text_encoder, random_text_encoder
+from .text import TextEncoder, load_text_encoder, random_text_encoder, trained_text_encoder
 from .weights import load_transformer_weights, random_init
 
 
@@ -170,11 +170,17 @@ def _random_vae(preset: InfinityPreset, seed: int, device) -> BSQVAEDecoder:
     return vae.eval().requires_grad_(False).to(device)
 
 
+def _read_safetensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device="cpu")
+
+
 def load_infinity(name: str, *, weights: Optional[str | os.PathLike] = None, vae_weights=None, text_encoder=None,
                   device: Optional[str | torch.device] = None, dtype: Optional[torch.dtype] = None,
                   seed: int = 0, official_kv_dtypes: bool = False) -> InfinityModel:
-    """Build a preset. weights / vae_weights: a local path, None (the preset's hub file; random for
-    ``infinity-tiny``) or ``'random'``. text_encoder: a hub name or folder (default google/flan-t5-xl),
+    """Build a preset. weights / vae_weights: a local path, None (the preset's hub file; the shipped
+    trained files for ``infinity-tiny``, random for ``infinity-tiny-random``) or ``'random'``. text_encoder: a hub name or folder (default google/flan-t5-xl),
     a ``TextEncoder``, or ``'random'`` (a small random T5 with the byte tokenizer). dtype: the blocks'
     compute dtype (float32 default; bfloat16 on GPU), embeddings, head and VAE stay float32.
     official_kv_dtypes: cache K in float32 whatever the compute dtype, as the official bf16 run does
@@ -186,6 +192,14 @@ def load_infinity(name: str, *, weights: Optional[str | os.PathLike] = None, vae
     dtype = parse_dtype(torch.float32 if dtype is None else dtype)
     random_weights = weights == "random" or (weights is None and preset.random_only)
     random_vae = vae_weights == "random" or (vae_weights is None and preset.random_only)
+    packaged_text = None
+    if preset.packaged is not None:  # trained tiny weights shipped in the package
+        from adapters.tiny_weights import packaged_file
+
+        weights = packaged_file(preset.packaged, "transformer.safetensors") if weights is None else weights
+        vae_weights = packaged_file(preset.packaged, "vae.safetensors") if vae_weights is None else vae_weights
+        if text_encoder is None:
+            packaged_text = packaged_file(preset.packaged, "text_encoder.safetensors")
     # Resolve every file before reading any, so an offline error comes before minutes of loading.
     weights_path = None if random_weights else resolve_weights(weights, preset)
     vae_path = None if random_vae else resolve_vae(vae_weights, preset)
@@ -203,10 +217,16 @@ def load_infinity(name: str, *, weights: Optional[str | os.PathLike] = None, vae
     transformer.key_dtype = torch.float32 if official_kv_dtypes else None
     if dtype != torch.float32:
         transformer.set_block_dtype(dtype)
-    vae = _random_vae(preset, seed + 1, device) if random_vae else load_bsq_vae(vae_path, preset.vae(), device=device)
+    if random_vae:
+        vae = _random_vae(preset, seed + 1, device)
+    else:
+        vae = load_bsq_vae(_read_safetensors(vae_path) if vae_path.suffix == ".safetensors" else vae_path,
+                           preset.vae(), device=device)
 
     if isinstance(text_encoder, TextEncoder):
         encoder = text_encoder
+    elif packaged_text is not None:
+        encoder = trained_text_encoder(packaged_text, c.text_channels, max_length=c.text_maxlen)
     elif text_encoder == "random" or (text_encoder is None and preset.text_encoder is None):
         encoder = random_text_encoder(c.text_channels, seed=seed + 2, max_length=min(c.text_maxlen, 512))
     else:

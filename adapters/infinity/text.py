@@ -4,8 +4,8 @@ Real models: ``google/flan-t5-xl`` encoder (``T5EncoderModel``) with its tokeniz
 ``model_max_length=512``); prompts are padded to 512 and truncated; a prompt's features are the
 encoder's last hidden states at its non-padding positions (end-of-sequence token included).
 
-``infinity-tiny`` uses a T5 encoder built from a small ``transformers.T5Config`` with seeded random
-weights and ``ByteTokenizer``: UTF-8 bytes + 3 (0 = pad, 1 = end of sequence, 2 = unknown), the ByT5
+``infinity-tiny-random`` uses a T5 encoder built from a small ``transformers.T5Config`` with seeded random
+weights and ``ByteTokenizer``; ``infinity-tiny`` the same encoder shape with trained weights: UTF-8 bytes + 3 (0 = pad, 1 = end of sequence, 2 = unknown), the ByT5
 id layout, so no vocabulary file or download is needed.
 
 Deviation: the official scripts run T5 in fp16 on CUDA; we run it in float32 unless told otherwise.
@@ -112,6 +112,26 @@ def random_text_encoder(width: int, *, seed: int = 0, max_length: int = 32) -> T
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = T5EncoderModel(tiny_t5_config(width))
+    return TextEncoder(encoder.eval().requires_grad_(False), ByteTokenizer(max_length), max_length)
+
+
+def trained_text_encoder(path, width: int, *, max_length: int) -> TextEncoder:
+    """The trained tiny T5 (``tiny_t5_config(width)``, weights from a safetensors file) with the
+    byte tokenizer: the text encoder ``infinity-tiny`` was trained with."""
+    from safetensors.torch import load_file
+    from transformers import T5EncoderModel
+
+    with torch.device("meta"):
+        encoder = T5EncoderModel(tiny_t5_config(width))
+    encoder = encoder.to_empty(device="cpu")
+    state = load_file(str(path), device="cpu")
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    # T5 ties the shared embedding to encoder.embed_tokens: one of the two names may be absent
+    missing = [k for k in missing if k not in ("shared.weight", "encoder.embed_tokens.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: not the tiny T5 encoder (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
+        encoder.shared.weight.data.copy_(state["encoder.embed_tokens.weight"])
     return TextEncoder(encoder.eval().requires_grad_(False), ByteTokenizer(max_length), max_length)
 
 

@@ -37,7 +37,10 @@ FAMILY = register_family(ModelFamily(
     num_classes=NUM_CLASSES,
     schedule=schedule,
     load=load,
-    presets=[Preset(p.name, p.var.depth, p.var.num_heads, p.var.head_dim, p.resolution, tiny=p.hub_file is None)
+    # the registry's resolution names the patch list (the trained var-tiny decodes it to 32x32 pixels)
+    presets=[Preset(p.name, p.var.depth, p.var.num_heads, p.var.head_dim,
+                    next((r for r, nums in VAR_PATCH_NUMS.items() if tuple(nums) == p.var.patch_nums), p.resolution),
+                    tiny=p.hub_file is None)
              for p in PRESETS.values()],
     weight_options=("weights", "vae_weights"),
     resolutions=f"the model's own size ({sorted(VAR_PATCH_NUMS)}), square",

@@ -191,12 +191,13 @@ class VARModel(NextScaleModel):
 
     # -- public -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, labels, *, policy=None, budget=None, seed: int = 0, cfg: float = 4.0, top_k: int = 900,
+    def generate(self, labels, *, policy=None, budget=None, seed: int = 0, cfg: float = 4.0, top_k: Optional[int] = None,
                  top_p: float = 0.95, batch_size: Optional[int] = None, dtype=None, stats=None, progress=None,
                  more_smooth: bool = False, resolution: Optional[int] = None, aspect_ratio: float = 1.0) -> GenerationOutput:
         """Class-conditional images for ``labels`` (ImageNet indices 0..999), ``policy`` applied to
         every self-attention layer's cache. Defaults are the official demo's (cfg 4, top-k 900,
-        top-p 0.95); the FID setting is cfg 1.5, top-p 0.96. ``resolution`` / ``aspect_ratio`` are
+        top-p 0.95; ``top_k=None`` is 900, or the whole vocabulary for a model with fewer codes, such as
+        the trained var-tiny's 512); the FID setting is cfg 1.5, top-p 0.96. ``resolution`` / ``aspect_ratio`` are
         accepted for a uniform harness interface but must be the model's own (square, fixed size).
         Seeds, batches, the policy and the cache report: ``adapters.base.NextScaleModel``."""
         return self.run_generation(labels, policy=policy, budget=budget, seed=seed, batch_size=batch_size, dtype=dtype,
@@ -216,7 +217,8 @@ class VARModel(NextScaleModel):
         if aspect_ratio != 1.0:
             raise ValueError(f"{self.name} generates square images only (aspect ratio 1.0), got {aspect_ratio!r}")
         cfg = real_argument("cfg", sampling["cfg"], low=0)
-        top_k = int_argument("top_k", sampling["top_k"], low=0, high=self.config.vocab_size, note=" (0 = off)")
+        top_k = min(900, self.config.vocab_size) if sampling["top_k"] is None else sampling["top_k"]
+        top_k = int_argument("top_k", top_k, low=0, high=self.config.vocab_size, note=" (0 = off)")
         top_p = real_argument("top_p", sampling["top_p"], low=0, high=1, note=" (0 = off)")
         _, compute = self._precision(dtype)  # a bad dtype fails before any batch
         device = self.device  # the model's GPU, which need not be the current one (cuda:1)

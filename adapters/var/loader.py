@@ -35,9 +35,15 @@ def build_model(var_config: VARConfig, vqvae_config: VQVAEConfig, *, var_weights
 
 
 def load_var(name: str, *, weights=None, vae_weights=None, device="cpu", dtype=torch.float32, seed: int = 0) -> VARModel:
-    """Load a preset. Official presets default to the hub files; ``var-tiny`` to random weights."""
+    """Load a preset. Official presets default to the hub files; ``var-tiny`` to its shipped trained
+    files; ``var-tiny-random`` to random weights."""
     preset: VARPreset = PRESETS[name]
-    if preset.hub_file is None:  # tiny: nothing released
+    if preset.packaged is not None:  # trained tiny weights shipped in the package
+        from adapters.tiny_weights import packaged_file
+
+        weights = packaged_file(preset.packaged, "var.safetensors") if weights is None else weights
+        vae_weights = packaged_file(preset.packaged, "vqvae.safetensors") if vae_weights is None else vae_weights
+    elif preset.hub_file is None:  # tiny random: nothing released
         weights = "random" if weights is None else weights
         vae_weights = "random" if vae_weights is None else vae_weights
     return build_model(preset.var, preset.vqvae, var_weights=weights, vae_weights=vae_weights, name=name,

@@ -147,14 +147,15 @@ class VARTransformer(nn.Module):
         return (cond.unsqueeze(1).expand(rows, first, -1) + self.pos_start.expand(rows, first, -1)
                 + level_pos[:, :first])
 
-    def next_input(self, next_map: torch.Tensor, scale: int, level_pos: torch.Tensor) -> torch.Tensor:
-        """Word-embed the (B, Cvae, pn, pn) map for ``scale`` and duplicate it for the CFG rows."""
+    def next_input(self, next_map: torch.Tensor, scale: int, level_pos: torch.Tensor, copies: int = 2) -> torch.Tensor:
+        """Word-embed the (B, Cvae, pn, pn) map for ``scale``, repeated ``copies`` times (2: the CFG
+        rows; 1: teacher-forced training, which has no unconditional copies)."""
         b, cv = next_map.shape[:2]
         start = sum(p * p for p in self.config.patch_nums[:scale])
         n = self.config.patch_nums[scale] ** 2
         tokens = next_map.reshape(b, cv, -1).transpose(1, 2)
         x = self.word_embed(tokens) + level_pos[:, start:start + n]
-        return x.repeat(2, 1, 1)
+        return x.repeat(copies, 1, 1)
 
     def step(self, x: torch.Tensor, cond: torch.Tensor, cache: KVCache, scale: int, stats=None,
              stats_rows: Optional[int] = None) -> torch.Tensor:

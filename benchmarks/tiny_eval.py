@@ -1,0 +1,167 @@
+"""Do the tiny models' full-cache images depict their captions / classes? (issue 17)
+
+``python -m benchmarks.tiny_eval --out DIR`` generates, with the full cache, images for held-out
+conditions (scenes of a stream the training never saw) and applies the checks of
+``benchmarks.scenes``:
+
+- text-to-image (``infinity-tiny``): for each caption "a <size> <colour> <kind> <relation> a ...",
+  does the first shape's colour dominate the half of the image where the caption puts it, and the
+  second shape's colour the other half? Chance is about 1/6 per shape (6 palette colours).
+- class-conditional (``var-tiny``): does the class's colour dominate the image (chance 1/6), and does
+  the dominant colour's mask read as the class's shape kind (chance ~1/3)?
+
+The same checks run on the random presets (``*-tiny-random``, which should score at chance) and on
+the rendered ground-truth scenes (the checks' own ceiling). Results: ``depiction.json``,
+``depiction.md`` and a grid of samples per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import scenes
+
+INFINITY_MODELS = ("infinity-tiny", "infinity-tiny-random")
+VAR_MODELS = ("var-tiny", "var-tiny-random")
+
+
+def held_out_pairs(count: int, seed: int = 0) -> list[scenes.Scene]:
+    return [scenes.sample_scene(scenes.held_out_seed(seed), i, "pair") for i in range(count)]
+
+
+def held_out_labels(count: int) -> list[int]:
+    return [i % scenes.NUM_CLASSES for i in range(count)]
+
+
+def _rate(values) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def evaluate_text_to_image(model, scene_list: Sequence[scenes.Scene], *, seed: int = 0, batch_size: int = 8,
+                           images=None) -> dict:
+    """Depiction rates of a text-to-image model (or of given ``images``) on ``scene_list``."""
+    if images is None:
+        images = model.generate([s.caption for s in scene_list], seed=seed, batch_size=batch_size,
+                                progress=False).images.numpy()
+    checks = np.array([scenes.check_pair(image, scene) for image, scene in zip(images, scene_list)])
+    return {"conditions": len(scene_list), "first_shape_colour": _rate(checks[:, 0]),
+            "second_shape_colour": _rate(checks[:, 1]), "both": _rate(checks.all(axis=1)),
+            "per_shape": _rate(checks.ravel())}, images
+
+
+def evaluate_class_conditional(model, labels: Sequence[int], *, seed: int = 0, batch_size: int = 18,
+                               images=None) -> dict:
+    if images is None:
+        images = model.generate(list(labels), seed=seed, batch_size=batch_size, progress=False).images.numpy()
+    checks = np.array([scenes.check_single(image, label) for image, label in zip(images, labels)])
+    return {"conditions": len(labels), "colour": _rate(checks[:, 0]), "kind": _rate(checks[:, 1]),
+            "both": _rate(checks.all(axis=1))}, images
+
+
+def ground_truth_pairs(scene_list):
+    return np.stack([scenes.render(s, 32, i) for i, s in enumerate(scene_list)])
+
+
+def ground_truth_singles(labels: Sequence[int], seed: int = 0):
+    """A rendered scene of each class (the first held-out single scene of that class)."""
+    stream, index, out = scenes.held_out_seed(seed), 0, []
+    for label in labels:
+        while True:
+            scene = scenes.sample_scene(stream, index, "single")
+            index += 1
+            if scene.label == label:
+                out.append(scenes.render(scene, 32, index))
+                break
+    return np.stack(out)
+
+
+def save_grid(images, path: Path, columns: int = 8, side: int = 64) -> None:
+    from PIL import Image
+
+    tiles = [Image.fromarray(np.asarray(im)).resize((side, side), Image.NEAREST) for im in images]
+    rows = (len(tiles) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * side, rows * side), (255, 255, 255))
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % columns) * side, (i // columns) * side))
+    grid.save(path)
+
+
+def run(out: Path, *, pairs: int = 96, singles: int = 72, seed: int = 0, models: Optional[Sequence[str]] = None,
+        threads: int = 1) -> dict:
+    import torch
+
+    from adapters import load_model
+
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    models = list(models or INFINITY_MODELS + VAR_MODELS)
+    scene_list, labels = held_out_pairs(pairs, seed), held_out_labels(singles)
+    results: dict = {"seed": seed, "held_out_stream": scenes.held_out_seed(seed), "models": {}}
+    gt_pairs, _ = evaluate_text_to_image(None, scene_list, images=ground_truth_pairs(scene_list))
+    gt_singles, _ = evaluate_class_conditional(None, labels, images=ground_truth_singles(labels, seed))
+    results["ground_truth"] = {"text_to_image": gt_pairs, "class_conditional": gt_singles}
+    for name in models:
+        started = time.perf_counter()
+        model = load_model(name)
+        if name.startswith("infinity"):
+            metrics, images = evaluate_text_to_image(model, scene_list, seed=seed)
+        else:
+            metrics, images = evaluate_class_conditional(model, labels, seed=seed)
+        metrics["seconds"] = round(time.perf_counter() - started, 1)
+        results["models"][name] = metrics
+        save_grid(images[:32], out / f"samples_{name}.png")
+        print(f"{name}: {metrics}", file=sys.stderr)
+    (out / "depiction.json").write_text(json.dumps(results, indent=2))
+    (out / "depiction.md").write_text(markdown(results, scene_list[:8]))
+    return results
+
+
+def markdown(results: dict, example_scenes=()) -> str:
+    lines = [f"Held-out conditions (stream {results['held_out_stream']}), full cache, default sampling.", "",
+             "| model | conditions | first shape's colour in its half | second shape's colour in its half | both |",
+             "|---|---|---|---|---|"]
+    gt = results["ground_truth"]
+    rows = [(name, m) for name, m in results["models"].items() if name.startswith("infinity")]
+    for name, m in rows + [("rendered ground truth", gt["text_to_image"])]:
+        lines.append(f"| {name} | {m['conditions']} | {m['first_shape_colour']:.1%} | {m['second_shape_colour']:.1%} "
+                     f"| {m['both']:.1%} |")
+    lines += ["", "Chance: 1/6 = 16.7 % per shape (6 palette colours), 1/30 = 3.3 % for both.", "",
+              "| model | conditions | class colour dominates | shape kind read off the mask | both |",
+              "|---|---|---|---|---|"]
+    rows = [(name, m) for name, m in results["models"].items() if name.startswith("var")]
+    for name, m in rows + [("rendered ground truth", gt["class_conditional"])]:
+        lines.append(f"| {name} | {m['conditions']} | {m['colour']:.1%} | {m['kind']:.1%} | {m['both']:.1%} |")
+    lines += ["", "Chance: 1/6 = 16.7 % for the colour, about 1/3 for the kind.", ""]
+    if example_scenes:
+        lines += ["Example captions: " + "; ".join(f"\"{s.caption}\"" for s in example_scenes[:4]), ""]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tiny_eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/tiny-models")
+    parser.add_argument("--pairs", type=int, default=96, help="held-out captions for the text-to-image models")
+    parser.add_argument("--singles", type=int, default=72, help="held-out class labels (cycling over the 18 classes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", default=None, help="comma-separated; default the trained and random tiny presets")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    for name in ("pairs", "singles", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    models = args.models.split(",") if args.models else None
+    results = run(Path(args.out), pairs=args.pairs, singles=args.singles, seed=args.seed, models=models,
+                  threads=args.threads)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

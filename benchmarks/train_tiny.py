@@ -1,0 +1,553 @@
+"""Training the tiny presets on procedural scenes (issue 17): ``kvpolicy train-tiny``.
+
+Four stages, each with the project's own model code so that the trained weights load into the
+same adapters that run the real checkpoints:
+
+1. ``bsq``: Infinity's tokenizer. A small convolutional encoder (training only) and the adapter's
+   ``BSQVAEDecoder``. Multi-scale binary spherical quantisation over the 0.06M schedule (1..16):
+   per scale the residual is area-resized to the scale's map, its signs are the bits, the codes
+   (+-1/sqrt(d), ``bits_to_codes``) are resized back with ``resize_codes`` (the decoder side's
+   trilinear resize) and subtracted. Straight-through gradients, commitment loss (BSQ, arXiv
+   2406.07548; Infinity arXiv 2412.04431 §3.1). Loss: pixel MSE + L1 + 0.25 x commitment.
+2. ``vq``: VAR's tokenizer. The same encoder shape and the adapter's ``VQVAE`` (codebook, the
+   partially shared phi convs, ``post_quant_conv``, decoder). Multi-scale residual quantisation
+   exactly as VAR's ``VectorQuantizer2.forward`` (arXiv 2404.02905 §3.2): per scale the residual
+   is area-resized, matched to its nearest code, the code map is bicubic-upsampled and passed
+   through phi, accumulated into f_hat and subtracted; loss = pixel MSE + L1 + the mean over
+   scales of (beta * ||f_hat.detach() - f||^2 + ||f_hat - f.detach()||^2), beta 0.25; codes
+   unused for a while restart at random encoder vectors (a common VQ remedy, not in VAR).
+3. ``infinity``: the text-to-image transformer, teacher-forced next-scale prediction (Infinity
+   §3.2): scale k's input is the resized sum of the ground-truth codes of scales < k, the target
+   its bits; bitwise cross-entropy averaged over all bits of all scales. The 2-layer T5 text
+   encoder (byte tokenizer) is trained jointly; 10 % of captions are replaced by the learned
+   ``cfg_uncond`` rows (classifier-free guidance training).
+4. ``var``: the class-conditional transformer, teacher-forced (VAR §3.1): scale k's input is the
+   area-resized f_hat of the ground-truth indices of scales < k, the target its indices; index
+   cross-entropy averaged over all tokens; 10 % of labels dropped to the unconditional class.
+
+The transformers run the exact inference code path (``forward_scale`` / ``step`` through
+``adapters.attention.cached_self_attention``) scale by scale with a differentiable full cache,
+which is the block-causal attention of teacher-forced training. Deviations from the papers, for a
+CPU budget: tiny widths, 64x64 images (stride-4 tokenizers), short schedules, no perceptual or GAN
+loss, no bitwise self-correction (Infinity §3.3), AdamW with warm-up and cosine decay.
+
+Everything is seeded: the same seed, stage settings and thread count give the same weights on the
+same machine (floating-point reductions may differ across CPUs / torch builds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import attrs
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.geometry import INFINITY_PN_SCALES, INFINITY_TEMPLATES
+from adapters.infinity.bsq_vae import BSQVAEDecoder, bits_to_codes, resize_codes
+from adapters.infinity.config import TRAINED_TINY_CONFIG, trained_tiny_vae
+from adapters.infinity.model import InfinityTransformer
+from adapters.infinity.text import ByteTokenizer, tiny_t5_config
+from adapters.var.config import TRAINED_TINY_VAR, TRAINED_TINY_VQVAE
+from adapters.var.model import VARTransformer
+from adapters.var.vqvae import VQVAE, ResnetBlock, group_norm
+
+from . import scenes
+
+IMAGE_SIDE = 32
+INFINITY_PN = "0.06M"
+STAGES = ("bsq", "vq", "infinity", "var")
+PACKAGE_WEIGHTS = Path(__file__).resolve().parent.parent / "adapters" / "tiny_weights"
+
+
+@attrs.define
+class StageSettings:
+    steps: int = attrs.field(validator=attrs.validators.ge(1))
+    batch: int = attrs.field(validator=attrs.validators.ge(1))
+    lr: float = attrs.field(validator=attrs.validators.gt(0))
+
+
+# The shipped weights were made with these (``kvpolicy train-tiny`` defaults).
+DEFAULT_SETTINGS = {
+    "bsq": StageSettings(steps=240, batch=24, lr=2e-3),
+    "vq": StageSettings(steps=240, batch=24, lr=2e-3),
+    "infinity": StageSettings(steps=360, batch=16, lr=2e-3),
+    "var": StageSettings(steps=360, batch=16, lr=2e-3),
+}
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+def scene_batch(seed: int, step: int, size: int, kind: str):
+    """Training batch ``step`` of stream ``seed``: images in [-1, 1] (B, 3, 32, 32) and the scenes."""
+    images, scene_list = scenes.batch(seed, step * size, size, kind, IMAGE_SIDE)
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    return tensor, scene_list
+
+
+# -- tokenizers ---------------------------------------------------------------------------------------
+
+class Encoder(nn.Module):
+    """32x32 RGB -> (B, channels, 16, 16): conv, ResnetBlock, a stride-2 conv, two ResnetBlocks,
+    GroupNorm, SiLU, conv. Training only (inference decodes); saved under ``encoder.`` so the shipped
+    files are whole tokenizers (the adapters' loaders skip encoder keys, as for the official files)."""
+
+    def __init__(self, out_channels: int, width: int = 32):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, width, 3, padding=1)
+        self.block_0 = ResnetBlock(width, width)
+        self.down = nn.Conv2d(width, width, 3, stride=2, padding=1)
+        self.block_1 = ResnetBlock(width, width)
+        self.block_2 = ResnetBlock(width, width)
+        self.norm_out = group_norm(width)
+        self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h = self.block_0(self.conv_in(images))
+        h = self.block_2(self.block_1(self.down(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def infinity_shapes() -> list[tuple[int, int]]:
+    return list(INFINITY_TEMPLATES[1.0][: INFINITY_PN_SCALES[INFINITY_PN]])
+
+
+def bsq_quantize(z: torch.Tensor, shapes: Sequence[tuple[int, int]]):
+    """Multi-scale BSQ of latents z (B, d, H, W): (straight-through summed codes, bits per scale
+    (B, h, w, d) uint8, commitment loss)."""
+    d = z.shape[1]
+    full = tuple(z.shape[-2:])
+    summed = torch.zeros_like(z)
+    bits_per_scale = []
+    with torch.no_grad():
+        for shape in shapes:
+            residual = z.detach() - summed
+            coarse = F.interpolate(residual, size=shape, mode="area") if tuple(shape) != full else residual
+            bits = (coarse > 0).permute(0, 2, 3, 1).to(torch.uint8)
+            bits_per_scale.append(bits)
+            summed = summed + resize_codes(bits_to_codes(bits, d), full)
+    commitment = F.mse_loss(z, summed)
+    return summed + (z - z.detach()), bits_per_scale, commitment
+
+
+def vq_quantize(vqvae: VQVAE, f: torch.Tensor, patch_nums: Sequence[int], beta: float = 0.25):
+    """VAR's multi-scale residual VQ of f (B, Cvae, pn, pn): (straight-through f_hat, indices per
+    scale (B, pn*pn), VQ loss, (z vectors, indices) per scale for code restarts)."""
+    quantize = vqvae.quantize
+    last, count = patch_nums[-1], len(patch_nums)
+    f_rest, f_hat = f.detach().clone(), torch.zeros_like(f)
+    codebook = quantize.embedding.weight
+    indices, loss, seen = [], 0.0, []
+    for si, pn in enumerate(patch_nums):
+        z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != count - 1 else f_rest
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        with torch.no_grad():
+            distance = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None]
+            idx = distance.argmin(1)
+        seen.append((flat.detach(), idx))
+        h = quantize.embedding(idx).view(f.shape[0], pn, pn, -1).permute(0, 3, 1, 2)
+        h = F.interpolate(h, size=(last, last), mode="bicubic") if si != count - 1 else h
+        h = quantize.quant_resi(h, si, count)
+        f_hat = f_hat + h
+        f_rest = f_rest - h.detach()
+        indices.append(idx.view(f.shape[0], -1))
+        loss = loss + beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f.detach())
+    return (f_hat.detach() - f.detach()) + f, indices, loss / count, seen
+
+
+# -- the teacher-forced transformers ---------------------------------------------------------------
+
+class TeacherForcingCache:
+    """A differentiable full KV cache with the ``KVCache.append`` interface and no policy: running
+    the inference path scale by scale with it is block-causal attention over the whole sequence."""
+
+    policy = None
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def append(self, layer: int, scale: int, keys: torch.Tensor, values: torch.Tensor):
+        if layer in self.keys:
+            keys = torch.cat((self.keys[layer], keys), dim=2)
+            values = torch.cat((self.values[layer], values), dim=2)
+        self.keys[layer], self.values[layer] = keys, values
+        return keys, values
+
+
+def infinity_text_features(encoder: nn.Module, tokenizer: ByteTokenizer, captions: Sequence[str],
+                           max_length: int) -> list[torch.Tensor]:
+    """Per caption, the (trainable) T5 features at its real tokens, as ``TextEncoder`` returns them."""
+    tokens = tokenizer(list(captions), max_length=max_length, padding="longest")
+    hidden = encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+    return [hidden[i, :n] for i, n in enumerate(tokens["attention_mask"].sum(1).tolist())]
+
+
+def infinity_teacher_forced_loss(transformer: InfinityTransformer, features: list[torch.Tensor],
+                                 bits: Sequence[torch.Tensor], drop: torch.Tensor) -> torch.Tensor:
+    """Bitwise cross-entropy of teacher-forced next-scale prediction; ``drop[i]``: caption i replaced
+    by the unconditional rows."""
+    c = transformer.config
+    shapes = infinity_shapes()
+    template = INFINITY_TEMPLATES[1.0]
+    rows = [transformer.cfg_uncond[: f.shape[0]] if dropped else f for f, dropped in zip(features, drop.tolist())]
+    ctx = transformer.prepare_text(rows, guidance=False)
+    table = transformer.rope(template)
+    cache = TeacherForcingCache()
+    full = shapes[-1]
+    summed = torch.zeros(len(features), c.codebook_dim, *full)
+    x = transformer.start_tokens(ctx)
+    losses, offset = [], 0
+    for si, shape in enumerate(shapes):
+        hidden = transformer.forward_scale(x, si, ctx, cache=cache, rope_table=table, rope_start=offset,
+                                           compute_dtype=torch.float32)
+        offset += shape[0] * shape[1]
+        logits = transformer.logits(hidden, ctx).reshape(-1, 2)
+        losses.append(F.cross_entropy(logits, bits[si].reshape(-1).long(), reduction="sum"))
+        if si < len(shapes) - 1:
+            with torch.no_grad():
+                summed = summed + resize_codes(bits_to_codes(bits[si], c.codebook_dim), full)
+                following = resize_codes(summed, shapes[si + 1])
+            x = transformer.embed_codes(following, ctx.rows)
+    total_bits = sum(b.numel() for b in bits)
+    return torch.stack(losses).sum() / total_bits
+
+
+def var_teacher_forced_loss(transformer: VARTransformer, vqvae: VQVAE, labels: torch.Tensor,
+                            indices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Index cross-entropy of teacher-forced next-scale prediction (labels already dropped)."""
+    c = transformer.config
+    patch_nums = c.patch_nums
+    cond = transformer.class_emb(labels)
+    level_pos = transformer.level_positions()
+    cache = TeacherForcingCache()
+    x = transformer.first_input(cond, level_pos)
+    f_hat = torch.zeros(len(labels), c.cvae, patch_nums[-1], patch_nums[-1])
+    losses = []
+    for si, pn in enumerate(patch_nums):
+        logits = transformer.step(x, cond, cache, si)
+        losses.append(F.cross_entropy(logits.reshape(-1, c.vocab_size), indices[si].reshape(-1), reduction="sum"))
+        if si < len(patch_nums) - 1:
+            with torch.no_grad():
+                h = vqvae.quantize.lookup(indices[si], pn)
+                f_hat, next_map = vqvae.quantize.accumulate(si, patch_nums, f_hat, h)
+            x = transformer.next_input(next_map, si + 1, level_pos, copies=1)
+    return torch.stack(losses).sum() / sum(i.numel() for i in indices)
+
+
+# -- initialisation ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def init_transformer(model: nn.Module, depth: int) -> None:
+    """GPT-style init for training from scratch: linear/embedding weights N(0, 0.02), biases 0,
+    residual output projections scaled by 1/sqrt(2 depth); AdaLN gates start at 1 (not 0, as in
+    VAR's init) so the tiny blocks learn from the first steps; the head starts small."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+    for name, param in model.named_parameters():
+        if name.endswith(("attn.proj.weight", "sa.proj.weight", "ca.proj.weight", "ffn.fc2.weight")):
+            param.mul_(1 / math.sqrt(2 * depth))
+        if name.endswith("ada_gss"):
+            param.zero_()
+            param[:, :, :2] = 1.0  # gamma1, gamma2
+        if name.endswith("ada_lin.1.bias") and param.shape[0] % 6 == 0 and name.startswith("blocks."):
+            width = param.shape[0] // 6
+            param[: 2 * width] = 1.0
+        if name == "cfg_uncond":
+            param.normal_(std=0.5)
+        if name == "head.weight":
+            param.mul_(0.1)
+
+
+# -- the training loop ---------------------------------------------------------------------------------
+
+@attrs.define
+class TrainingLog:
+    """Rows {stage, step, loss, ...} in memory and appended to ``log.jsonl`` as they come."""
+
+    path: Optional[Path] = None
+    rows: list = attrs.field(factory=list)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.path is not None:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+def _lr_at(step: int, settings: StageSettings) -> float:
+    warmup = max(1, settings.steps // 20)
+    if step < warmup:
+        return settings.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, settings.steps - warmup)
+    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _run(stage: str, parameters, settings: StageSettings, step_fn: Callable[[int], dict], log: TrainingLog,
+         progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    started = time.perf_counter()
+    bar = tqdm(range(settings.steps), desc=f"train {stage}", disable=not progress, unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, settings)
+        optimizer.zero_grad(set_to_none=True)
+        terms = step_fn(step)
+        terms["loss"].backward()
+        norm = torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        row = {"stage": stage, "step": step, "seconds": round(time.perf_counter() - started, 3),
+               "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(norm)}
+        row.update({k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()})
+        log.add(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+
+
+def train_bsq(seed: int, settings: StageSettings, log: TrainingLog, progress: bool = True):
+    """Stage 1: (encoder, decoder) of the BSQ-VAE."""
+    torch.manual_seed(seed)
+    config = trained_tiny_vae()
+    encoder, decoder = Encoder(config.codebook_dim), BSQVAEDecoder(config)
+    shapes = infinity_shapes()
+
+    def step_fn(step):
+        images, _ = scene_batch(seed, step, settings.batch, "pair" if step % 2 == 0 else "single")
+        summed, _, commitment = bsq_quantize(encoder(images), shapes)
+        out = decoder(summed)
+        mse = F.mse_loss(out, images)
+        l1 = (out - images).abs().mean()
+        return {"loss": mse + l1 + 0.25 * commitment, "mse": mse, "commitment": commitment}
+
+    _run("bsq", list(encoder.parameters()) + list(decoder.parameters()), settings, step_fn, log, progress)
+    return encoder.eval().requires_grad_(False), decoder.eval().requires_grad_(False)
+
+
+def train_vq(seed: int, settings: StageSettings, log: TrainingLog, progress: bool = True, restart_every: int = 25):
+    """Stage 2: (encoder, VQVAE) of VAR's tokenizer."""
+    torch.manual_seed(seed + 1)
+    config = TRAINED_TINY_VQVAE
+    encoder, vqvae = Encoder(config.z_channels), VQVAE(config)
+    quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 3, padding=1)
+    with torch.no_grad():
+        vqvae.quantize.embedding.weight.uniform_(-1 / config.vocab_size, 1 / config.vocab_size)
+    patch_nums = TRAINED_TINY_VAR.patch_nums
+    hits = torch.zeros(config.vocab_size)
+
+    def step_fn(step):
+        nonlocal hits
+        images, _ = scene_batch(seed + 1, step, settings.batch, "single" if step % 2 == 0 else "pair")
+        f = quant_conv(encoder(images))
+        f_hat, _, vq_loss, seen = vq_quantize(vqvae, f, patch_nums)
+        out = vqvae.decoder(vqvae.post_quant_conv(f_hat))
+        mse = F.mse_loss(out, images)
+        l1 = (out - images).abs().mean()
+        with torch.no_grad():
+            for _, idx in seen:
+                hits += torch.bincount(idx, minlength=config.vocab_size).float()
+            if (step + 1) % restart_every == 0 and step + 1 < settings.steps * 0.8:
+                dead = (hits == 0).nonzero().flatten()
+                if len(dead):
+                    pool = torch.cat([z for z, _ in seen])
+                    pick = torch.randint(len(pool), (len(dead),))
+                    vqvae.quantize.embedding.weight[dead] = pool[pick]
+                hits.zero_()
+        used = sum(len(torch.unique(idx)) for _, idx in seen[-1:])
+        return {"loss": mse + l1 + vq_loss, "mse": mse, "vq": vq_loss, "codes_used_last_scale": torch.tensor(float(used))}
+
+    _run("vq", list(encoder.parameters()) + list(quant_conv.parameters()) + list(vqvae.parameters()), settings,
+         step_fn, log, progress)
+    encoder = nn.Sequential(encoder, quant_conv)
+    return encoder.eval().requires_grad_(False), vqvae.eval().requires_grad_(False)
+
+
+def new_text_encoder(seed: int):
+    from transformers import T5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T5EncoderModel(tiny_t5_config(TRAINED_TINY_CONFIG.text_channels))
+
+
+def train_infinity(seed: int, settings: StageSettings, encoder: nn.Module, log: TrainingLog, progress: bool = True,
+                   drop_rate: float = 0.1):
+    """Stage 3: (transformer, T5 encoder) of the text-to-image model, on frozen BSQ tokens."""
+    torch.manual_seed(seed + 2)
+    c = TRAINED_TINY_CONFIG
+    transformer = InfinityTransformer(c)
+    init_transformer(transformer, c.depth)
+    text_encoder = new_text_encoder(seed + 3)
+    tokenizer = ByteTokenizer(c.text_maxlen)
+    shapes = infinity_shapes()
+    drop_generator = torch.Generator().manual_seed(seed + 4)
+
+    def step_fn(step):
+        images, scene_list = scene_batch(seed + 2, step, settings.batch, "pair")
+        with torch.no_grad():
+            _, bits, _ = bsq_quantize(encoder(images), shapes)
+        features = infinity_text_features(text_encoder, tokenizer, [s.caption for s in scene_list], c.text_maxlen)
+        drop = torch.rand(len(scene_list), generator=drop_generator) < drop_rate
+        return {"loss": infinity_teacher_forced_loss(transformer, features, bits, drop)}
+
+    _run("infinity", list(transformer.parameters()) + list(text_encoder.parameters()), settings, step_fn, log,
+         progress)
+    return transformer.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
+
+
+def train_var(seed: int, settings: StageSettings, encoder: nn.Module, vqvae: VQVAE, log: TrainingLog,
+              progress: bool = True, drop_rate: float = 0.1):
+    """Stage 4: the class-conditional transformer on frozen VQ tokens."""
+    torch.manual_seed(seed + 5)
+    c = TRAINED_TINY_VAR
+    transformer = VARTransformer(c)
+    init_transformer(transformer, c.depth)
+    drop_generator = torch.Generator().manual_seed(seed + 6)
+
+    def step_fn(step):
+        images, scene_list = scene_batch(seed + 5, step, settings.batch, "single")
+        with torch.no_grad():
+            _, indices, _, _ = vq_quantize(vqvae, encoder(images), c.patch_nums)
+        labels = torch.tensor([s.label for s in scene_list])
+        drop = torch.rand(len(labels), generator=drop_generator) < drop_rate
+        labels = torch.where(drop, torch.full_like(labels, c.num_classes), labels)
+        return {"loss": var_teacher_forced_loss(transformer, vqvae, labels, indices)}
+
+    _run("var", list(transformer.parameters()), settings, step_fn, log, progress)
+    return transformer.eval().requires_grad_(False)
+
+
+# -- saving -------------------------------------------------------------------------------------------
+
+def _save(tensors: dict, path: Path, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(path),
+              metadata={k: str(v) for k, v in metadata.items()})
+
+
+def save_infinity(folder: Path, transformer, text_encoder, bsq_encoder, decoder, metadata: dict) -> None:
+    """``transformer.safetensors`` (official keys), ``vae.safetensors`` (``decoder.*`` official keys
+    + ``encoder.*``), ``text_encoder.safetensors`` (T5EncoderModel keys; byte tokenizer)."""
+    _save(transformer.state_dict(), folder / "transformer.safetensors", metadata)
+    vae = dict(decoder.official_state_dict())
+    vae.update({f"encoder.{k}": v for k, v in bsq_encoder.state_dict().items()})
+    _save(vae, folder / "vae.safetensors", metadata)
+    _save(text_encoder.state_dict(), folder / "text_encoder.safetensors", metadata)
+
+
+def save_var(folder: Path, transformer, vq_encoder, vqvae, metadata: dict) -> None:
+    """``var.safetensors`` (official keys), ``vqvae.safetensors`` (official keys + ``encoder.*`` and
+    ``quant_conv.*``, which the loader skips as for the official file)."""
+    _save(transformer.state_dict(), folder / "var.safetensors", metadata)
+    state = dict(vqvae.state_dict())
+    state.update({f"encoder.{k}": v for k, v in vq_encoder[0].state_dict().items()})
+    state.update({f"quant_conv.{k}": v for k, v in vq_encoder[1].state_dict().items()})
+    _save(state, folder / "vqvae.safetensors", metadata)
+
+
+def plot_log(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in STAGES if any(r["stage"] == s for r in rows)]
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        steps = np.array([r["step"] for r in rows if r["stage"] == stage])
+        loss = np.array([r["loss"] for r in rows if r["stage"] == stage])
+        ax.plot(steps, loss, alpha=0.3, lw=0.8)
+        window = max(1, len(loss) // 25)
+        if len(loss) >= window:
+            smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], smooth, lw=1.5)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train_all(out: Path, *, seed: int = 0, stages: Sequence[str] = STAGES, settings: Optional[dict] = None,
+              progress: bool = True, install: bool = False) -> dict:
+    """Run the stages into ``out`` (weights under ``out/weights/<preset>/``, ``log.jsonl``,
+    ``loss.png``, ``run.json``); with ``install`` copy the weights into the package."""
+    settings = {**DEFAULT_SETTINGS, **(settings or {})}
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown training stage(s) {unknown}; known: {list(STAGES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.jsonl"
+    if log_path.exists():
+        log_path.unlink()
+    log = TrainingLog(log_path)
+    started = time.perf_counter()
+    meta = {"seed": seed, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "settings": json.dumps({k: attrs.asdict(v) for k, v in settings.items()})}
+    if "bsq" in stages or "infinity" in stages:
+        bsq_encoder, decoder = train_bsq(seed, settings["bsq"], log, progress)
+        if "infinity" in stages:
+            transformer, text_encoder = train_infinity(seed, settings["infinity"], bsq_encoder, log, progress)
+            save_infinity(out / "weights" / "infinity-tiny", transformer, text_encoder, bsq_encoder, decoder, meta)
+    if "vq" in stages or "var" in stages:
+        vq_encoder, vqvae = train_vq(seed, settings["vq"], log, progress)
+        if "var" in stages:
+            transformer = train_var(seed, settings["var"], vq_encoder, vqvae, log, progress)
+            save_var(out / "weights" / "var-tiny", transformer, vq_encoder, vqvae, meta)
+    plot_log(log.rows, out / "loss.png")
+    summary = {"seconds": round(time.perf_counter() - started, 1), "seed": seed, "stages": list(stages),
+               "threads": torch.get_num_threads(),
+               "settings": {k: attrs.asdict(v) for k, v in settings.items()},
+               "final_loss": {s: float(np.mean([r["loss"] for r in log.rows if r["stage"] == s][-20:]))
+                              for s in stages if any(r["stage"] == s for r in log.rows)}}
+    (out / "run.json").write_text(json.dumps(summary, indent=2))
+    if install:
+        for preset in ("infinity-tiny", "var-tiny"):
+            source = out / "weights" / preset
+            if source.is_dir():
+                target = PACKAGE_WEIGHTS / preset
+                target.mkdir(parents=True, exist_ok=True)
+                for file in source.glob("*.safetensors"):
+                    shutil.copy2(file, target / file.name)
+    return summary
+
+
+def train_tiny_command(args) -> int:
+    """``kvpolicy train-tiny``: validate every argument, then train (see the module docstring)."""
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if not stages or unknown:
+        raise ValueError(f"--stages {args.stages!r}: unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
+    if not args.steps_scale > 0 or not math.isfinite(args.steps_scale):
+        raise ValueError(f"--steps-scale must be a positive number, got {args.steps_scale}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out!r} exists and is not a folder")
+    torch.set_num_threads(args.threads)
+    settings = {name: attrs.evolve(s, steps=max(1, round(s.steps * args.steps_scale)))
+                for name, s in DEFAULT_SETTINGS.items()}
+    summary = train_all(out, seed=args.seed, stages=stages, settings=settings, progress=not args.no_progress,
+                        install=args.install)
+    print(json.dumps(summary, indent=2))
+    print(f"weights in {out / 'weights'}; loss curves in {out / 'loss.png'}"
+          + (f"; installed into {PACKAGE_WEIGHTS}" if args.install else ""))
+    return 0

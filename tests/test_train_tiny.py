@@ -1,0 +1,117 @@
+"""The procedural scenes, their depiction checks and a few steps of each training stage (issue 17).
+
+No real training here: each stage runs a handful of steps on tiny batches and the loss must fall.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import scenes
+from benchmarks import train_tiny as T
+
+
+def test_scenes_are_deterministic_and_independent_per_index():
+    a = scenes.sample_scene(3, 17)
+    assert a == scenes.sample_scene(3, 17)
+    assert a != scenes.sample_scene(3, 18) and a != scenes.sample_scene(4, 17)
+    images, scene_list = scenes.batch(3, 16, 4)
+    again, _ = scenes.batch(3, 17, 1)
+    assert np.array_equal(images[1], again[0]) and scene_list[1] == scenes.sample_scene(3, 17)
+    assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
+
+
+def test_captions_say_what_is_drawn_and_labels_name_colour_and_kind():
+    scene = scenes.sample_scene(0, 5)
+    a, b = scene.shapes
+    assert scene.caption == (f"a {a.size} {a.colour} {a.kind} {scene.relation} a {b.size} {b.colour} {b.kind} "
+                             f"on a {scene.background} background")
+    assert a.colour != b.colour
+    single = scenes.sample_scene(0, 5, "single")
+    assert scenes.class_name(single.label) == f"{single.shapes[0].colour} {single.shapes[0].kind}"
+    # the relation decides the halves: the first shape's centre lies in the half the caption names
+    for i in range(200):
+        s = scenes.sample_scene(1, i)
+        first, second = s.shapes
+        axis = "cy" if s.relation in ("above", "below") else "cx"
+        low = s.relation in ("left of", "above")
+        assert (getattr(first, axis) < 0.5) == low and (getattr(second, axis) < 0.5) != low
+    with pytest.raises(ValueError, match="0..17"):
+        scenes.class_name(18)
+    with pytest.raises(ValueError, match="'pair' or 'single'"):
+        scenes.sample_scene(0, 0, "triple")
+
+
+def test_checks_pass_rendered_scenes_and_fail_swapped_or_noisy_ones():
+    images, scene_list = scenes.batch(11, 0, 120, "pair", side=32)
+    rendered = np.array([scenes.check_pair(im, s) for im, s in zip(images, scene_list)])
+    assert rendered.mean() > 0.9
+    # the same images judged against captions with the two shapes swapped: mostly wrong
+    swapped = [scenes.Scene(s.shapes[::-1], s.background, s.relation, s.caption, None) for s in scene_list]
+    assert np.mean([scenes.check_pair(im, s) for im, s in zip(images, swapped)]) < 0.2
+    noise = np.random.default_rng(0).integers(0, 256, size=(120, 32, 32, 3)).astype(np.uint8)
+    assert np.mean([scenes.check_pair(im, s) for im, s in zip(noise, scene_list)]) < 0.35
+    singles, single_scenes = scenes.batch(11, 0, 90, "single", side=32)
+    checks = np.array([scenes.check_single(im, s.label) for im, s in zip(singles, single_scenes)])
+    assert checks[:, 0].mean() > 0.95 and checks[:, 1].mean() > 0.8
+    grey = np.full((32, 32, 3), 128, np.uint8)
+    assert scenes.check_single(grey, 0) == (False, False)
+
+
+def _falls(rows, stage, term):
+    losses = [r[term] for r in rows if r["stage"] == stage]
+    return np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+
+
+def test_each_training_stage_runs_on_the_adapters_modules_and_its_loss_falls(tmp_path):
+    torch.set_num_threads(1)
+    fast = {"bsq": T.StageSettings(8, 4, 3e-3), "vq": T.StageSettings(8, 4, 3e-3),
+            "infinity": T.StageSettings(6, 2, 3e-3), "var": T.StageSettings(6, 2, 3e-3)}
+    summary = T.train_all(tmp_path, seed=1, settings=fast, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    # tokenizers: the reconstruction error (their VQ / commitment terms grow while the latents do)
+    for stage, term in (("bsq", "mse"), ("vq", "mse"), ("infinity", "loss"), ("var", "loss")):
+        falls, losses = _falls(rows, stage, term)
+        assert len(losses) == fast[stage].steps
+        assert falls, f"{stage} {term} did not fall: {losses}"
+    assert set(summary["final_loss"]) == set(T.STAGES)
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    # the files load into the adapters exactly as the shipped ones do (strict loaders)
+    from adapters import load_model
+
+    weights = tmp_path / "weights"
+    model = load_model("infinity-tiny", weights=str(weights / "infinity-tiny" / "transformer.safetensors"),
+                       vae_weights=str(weights / "infinity-tiny" / "vae.safetensors"))
+    assert model.generate(["a small red circle left of a large blue square on a plain background"],
+                          progress=False).images.shape == (1, 32, 32, 3)
+    var = load_model("var-tiny", weights=str(weights / "var-tiny" / "var.safetensors"),
+                     vae_weights=str(weights / "var-tiny" / "vqvae.safetensors"))
+    assert var.generate([3], progress=False).images.shape == (1, 32, 32, 3)
+
+
+def test_teacher_forcing_cache_is_the_inference_cache_for_full_attention():
+    """Teacher-forced logits equal the generation loop's logits when it is fed the same bits."""
+    from adapters import load_model
+
+    model = load_model("infinity-tiny")
+    features = model.encode(["a large green square above a small red triangle on a dotted background"])
+    schedule, template, _ = model.schedule()
+    run = model.generate_from_features(features, schedule=schedule, template=template, cfg=1.0, seed=0,
+                                       keep_logits=True)
+    with torch.no_grad():
+        loss = T.infinity_teacher_forced_loss(model.transformer, features, run.bits, torch.tensor([False]))
+    # the loop's logits at tau 1, cfg 1 -> the same mean bitwise cross-entropy
+    logits = torch.cat([l.reshape(-1, 2) for l in run.logits])
+    targets = torch.cat([b.reshape(-1).long() for b in run.bits])
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, targets), atol=1e-5)
+
+
+def test_train_tiny_command_refuses_bad_arguments(capsys):
+    from benchmarks.cli import main
+
+    assert main(["train-tiny", "--stages", "bsq,gan"]) == 2
+    assert "unknown stage(s) ['gan']" in capsys.readouterr().err
+    assert main(["train-tiny", "--steps-scale", "0"]) == 2
+    assert "--steps-scale must be a positive number" in capsys.readouterr().err
