@@ -19,6 +19,20 @@ CALIBRATION_PROMPTS = DATA_DIR / "calibration_prompts.txt"
 NUM_IMAGENET_CLASSES = 1000
 
 
+def default_prompts(model: str, purpose: str) -> Path:
+    """The prompt list a command uses when none is given: the preset's own list when it ships one
+    (the trained ``infinity-tiny`` ships held-out captions of its training scenes in
+    ``adapters/tiny_weights/<model>/{eval,calibration}_prompts.txt``), else the generic shipped list."""
+    if purpose not in ("eval", "calibration"):
+        raise ValueError(f"purpose must be 'eval' or 'calibration', got {purpose!r}")
+    from adapters.tiny_weights import ROOT
+
+    own = ROOT / model / f"{purpose}_prompts.txt"
+    if own.is_file():
+        return own
+    return EVAL_PROMPTS if purpose == "eval" else CALIBRATION_PROMPTS
+
+
 def read_prompts(path: str | Path, limit: Optional[int] = None) -> list[str]:
     """Prompts from a text file (one per line; blank lines and '#' comments skipped), a JSON list of
     strings, or a COCO captions JSON (``{"annotations": [{"image_id", "caption"}, ...]}``)."""

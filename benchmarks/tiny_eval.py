@@ -94,7 +94,7 @@ def save_grid(images, path: Path, columns: int = 8, side: int = 64) -> None:
 
 
 def run(out: Path, *, pairs: int = 96, singles: int = 72, seed: int = 0, models: Optional[Sequence[str]] = None,
-        threads: int = 1) -> dict:
+        threads: int = 1, random_conditions: int = 36) -> dict:
     import torch
 
     from adapters import load_model
@@ -110,10 +110,12 @@ def run(out: Path, *, pairs: int = 96, singles: int = 72, seed: int = 0, models:
     for name in models:
         started = time.perf_counter()
         model = load_model(name)
+        # the random presets decode 256x256 images (slow on a CPU) and only need to show chance level
+        limit = random_conditions if name.endswith("-random") else None
         if name.startswith("infinity"):
-            metrics, images = evaluate_text_to_image(model, scene_list, seed=seed)
+            metrics, images = evaluate_text_to_image(model, scene_list[:limit], seed=seed)
         else:
-            metrics, images = evaluate_class_conditional(model, labels, seed=seed)
+            metrics, images = evaluate_class_conditional(model, labels[:limit], seed=seed)
         metrics["seconds"] = round(time.perf_counter() - started, 1)
         results["models"][name] = metrics
         save_grid(images[:32], out / f"samples_{name}.png")
@@ -144,6 +146,35 @@ def markdown(results: dict, example_scenes=()) -> str:
     return "\n".join(lines)
 
 
+def selectivity_markdown(calibrations: dict) -> str:
+    """Per-layer, per-scale attention selectivity from ``kvpolicy calibrate`` files: for each model,
+    the share of attention on the current map and the mass of the K' largest history probabilities
+    (ScaleKV's two ingredients), their ASI, and across layers the spread of ASI per scale."""
+    from kvpolicy.calibration import CalibrationResult
+
+    lines = []
+    for name, path in calibrations.items():
+        result = CalibrationResult.load(path)
+        scales = range(1, result.num_scales)  # scale 0 has no history
+        lines += [f"**{name}** ({result.source}; top-K' {result.top_k}): current-map share / top-K' history "
+                  "mass per layer (rows) and scale (columns)", "",
+                  "| layer | " + " | ".join(f"scale {k}" for k in scales) + " |",
+                  "|---|" + "---|" * len(scales)]
+        for layer in range(result.num_layers):
+            cells = []
+            for k in scales:
+                current, history = result.current_ratio[layer][k], result.history_topk[layer][k]
+                cells.append("–" if current is None else f"{current:.2f} / {history:.2f}")
+            lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+        spread = []
+        for k in scales:
+            values = [result.current_ratio[l][k] for l in range(result.num_layers)
+                      if result.current_ratio[l][k] is not None]
+            spread.append(f"{np.std(values):.3f}" if values else "–")
+        lines += ["| std over layers (current share) | " + " | ".join(spread) + " |", ""]
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tiny_eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results/tiny-models")
@@ -152,13 +183,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", default=None, help="comma-separated; default the trained and random tiny presets")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--random-conditions", type=int, default=36,
+                        help="conditions for the *-tiny-random presets (the first ones of the same lists)")
+    parser.add_argument("--calibrations", default=None, metavar="NAME=PATH,...",
+                        help="also write selectivity.md from these `kvpolicy calibrate` files")
     args = parser.parse_args(argv)
-    for name in ("pairs", "singles", "threads"):
+    for name in ("pairs", "singles", "threads", "random_conditions"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.calibrations:
+        pairs = dict(item.split("=", 1) for item in args.calibrations.split(","))
+        text = selectivity_markdown(pairs)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "selectivity.md").write_text(text)
+        print(text)
+        if args.models == "none":
+            return 0
     models = args.models.split(",") if args.models else None
     results = run(Path(args.out), pairs=args.pairs, singles=args.singles, seed=args.seed, models=models,
-                  threads=args.threads)
+                  threads=args.threads, random_conditions=args.random_conditions)
     print(markdown(results))
     return 0
 

@@ -459,6 +459,21 @@ def save_var(folder: Path, transformer, vq_encoder, vqvae, metadata: dict) -> No
     _save(state, folder / "vqvae.safetensors", metadata)
 
 
+EVAL_PROMPT_COUNT, CALIBRATION_PROMPT_COUNT = 16, 10
+CALIBRATION_STREAM = 2_000_000
+
+
+def write_prompt_files(folder: Path, seed: int = 0) -> None:
+    """The trained text-to-image preset's own prompt lists (captions of scenes never trained on):
+    ``eval_prompts.txt`` (the held-out evaluation stream) and ``calibration_prompts.txt``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header = "# Captions of procedural scenes (benchmarks/scenes.py, stream {}), never seen in training.\n"
+    for name, stream, count in (("eval_prompts.txt", scenes.held_out_seed(seed), EVAL_PROMPT_COUNT),
+                                ("calibration_prompts.txt", CALIBRATION_STREAM + seed, CALIBRATION_PROMPT_COUNT)):
+        lines = [scenes.sample_scene(stream, i).caption for i in range(count)]
+        (folder / name).write_text(header.format(stream) + "\n".join(lines) + "\n")
+
+
 def plot_log(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -506,6 +521,7 @@ def train_all(out: Path, *, seed: int = 0, stages: Sequence[str] = STAGES, setti
         if "infinity" in stages:
             transformer, text_encoder = train_infinity(seed, settings["infinity"], bsq_encoder, log, progress)
             save_infinity(out / "weights" / "infinity-tiny", transformer, text_encoder, bsq_encoder, decoder, meta)
+            write_prompt_files(out / "weights" / "infinity-tiny", seed)
     if "vq" in stages or "var" in stages:
         vq_encoder, vqvae = train_vq(seed, settings["vq"], log, progress)
         if "var" in stages:
@@ -524,7 +540,7 @@ def train_all(out: Path, *, seed: int = 0, stages: Sequence[str] = STAGES, setti
             if source.is_dir():
                 target = PACKAGE_WEIGHTS / preset
                 target.mkdir(parents=True, exist_ok=True)
-                for file in source.glob("*.safetensors"):
+                for file in list(source.glob("*.safetensors")) + list(source.glob("*_prompts.txt")):
                     shutil.copy2(file, target / file.name)
     return summary
 
