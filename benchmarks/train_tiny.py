@@ -383,41 +383,69 @@ def new_text_encoder(seed: int):
 
 
 def train_infinity(seed: int, settings: StageSettings, encoder: nn.Module, log: TrainingLog, progress: bool = True,
-                   drop_rate: float = 0.1):
-    """Stage 3: (transformer, T5 encoder) of the text-to-image model, on frozen BSQ tokens."""
+                   drop_rate: float = 0.1, more: Optional[StageSettings] = None):
+    """Stage 3: (transformer, T5 encoder) of the text-to-image model, on frozen BSQ tokens.
+
+    ``more``: a second cycle (warm restart: fresh AdamW, warm-up and cosine again) on the following
+    batches of the same stream, stage name ``infinity+``."""
     torch.manual_seed(seed + 2)
     c = TRAINED_TINY_CONFIG
     transformer = InfinityTransformer(c)
     init_transformer(transformer, c.depth)
     text_encoder = new_text_encoder(seed + 3)
+    drop_generator = torch.Generator().manual_seed(seed + 4)
+    infinity_cycle("infinity", seed, settings, 0, transformer, text_encoder, encoder, drop_generator, log, progress,
+                   drop_rate)
+    if more is not None:
+        infinity_cycle("infinity+", seed, more, settings.steps, transformer, text_encoder, encoder, drop_generator,
+                       log, progress, drop_rate)
+    return transformer.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
+
+
+def infinity_cycle(stage: str, seed: int, settings: StageSettings, offset: int, transformer, text_encoder, encoder,
+                   drop_generator: torch.Generator, log: TrainingLog, progress: bool = True, drop_rate: float = 0.1):
+    """One optimisation cycle of the text-to-image stage on batches ``offset ..`` of its stream."""
+    c = TRAINED_TINY_CONFIG
     tokenizer = ByteTokenizer(c.text_maxlen)
     shapes = infinity_shapes()
-    drop_generator = torch.Generator().manual_seed(seed + 4)
+    transformer.train().requires_grad_(True)
+    text_encoder.train().requires_grad_(True)
 
     def step_fn(step):
-        images, scene_list = scene_batch(seed + 2, step, settings.batch, "pair")
+        images, scene_list = scene_batch(seed + 2, offset + step, settings.batch, "pair")
         with torch.no_grad():
             _, bits, _ = bsq_quantize(encoder(images), shapes)
         features = infinity_text_features(text_encoder, tokenizer, [s.caption for s in scene_list], c.text_maxlen)
         drop = torch.rand(len(scene_list), generator=drop_generator) < drop_rate
         return {"loss": infinity_teacher_forced_loss(transformer, features, bits, drop)}
 
-    _run("infinity", list(transformer.parameters()) + list(text_encoder.parameters()), settings, step_fn, log,
-         progress)
-    return transformer.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
+    _run(stage, list(transformer.parameters()) + list(text_encoder.parameters()), settings, step_fn, log, progress)
 
 
 def train_var(seed: int, settings: StageSettings, encoder: nn.Module, vqvae: VQVAE, log: TrainingLog,
-              progress: bool = True, drop_rate: float = 0.1):
-    """Stage 4: the class-conditional transformer on frozen VQ tokens."""
+              progress: bool = True, drop_rate: float = 0.1, more: Optional[StageSettings] = None):
+    """Stage 4: the class-conditional transformer on frozen VQ tokens; ``more``: a second cycle
+    (warm restart) on the following batches, stage name ``var+``."""
     torch.manual_seed(seed + 5)
     c = TRAINED_TINY_VAR
     transformer = VARTransformer(c)
     init_transformer(transformer, c.depth)
     drop_generator = torch.Generator().manual_seed(seed + 6)
+    var_cycle("var", seed, settings, 0, transformer, encoder, vqvae, drop_generator, log, progress, drop_rate)
+    if more is not None:
+        var_cycle("var+", seed, more, settings.steps, transformer, encoder, vqvae, drop_generator, log, progress,
+                  drop_rate)
+    return transformer.eval().requires_grad_(False)
+
+
+def var_cycle(stage: str, seed: int, settings: StageSettings, offset: int, transformer, encoder, vqvae,
+              drop_generator: torch.Generator, log: TrainingLog, progress: bool = True, drop_rate: float = 0.1):
+    """One optimisation cycle of the class-conditional stage on batches ``offset ..`` of its stream."""
+    c = TRAINED_TINY_VAR
+    transformer.train().requires_grad_(True)
 
     def step_fn(step):
-        images, scene_list = scene_batch(seed + 5, step, settings.batch, "single")
+        images, scene_list = scene_batch(seed + 5, offset + step, settings.batch, "single")
         with torch.no_grad():
             _, indices, _, _ = vq_quantize(vqvae, encoder(images), c.patch_nums)
         labels = torch.tensor([s.label for s in scene_list])
@@ -425,8 +453,7 @@ def train_var(seed: int, settings: StageSettings, encoder: nn.Module, vqvae: VQV
         labels = torch.where(drop, torch.full_like(labels, c.num_classes), labels)
         return {"loss": var_teacher_forced_loss(transformer, vqvae, labels, indices)}
 
-    _run("var", list(transformer.parameters()), settings, step_fn, log, progress)
-    return transformer.eval().requires_grad_(False)
+    _run(stage, list(transformer.parameters()), settings, step_fn, log, progress)
 
 
 # -- saving -------------------------------------------------------------------------------------------

@@ -115,3 +115,28 @@ def test_train_tiny_command_refuses_bad_arguments(capsys):
     assert "unknown stage(s) ['gan']" in capsys.readouterr().err
     assert main(["train-tiny", "--steps-scale", "0"]) == 2
     assert "--steps-scale must be a positive number" in capsys.readouterr().err
+
+
+def test_trained_presets_load_offline_from_the_package_and_the_random_ones_keep_their_names():
+    from adapters import load_model
+    from adapters.geometry import get_geometry
+    from adapters.tiny_weights import ROOT
+    from benchmarks.prompts import EVAL_PROMPTS, default_prompts
+
+    var = load_model("var-tiny")
+    assert var.sources == {"var": str(ROOT / "var-tiny" / "var.safetensors"),
+                           "vae": str(ROOT / "var-tiny" / "vqvae.safetensors")}
+    assert var.config.num_classes == scenes.NUM_CLASSES and var.geometry() == get_geometry("var-tiny")
+    assert load_model("var-tiny-random").sources["var"].startswith("random")
+    infinity = load_model("infinity-tiny")
+    assert infinity.geometry() == get_geometry("infinity-tiny")
+    assert infinity.text_encoder.width == infinity.config.text_channels
+    # the trained T5 differs from the random one the random preset builds
+    trained = infinity.encode(["a small red circle"])[0]
+    random = load_model("infinity-tiny-random").encode(["a small red circle"])[0]
+    assert trained.shape == random.shape and not torch.allclose(trained, random)
+    # compare/calibrate default to the preset's own held-out captions, other models to the generic list
+    own = default_prompts("infinity-tiny", "eval")
+    assert own.parent == ROOT / "infinity-tiny" and default_prompts("infinity-2b", "eval") == EVAL_PROMPTS
+    held_out = [s.caption for s in (scenes.sample_scene(scenes.held_out_seed(0), i) for i in range(16))]
+    assert [l for l in own.read_text().splitlines() if not l.startswith("#")] == held_out
