@@ -80,7 +80,9 @@ DEFAULT_SETTINGS = {
     "bsq": StageSettings(steps=240, batch=24, lr=2e-3),
     "vq": StageSettings(steps=240, batch=24, lr=2e-3),
     "infinity": StageSettings(steps=360, batch=16, lr=2e-3),
+    "infinity+": StageSettings(steps=260, batch=16, lr=1.5e-3),  # second cycle (warm restart)
     "var": StageSettings(steps=360, batch=16, lr=2e-3),
+    "var+": StageSettings(steps=240, batch=16, lr=1.5e-3),
 }
 
 
@@ -507,11 +509,13 @@ def plot_log(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [s for s in STAGES if any(r["stage"] == s for r in rows)]
+    stages = [s for s in STAGES if any(r["stage"] in (s, s + "+") for r in rows)]
     fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2), squeeze=False)
     for ax, stage in zip(axes[0], stages):
-        steps = np.array([r["step"] for r in rows if r["stage"] == stage])
-        loss = np.array([r["loss"] for r in rows if r["stage"] == stage])
+        first = [r for r in rows if r["stage"] == stage]
+        later = [r for r in rows if r["stage"] == stage + "+"]  # the second cycle continues the step count
+        steps = np.array([r["step"] for r in first] + [len(first) + r["step"] for r in later])
+        loss = np.array([r["loss"] for r in first + later])
         ax.plot(steps, loss, alpha=0.3, lw=0.8)
         window = max(1, len(loss) // 25)
         if len(loss) >= window:
@@ -546,20 +550,21 @@ def train_all(out: Path, *, seed: int = 0, stages: Sequence[str] = STAGES, setti
     if "bsq" in stages or "infinity" in stages:
         bsq_encoder, decoder = train_bsq(seed, settings["bsq"], log, progress)
         if "infinity" in stages:
-            transformer, text_encoder = train_infinity(seed, settings["infinity"], bsq_encoder, log, progress)
+            transformer, text_encoder = train_infinity(seed, settings["infinity"], bsq_encoder, log, progress,
+                                                       more=settings.get("infinity+"))
             save_infinity(out / "weights" / "infinity-tiny", transformer, text_encoder, bsq_encoder, decoder, meta)
             write_prompt_files(out / "weights" / "infinity-tiny", seed)
     if "vq" in stages or "var" in stages:
         vq_encoder, vqvae = train_vq(seed, settings["vq"], log, progress)
         if "var" in stages:
-            transformer = train_var(seed, settings["var"], vq_encoder, vqvae, log, progress)
+            transformer = train_var(seed, settings["var"], vq_encoder, vqvae, log, progress, more=settings.get("var+"))
             save_var(out / "weights" / "var-tiny", transformer, vq_encoder, vqvae, meta)
     plot_log(log.rows, out / "loss.png")
     summary = {"seconds": round(time.perf_counter() - started, 1), "seed": seed, "stages": list(stages),
                "threads": torch.get_num_threads(),
                "settings": {k: attrs.asdict(v) for k, v in settings.items()},
                "final_loss": {s: float(np.mean([r["loss"] for r in log.rows if r["stage"] == s][-20:]))
-                              for s in stages if any(r["stage"] == s for r in log.rows)}}
+                              for s in dict.fromkeys(r["stage"] for r in log.rows)}}
     (out / "run.json").write_text(json.dumps(summary, indent=2))
     if install:
         for preset in ("infinity-tiny", "var-tiny"):

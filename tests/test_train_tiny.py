@@ -68,7 +68,8 @@ def _falls(rows, stage, term):
 def test_each_training_stage_runs_on_the_adapters_modules_and_its_loss_falls(tmp_path):
     torch.set_num_threads(1)
     fast = {"bsq": T.StageSettings(8, 4, 3e-3), "vq": T.StageSettings(8, 4, 3e-3),
-            "infinity": T.StageSettings(6, 2, 3e-3), "var": T.StageSettings(6, 2, 3e-3)}
+            "infinity": T.StageSettings(6, 2, 3e-3), "var": T.StageSettings(6, 2, 3e-3),
+            "infinity+": T.StageSettings(2, 2, 1e-3), "var+": T.StageSettings(2, 2, 1e-3)}
     summary = T.train_all(tmp_path, seed=1, settings=fast, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     # tokenizers: the reconstruction error (their VQ / commitment terms grow while the latents do)
@@ -76,7 +77,8 @@ def test_each_training_stage_runs_on_the_adapters_modules_and_its_loss_falls(tmp
         falls, losses = _falls(rows, stage, term)
         assert len(losses) == fast[stage].steps
         assert falls, f"{stage} {term} did not fall: {losses}"
-    assert set(summary["final_loss"]) == set(T.STAGES)
+    assert set(summary["final_loss"]) == set(T.STAGES) | {"infinity+", "var+"}
+    assert [r["step"] for r in rows if r["stage"] == "var+"] == [0, 1]  # the second cycle ran
     assert (tmp_path / "loss.png").stat().st_size > 0
     # the files load into the adapters exactly as the shipped ones do (strict loaders)
     from adapters import load_model
