@@ -101,7 +101,7 @@ def run(out: Path, *, pairs: int = 96, singles: int = 72, seed: int = 0, models:
 
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
-    models = list(models or INFINITY_MODELS + VAR_MODELS)
+    models = list(INFINITY_MODELS + VAR_MODELS if models is None else models)
     scene_list, labels = held_out_pairs(pairs, seed), held_out_labels(singles)
     results: dict = {"seed": seed, "held_out_stream": scenes.held_out_seed(seed), "models": {}}
     gt_pairs, _ = evaluate_text_to_image(None, scene_list, images=ground_truth_pairs(scene_list))
@@ -150,7 +150,7 @@ def selectivity_markdown(calibrations: dict) -> str:
     """Per-layer, per-scale attention selectivity from ``kvpolicy calibrate`` files: for each model,
     the share of attention on the current map and the mass of the K' largest history probabilities
     (ScaleKV's two ingredients), their ASI, and across layers the spread of ASI per scale."""
-    from kvpolicy.calibration import CalibrationResult
+    from policies.scalekv.calibration import CalibrationResult
 
     lines = []
     for name, path in calibrations.items():
