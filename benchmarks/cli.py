@@ -199,7 +199,7 @@ def _cmd_list(args) -> int:
             for name, preset in sorted(family.presets.items()):
                 kind = "runnable" if name in runnable else "geometry only (kvpolicy plan)"
                 print(f"{name:<20} {family.name:<10} {family.conditioning:<7} {kind}"
-                      f"{', tiny (random weights)' if preset.tiny else ''}")
+                      f"{', tiny (CPU-sized)' if preset.tiny else ''}")
         return 0
     import kvpolicy
 
