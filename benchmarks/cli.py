@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_check_parser(sub, _add_option_arg)
     p = sub.add_parser("train-tiny", help="train infinity-tiny and var-tiny on procedural scenes (CPU)")
-    from .train_tiny_args import add_train_tiny_arguments
+    from adapters.tiny.arguments import add_train_tiny_arguments
 
     add_train_tiny_arguments(p)
     return parser
@@ -253,7 +253,7 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_train_tiny(args) -> int:
-    from .train_tiny import train_tiny_command
+    from adapters.tiny.train import train_tiny_command
 
     return train_tiny_command(args)
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import scenes
-from benchmarks import train_tiny as T
+from adapters.tiny import scenes
+from adapters.tiny import train as T
 
 
 def test_scenes_are_deterministic_and_independent_per_index():

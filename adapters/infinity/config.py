@@ -179,9 +179,9 @@ def _sized(depth, width, heads, chunks=4):
 TINY_CONFIG = InfinityConfig(depth=4, embed_dim=64, num_heads=4, block_chunks=2, token_bits=32,
                              text_channels=128, text_maxlen=32)
 
-# The trained tiny model (issue 17; ``benchmarks/train_tiny.py``): 16 bits per token, a stride-2
+# The trained tiny model (issue 17; ``adapters/tiny/train.py``): 16 bits per token, a stride-2
 # BSQ-VAE (the 0.06M schedule's 16x16 last map decodes to 32x32 pixels) and a 2-layer T5 trained
-# with it on the procedural scenes of ``benchmarks/scenes.py`` (captions up to 90 bytes). Sized so
+# with it on the procedural scenes of ``adapters/tiny/scenes.py`` (captions up to 90 bytes). Sized so
 # that all training fits a shared 2-core CPU in well under an hour.
 TRAINED_TINY_CONFIG = InfinityConfig(depth=4, embed_dim=64, num_heads=4, block_chunks=2, token_bits=16,
                                      text_channels=128, text_maxlen=96)
@@ -213,7 +213,7 @@ PRESETS: dict[str, InfinityPreset] = {
                                        vae_file=D32_VAE),
     "infinity-layer48": InfinityPreset("infinity-layer48", _sized(48, 3360, 28), BSQVAEConfig.infinity_2b,
                                        vae_file=D32_VAE),
-    # Trained on procedural captioned scenes (benchmarks/train_tiny.py); 0.06M schedule, 32x32 pixels.
+    # Trained on procedural captioned scenes (adapters/tiny/train.py); 0.06M schedule, 32x32 pixels.
     "infinity-tiny": InfinityPreset("infinity-tiny", TRAINED_TINY_CONFIG, trained_tiny_vae, default_resolution=256,
                                     text_encoder=None, packaged="infinity-tiny"),
     # Seeded random weights: every path runs, nothing is learned (parity and golden-style tests).

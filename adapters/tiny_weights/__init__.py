@@ -1,6 +1,6 @@
 """Trained weights of the tiny presets (``infinity-tiny``, ``var-tiny``), made by ``kvpolicy train-tiny``.
 
-One folder per preset, safetensors files with the official key layouts; see ``benchmarks/train_tiny.py``
+One folder per preset, safetensors files with the official key layouts; see ``adapters/tiny/train.py``
 and the README section "Trained tiny models".
 """
 

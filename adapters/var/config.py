@@ -4,7 +4,7 @@ Widths follow ``build_vae_var``: heads = depth, C = 64 * depth, FFN 4C, LayerNor
 VQVAE is the official ``vae_ch160v4096z32`` (ch 160, ch_mult 1,1,2,2,4, Cvae 32, V 4096).
 ``var-tiny-random`` keeps every structural choice (256^2 patch list 1..16, V 4096, decoder ch_mult) at a
 small width so that a generation runs on a CPU in about a second; its weights are random. ``var-tiny``
-is trained (``benchmarks/train_tiny.py``): the same patch list, 18 classes, V 512, 32x32 pixels.
+is trained (``adapters/tiny/train.py``): the same patch list, 18 classes, V 512, 32x32 pixels.
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ def _official(depth: int, resolution: int, shared_aln: bool) -> VARPreset:
                      vqvae=VQVAEConfig(), resolution=resolution, hub_file=f"var_d{depth}.pth")
 
 
-# The trained tiny model (issue 17; ``benchmarks/train_tiny.py``): 18 classes (6 colours x 3 shapes of
-# ``benchmarks/scenes.py``), a 512-entry codebook of 16-d vectors and a stride-2 VQVAE, so the
+# The trained tiny model (issue 17; ``adapters/tiny/train.py``): 18 classes (6 colours x 3 shapes of
+# ``adapters/tiny/scenes.py``), a 512-entry codebook of 16-d vectors and a stride-2 VQVAE, so the
 # official 256^2 patch list (1..16) decodes to 32x32 pixels.
 TRAINED_TINY_VAR = VARConfig(depth=4, embed_dim=64, num_heads=4, patch_nums=VAR_PATCH_NUMS[256], vocab_size=512,
                              cvae=16, num_classes=18)
@@ -129,7 +129,7 @@ TRAINED_TINY_VQVAE = VQVAEConfig(vocab_size=512, z_channels=16, ch=32, ch_mult=(
 PRESETS: dict[str, VARPreset] = {
     **{f"var-d{d}": _official(d, 256, False) for d in (16, 20, 24, 30)},
     "var-d36": _official(36, 512, True),  # README: "-s means saln=1"; 512 patch list
-    # Trained on procedural scenes (benchmarks/train_tiny.py): 18 classes, 32x32 pixels.
+    # Trained on procedural scenes (adapters/tiny/train.py): 18 classes, 32x32 pixels.
     "var-tiny": VARPreset(name="var-tiny", var=TRAINED_TINY_VAR, vqvae=TRAINED_TINY_VQVAE, resolution=32,
                           hub_file=None, packaged="var-tiny"),
     # Seeded random weights: every path runs, nothing is learned (parity and golden-style tests).

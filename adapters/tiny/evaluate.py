@@ -1,8 +1,8 @@
 """Do the tiny models' full-cache images depict their captions / classes? (issue 17)
 
-``python -m benchmarks.tiny_eval --out DIR`` generates, with the full cache, images for held-out
+``python -m adapters.tiny.evaluate --out DIR`` generates, with the full cache, images for held-out
 conditions (scenes of a stream the training never saw) and applies the checks of
-``benchmarks.scenes``:
+``adapters.tiny.scenes``:
 
 - text-to-image (``infinity-tiny``): for each caption "a <size> <colour> <kind> <relation> a ...",
   does the first shape's colour dominate the half of the image where the caption puts it, and the
@@ -150,11 +150,17 @@ def selectivity_markdown(calibrations: dict) -> str:
     """Per-layer, per-scale attention selectivity from ``kvpolicy calibrate`` files: for each model,
     the share of attention on the current map and the mass of the K' largest history probabilities
     (ScaleKV's two ingredients), their ASI, and across layers the spread of ASI per scale."""
-    from policies.scalekv.calibration import CalibrationResult
+    import types
+
+    def load(path):  # the calibration JSON's tables, read directly (adapters do not import policies)
+        data = json.loads(Path(path).read_text())
+        data = data.get("calibration", data)
+        return types.SimpleNamespace(**{k: data[k] for k in ("num_layers", "num_scales", "current_ratio",
+                                                              "history_topk", "top_k", "source")})
 
     lines = []
     for name, path in calibrations.items():
-        result = CalibrationResult.load(path)
+        result = load(path)
         scales = range(1, result.num_scales)  # scale 0 has no history
         lines += [f"**{name}** ({result.source}; top-K' {result.top_k}): current-map share / top-K' history "
                   "mass per layer (rows) and scale (columns)", "",
@@ -176,7 +182,7 @@ def selectivity_markdown(calibrations: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.tiny_eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m adapters.tiny.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results/tiny-models")
     parser.add_argument("--pairs", type=int, default=96, help="held-out captions for the text-to-image models")
     parser.add_argument("--singles", type=int, default=72, help="held-out class labels (cycling over the 18 classes)")

@@ -65,7 +65,7 @@ from . import scenes
 IMAGE_SIDE = 32
 INFINITY_PN = "0.06M"
 STAGES = ("bsq", "vq", "infinity", "var")
-PACKAGE_WEIGHTS = Path(__file__).resolve().parent.parent / "adapters" / "tiny_weights"
+PACKAGE_WEIGHTS = Path(__file__).resolve().parent.parent / "tiny_weights"
 
 
 @attrs.define
@@ -496,7 +496,7 @@ def write_prompt_files(folder: Path, seed: int = 0) -> None:
     """The trained text-to-image preset's own prompt lists (captions of scenes never trained on):
     ``eval_prompts.txt`` (the held-out evaluation stream) and ``calibration_prompts.txt``."""
     folder.mkdir(parents=True, exist_ok=True)
-    header = "# Captions of procedural scenes (benchmarks/scenes.py, stream {}), never seen in training.\n"
+    header = "# Captions of procedural scenes (adapters/tiny/scenes.py, stream {}), never seen in training.\n"
     for name, stream, count in (("eval_prompts.txt", scenes.held_out_seed(seed), EVAL_PROMPT_COUNT),
                                 ("calibration_prompts.txt", CALIBRATION_STREAM + seed, CALIBRATION_PROMPT_COUNT)):
         lines = [scenes.sample_scene(stream, i).caption for i in range(count)]
