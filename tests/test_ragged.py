@@ -127,7 +127,7 @@ def _check_report(report, plan, rows, heads, head_dim, depth, itemsize=4):
 def test_infinity_tiny_generates_with_a_headwise_policy():
     from adapters import load_model
 
-    model = load_model("infinity-tiny")
+    model = load_model("infinity-tiny-random")
     c = model.config
     policy = _headwise_policy(c.num_heads, budget=40)
     out = model.generate(["a red cube"], seed=3, policy=policy, progress=False)
@@ -141,7 +141,7 @@ def test_infinity_tiny_generates_with_a_headwise_policy():
 def test_var_tiny_generates_with_a_headwise_policy():
     from adapters import load_model
 
-    model = load_model("var-tiny")
+    model = load_model("var-tiny-random")
     c = model.config
     policy = _headwise_policy(c.num_heads, budget=40)
     out = model.generate([7], seed=2, policy=policy)
