@@ -18,6 +18,7 @@ from kvpolicy import CapacityPlan, ScoredPolicy, Selection
 from kvpolicy.scoring import _check_forced, attention_scores, group_queries, pool_scores, topk_per_head, topk_with_forced
 from kvpolicy.validators import check_choice
 
+from .released_scores import released_pooled_scores, released_topk, released_window_logits
 from .options import (PATCH_WINDOW_MODES, check_odd_kernel, check_square_window, check_window_fits, mask_padding,
                       pooling_option)
 
@@ -145,7 +146,9 @@ def observation_window_scores(keys: torch.Tensor, ctx, *, raw: bool, window_size
     valid = ctx.valid_mask()
     if raw:
         q = window_queries(ctx.raw_queries, window, ctx.current_start)
-        scores = summed_window_logits(q, keys, window)
+        if valid is None:  # the released arithmetic, operation for operation
+            return released_pooled_scores(q, keys, window, kernel_size=kernel_size, pooling=pooling), window
+        scores = released_window_logits(q, keys, window)
     else:
         q = window_queries(ctx.queries, window, ctx.current_start)
         scores = attention_scores(q, keys, softmax=True, valid=valid)
@@ -161,15 +164,16 @@ def observation_window_select(keys: torch.Tensor, ctx, *, raw: bool, window_size
 
     The window (``observation_window_positions`` on the current map) is always kept; the rest is
     ranked by the window queries' scores, pooled along the flattened cache. ``raw=True`` is the
-    released rule (``ctx.raw_queries``, summed raw logits with the window masked before and after
-    pooling, ``topk_plus_forced_exact``), the window queries summed before the product with the
-    keys (``summed_window_logits``: bit-identical on the golden inputs, last-bit float differences
-    possible elsewhere); ``raw=False`` is the paper's (``ctx.queries`` whose products with the keys
-    are the model's logits, softmax probabilities summed over the window queries, window masked
-    only after pooling).
+    released rule, reproduced operation for operation (``released_scores``: ``ctx.raw_queries``,
+    the window queries' raw logits in the release's dtype, summed, pooled, the window masked before
+    and after pooling, a sorted top-k); ``raw=False`` is the paper's (``ctx.queries`` whose products
+    with the keys are the model's logits, softmax probabilities summed over the window queries,
+    window masked only after pooling).
     """
     pooled, window = observation_window_scores(keys, ctx, raw=raw, window_size=window_size,
                                                kernel_size=kernel_size, pooling=pooling)
+    if raw:
+        return released_topk(pooled, window, ctx.capacity)
     # Attention mode: probabilities are finite, so this is exactly topk_with_forced's choice without
     # its lifting copies (a NaN or −∞ reaching the top-k falls back to topk_with_forced).
     return topk_plus_forced_exact(pooled, window, ctx.capacity)
@@ -222,7 +226,8 @@ class PatchWindowSelector(ScoredPolicy):
         pooled, window = self._scores(keys, ctx)
         budgets = self.head_budgets(pooled, window, ctx)
         if budgets is None:  # layer-wise: the released tie-for-tie top-k
-            return Selection(topk_plus_forced_exact(pooled, window, ctx.capacity), ctx.state)
+            pick = released_topk if self.mode == "reference" else topk_plus_forced_exact
+            return Selection(pick(pooled, window, ctx.capacity), ctx.state)
         indices, lengths = topk_per_head(pooled, budgets, forced=window, valid=ctx.valid_mask())
         return Selection(indices, ctx.state, lengths)
 

@@ -1,0 +1,171 @@
+"""ScaleKV ``mode="reference"`` against a plain restatement of the released arithmetic.
+
+The restatement below follows ``ScaleKVCluster.update_kv`` (StargazerX0/ScaleKV @ eb0615a,
+reference/scalekv.md §4.2) one (row, head) at a time: the 16 window queries times the keys in the
+operands' dtype (under bf16 autocast for float32 keys with bf16 queries, as in the real pipeline),
+divided by √D, window columns masked through a boolean mask, summed over the 16 rows, pooled, the
+pooled scores cloned and the window masked again, a sorted top-k, the window appended, sorted.
+Reference mode must keep exactly the same tokens — also where a max-pooling plateau makes scores
+tie at the top-k boundary — in float32, bfloat16 and the mixed flow.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapters.geometry import infinity_schedule
+from kvpolicy import compress, get_policy
+from policies.common import patch_window
+from policies.common.released_scores import released_compute_dtype
+
+from benchmarks.budget_files import released_budget_file
+from conftest import require_golden
+
+
+def restated_release(keys, raw_queries, window, capacity, *, kernel_size=5, pooling="max"):
+    """The released selection, one batch row and head at a time (mixed dtypes under autocast)."""
+    batch, heads, length, dim = keys.shape
+    start = length - raw_queries.shape[2]
+    mixed = keys.dtype != raw_queries.dtype
+    low = raw_queries.dtype if raw_queries.dtype in (torch.bfloat16, torch.float16) else keys.dtype
+    out = torch.empty(batch, heads, capacity, dtype=torch.long)
+    for b in range(batch):
+        for h in range(heads):
+            window_q = raw_queries[b, h][window - start]
+            with torch.autocast("cpu", dtype=low, enabled=mixed):
+                logits = torch.matmul(window_q, keys[b, h].transpose(0, 1)) / math.sqrt(dim)
+            mask = torch.ones(1, length, dtype=torch.bool)
+            mask[0, window] = False
+            logits = logits.masked_fill(~mask, float("-inf"))
+            scores = logits.sum(dim=0)
+            pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
+            pooled = pool(scores[None], kernel_size, padding=kernel_size // 2, stride=1)[0].clone()
+            pooled[window] = float("-inf")
+            top = pooled.topk(capacity - window.numel()).indices
+            out[b, h] = torch.cat([top, window]).sort().values
+    return out
+
+
+def _boundary_ties(keys, raw_queries, window, capacity):
+    """How many (row, head) pairs have a tie straddling the top-k boundary (restated scores)."""
+    batch, heads, length, dim = keys.shape
+    start = length - raw_queries.shape[2]
+    count = 0
+    for b in range(batch):
+        for h in range(heads):
+            q = raw_queries[b, h][window - start]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=keys.dtype != q.dtype):
+                logits = torch.matmul(q, keys[b, h].T) / math.sqrt(dim)
+            logits[:, window] = float("-inf")
+            pooled = F.max_pool1d(logits.sum(0)[None], 5, padding=2, stride=1)[0]
+            pooled[window] = float("-inf")
+            ranked = pooled.sort(descending=True).values
+            k = capacity - window.numel()
+            count += bool(ranked[k - 1] == ranked[k])
+    return count
+
+
+SCHEDULE = infinity_schedule(1024)
+FLOWS = {
+    "float32": (torch.float32, torch.float32),
+    "bfloat16": (torch.bfloat16, torch.bfloat16),
+    "mixed": (torch.float32, torch.bfloat16),  # float32 cached keys, bf16 queries (bf16 autocast)
+}
+
+
+def _inputs(seed, batch, heads, length, n, dim, key_dtype, query_dtype):
+    g = torch.Generator().manual_seed(seed)
+    keys = F.normalize(torch.randn(batch, heads, length, dim, generator=g), dim=-1).to(key_dtype)
+    values = torch.randn(batch, heads, length, dim, generator=g).to(key_dtype)
+    raw = torch.randn(batch, heads, n, dim, generator=g).to(query_dtype)
+    return keys, values, raw
+
+
+@pytest.fixture(scope="module")
+def budget_file():
+    return released_budget_file("infinity-2b-10%")  # shipped with kvpolicy
+
+
+@pytest.mark.parametrize("flow", list(FLOWS))
+@pytest.mark.parametrize("layer", [0, 5], ids=["drafter", "refiner"])
+def test_reference_mode_equals_restated_release_2b_geometry(flow, layer, budget_file):
+    """Infinity-2B geometry (H=16, D=128) before the last scale (L=6425, the 48x48 map current)."""
+    key_dtype, query_dtype = FLOWS[flow]
+    scale = 11
+    length, n = SCHEDULE.cumulative[scale], SCHEDULE.tokens(scale)
+    keys, values, raw = _inputs(11 + layer, 1, 16, length, n, 128, key_dtype, query_dtype)
+    policy = get_policy("scalekv", mode="reference", budget_file=budget_file)
+    result = compress(policy, keys, values, schedule=SCHEDULE, scale=scale, layer=layer, num_layers=32,
+                      raw_queries=raw)
+    window = patch_window.observation_window_positions(48, 48, 16, length - n)
+    expected = restated_release(keys, raw, window, result.capacity)
+    assert torch.equal(result.indices, expected)
+    gather = expected[..., None].expand(-1, -1, -1, 128)
+    assert torch.equal(result.keys, torch.gather(keys, 2, gather))
+    assert torch.equal(result.values, torch.gather(values, 2, gather))
+
+
+@pytest.mark.parametrize("flow", list(FLOWS))
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_reference_mode_equals_restated_release_on_plateaus(flow, pooling):
+    """Keys on a coarse grid make many equal logits: max pooling spreads them into plateaus that
+    straddle the top-k boundary, where only the same arithmetic picks the same tied tokens."""
+    key_dtype, query_dtype = FLOWS[flow]
+    schedule = SCHEDULE
+    scale = 9  # 32x32 map, L = 2521
+    length, n = schedule.cumulative[scale], schedule.tokens(scale)
+    g = torch.Generator().manual_seed(3)
+    keys = (torch.randint(-2, 3, (2, 4, length, 32), generator=g).float() / 4).to(key_dtype)
+    values = torch.randn(2, 4, length, 32, generator=g).to(key_dtype)
+    raw = (torch.randint(-2, 3, (2, 4, n, 32), generator=g).float() / 2).to(query_dtype)
+    capacity = 300
+    policy = get_policy("uniform", mode="reference", budget=capacity, pooling=pooling)
+    result = compress(policy, keys, values, schedule=schedule, scale=scale, layer=0, num_layers=2, raw_queries=raw)
+    assert result.capacity == capacity
+    window = patch_window.observation_window_positions(32, 32, 16, length - n)
+    assert torch.equal(result.indices, restated_release(keys, raw, window, capacity, pooling=pooling))
+    if pooling == "max":
+        assert _boundary_ties(keys, raw, window, capacity) > 0, "the inputs must exercise boundary ties"
+
+
+def test_reference_mode_equals_restated_release_on_golden_inputs(golden_dir, budget_file):
+    """The golden ScaleKV inputs in all three dtype flows (float32 is also checked against the
+    released code's own outputs by test_scalekv_golden)."""
+    golden = torch.load(require_golden(golden_dir / "scalekv" / "cases.pt"), weights_only=True)
+    meta = golden["meta"]
+    case = max(golden["cases"], key=lambda c: c["scale_ind"] if c["scale_ind"] < 12 else -1)
+    si, key_len, start = case["scale_ind"], case["key_len"], case["query_start"]
+    for flow, (key_dtype, query_dtype) in FLOWS.items():
+        keys = (golden["key_codes"][:, :, :key_len].float() * meta["key_scale"]).to(key_dtype)
+        values = (golden["value_codes"][:, :, :key_len].float() * meta["value_scale"]).to(key_dtype)
+        raw = (golden["value_codes"][:, :, start:key_len].float() * meta["value_scale"]).to(query_dtype)
+        policy = get_policy("scalekv", mode="reference", budget_file=budget_file)
+        result = compress(policy, keys, values, schedule=SCHEDULE, scale=si, layer=case["layer_idx"],
+                          num_layers=32, raw_queries=raw)
+        h, w = SCHEDULE.shape(si)
+        window = patch_window.observation_window_positions(h, w, 16, key_len - SCHEDULE.tokens(si))
+        assert torch.equal(result.indices, restated_release(keys, raw, window, result.capacity)), flow
+
+
+def test_summing_queries_first_is_not_the_release_in_bfloat16():
+    """The algebra (Σq)·K in float32 (what reference mode did before) keeps other tokens than the
+    release in bf16: the restatement is sensitive to the order of operations."""
+    scale = 9
+    length, n = SCHEDULE.cumulative[scale], SCHEDULE.tokens(scale)
+    keys, _, raw = _inputs(4, 2, 4, length, n, 64, torch.bfloat16, torch.bfloat16)
+    window = patch_window.observation_window_positions(32, 32, 16, length - n)
+    q = raw[:, :, window - (length - n)]
+    summed = patch_window.summed_window_logits(q, keys, window)
+    pooled = F.max_pool1d(summed, 5, padding=2, stride=1).index_fill_(-1, window, float("-inf"))
+    algebra = torch.cat([pooled.topk(284).indices, window.expand(2, 4, -1)], -1).sort(-1).values
+    assert not torch.equal(algebra, restated_release(keys, raw, window, 300))
+
+
+def test_compute_dtype_follows_autocast():
+    assert released_compute_dtype(torch.bfloat16, torch.float32) == torch.bfloat16
+    assert released_compute_dtype(torch.float32, torch.float16) == torch.float16
+    assert released_compute_dtype(torch.float32, torch.float32) == torch.float32
+    with pytest.raises(ValueError, match="float64"):
+        released_compute_dtype(torch.float64, torch.float32)
