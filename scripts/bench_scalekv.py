@@ -1,129 +1,230 @@
-"""Side-by-side timing of ScaleKV's reference-mode selection: vectorised vs per-row/per-head loop.
+"""ScaleKV reference mode side by side with the released ``ScaleKVCluster.update_kv``, and the floors.
 
-Both implement the released rule (reference/scalekv.md §4.2) on an Infinity 1024² cache before the
-last scale (L = 6425, the 48 × 48 map current): window = 16 patch centres, raw window-query logits
-summed, max pooling (kernel 5), top (capacity − 16) per batch row and head. The loop form below is
-the released code written plainly, one (row, head) at a time (matmul of the 16 window queries with
-the keys, divide, sum, pool, top-k). The vectorised form is ``scalekv``'s ``select``
-(``mode="reference"``, what ``kvpolicy.compress`` calls), which sums the window queries first
-(``patch_window.summed_window_logits``): the same scores up to float rounding. Inputs are realistic
-(unit-norm keys, raw query projections ~ N(0, 1) per coordinate). The script reports whether both
-keep identical indices (and, if not, how many (row, head) pairs and tokens differ), both medians
-and their ratio, and exits with an error when the indices differ.
+Cases (issue 12): the Infinity-2B 1024² geometry (H = 16, D = 128) at L = 6425 (scale 11, the 48×48
+map current) and L = 10521 (scale 12, 64×64), a drafter (layer 0, capacity 6385) and a refiner
+(layer 5, capacity 465) of the released 2B 10 % budget file, B = 2 and 16 rows, in float32,
+bfloat16 and the real pipeline's mixed flow (float32 keys, bf16 values and queries, the release
+under bf16 autocast). Per case, interleaved in one process, medians of ``--repeats`` calls after a
+warm-up:
 
-    python scripts/bench_scalekv.py                      # CPU, 1 thread, B = 2 and 16
+- ``release``: the released code, imported from a checkout you point to (``--release DIR`` or
+  ``KVPOLICY_SCALEKV_RELEASE``; the folder holding ``scale_kv.py``, e.g. a clone of
+  StargazerX0/ScaleKV at eb0615a — nothing of it is shipped here). Without one, a restatement of
+  the release's steps written here (``restated_update_kv``) stands in, and the table says so.
+- ``ours``: ``kvpolicy.compress`` with ``get_policy("scalekv", mode="reference")`` (selection and
+  the kept K/V copied out).
+- floors measured in the same run: for a refiner, one read of K (``keys.sum(-1)``) plus the top-k
+  on (B, H, L) scores; for a drafter, writing the kept K and V (``gather_tokens`` of both).
+
+Each case checks that both keep identical indices and identical K/V, and the script exits with an
+error if any case differs. Results go to stdout and, with ``--out``, a Markdown table + JSON.
+
+    python scripts/bench_scalekv.py --release /path/to/ScaleKV --out benchmarks/results/scalekv-reference
     python scripts/bench_scalekv.py --device cuda --threads 0
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import math
+import os
 import statistics
+import sys
 import time
+from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from adapters.infinity.schedule import infinity_schedule
-from kvpolicy import CompressionContext, compress, get_policy
-from policies.common import patch_window
+from kvpolicy import compress, get_policy
+from kvpolicy.compress import gather_tokens
 from policies.scalekv import resolve_budget_file
 
+FLOWS = {
+    # name: (key dtype, value dtype, query dtype, autocast dtype for the release or None)
+    "float32": (torch.float32, torch.float32, torch.float32, None),
+    "bfloat16": (torch.bfloat16, torch.bfloat16, torch.bfloat16, None),
+    "mixed": (torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+}
 
-def loop_reference_indices(keys, raw_queries, window, capacity, kernel_size=5):
-    """The released rule written plainly: one batch row and head at a time."""
+
+def load_release(folder: str | None):
+    """The released ``ScaleKVCluster`` class from a checkout, or None."""
+    if not folder:
+        return None
+    path = Path(folder).expanduser() / "scale_kv.py"
+    if not path.is_file():
+        raise SystemExit(f"error: --release {folder!r} has no scale_kv.py (point it at a ScaleKV checkout)")
+    spec = importlib.util.spec_from_file_location("released_scale_kv", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ScaleKVCluster
+
+
+def restated_update_kv(keys, raw_queries, values, capacity, *, window_size=16, kernel_size=5):
+    """The release's steps restated here (used when no checkout is given): the window positions
+    found per (row, head) with ``torch.unique``, a boolean (B, H, 1, L) mask applied to the whole
+    product with ``masked_fill``, the pooled scores cloned before masking, ``torch.gather`` of K and
+    V with an index expanded over D."""
     batch, heads, length, dim = keys.shape
-    start = length - raw_queries.shape[2]
-    local = window - start
-    out = torch.empty(batch, heads, capacity, dtype=torch.long, device=keys.device)
-    for b in range(batch):
-        for h in range(heads):
-            logits = torch.matmul(raw_queries[b, h, local], keys[b, h].transpose(0, 1)) / math.sqrt(dim)
-            logits[:, window] = float("-inf")
-            scores = logits.sum(dim=0)
-            pooled = F.max_pool1d(scores[None, None], kernel_size, stride=1, padding=kernel_size // 2)[0, 0]
-            pooled[window] = float("-inf")
-            top = pooled.topk(capacity - window.numel()).indices
-            out[b, h] = torch.cat([top, window]).sort().values
-    return out
+    n = raw_queries.shape[2]
+    side, grid = math.isqrt(n), math.isqrt(window_size)
+    patch = side // grid
+    centres = [i * patch + (patch - 1) // 2 for i in range(grid)]
+    flat = torch.tensor([r * side + c for r in centres for c in centres]) + (length - n)
+    window = torch.stack([torch.stack([torch.unique(flat) for _ in range(heads)]) for _ in range(batch)])
+    local = window - (length - n)
+    window_q = torch.gather(raw_queries, 2, local.unsqueeze(-1).expand(-1, -1, -1, dim))
+    logits = torch.matmul(window_q, keys.transpose(2, 3)) / math.sqrt(dim)
+    mask = torch.ones(batch, heads, 1, length, dtype=torch.bool)
+    mask.scatter_(3, window.unsqueeze(2), False)
+    scores = logits.masked_fill(~mask, float("-inf")).sum(dim=2)
+    pooled = F.max_pool1d(scores, kernel_size, padding=kernel_size // 2, stride=1).clone()
+    pooled.scatter_(2, window, float("-inf"))
+    top = pooled.topk(capacity - window_size, dim=-1).indices
+    kept = torch.cat([top, window], dim=-1).sort(dim=-1).values
+    index = kept.unsqueeze(-1).expand(-1, -1, -1, dim)
+    return torch.gather(keys, 2, index), torch.gather(values, 2, index)
 
 
-def _time(fn, repeats, synchronize):
-    fn()  # warm-up
-    synchronize()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def cache_sizes_from_plan(plan, num_scales: int):
+    """The release's ``cache_sizes`` list (entry si + 2 holds scale si's per-layer capacities)."""
+    sizes = [None] * (num_scales + 1)
+    for si in range(num_scales - 1):
+        sizes[si + 2] = [c if c is not None else 10 ** 9 for c in plan.capacities[si]]
+    return sizes
+
+
+def _median_interleaved(fns: dict, repeats: int, synchronize) -> dict:
+    for fn in fns.values():  # warm-up
         fn()
-        synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    synchronize()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def run(batch: int, heads: int, dim: int, layer: int, repeats: int, device: str, dtype: torch.dtype, budget_file: str):
+def run_case(*, batch, scale, layer, flow, repeats, device, release_cls, policy, plan):
     schedule = infinity_schedule(1024)
-    scale = 11
+    key_dtype, value_dtype, query_dtype, autocast = FLOWS[flow]
     length, n = schedule.cumulative[scale], schedule.tokens(scale)
-    g = torch.Generator().manual_seed(batch)
-    keys = F.normalize(torch.randn(batch, heads, length, dim, generator=g), dim=-1).to(device, dtype)
-    values = torch.randn(batch, heads, length, dim, generator=g).to(device, dtype)
-    raw = torch.randn(batch, heads, n, dim, generator=g).to(device, dtype)
-    policy = get_policy("scalekv", mode="reference", budget_file=resolve_budget_file(budget_file))
-    capacity = policy.plan(schedule, 32).capacity(scale, layer)
-    h, w = schedule.shape(scale)
-    window = patch_window.observation_window_positions(h, w, 16, length - n, device=keys.device)
+    dim, heads = 128, 16
+    g = torch.Generator().manual_seed(1000 * batch + scale + layer)
+    keys = F.normalize(torch.randn(batch, heads, length, dim, generator=g), dim=-1).to(device, key_dtype)
+    values = torch.randn(batch, heads, length, dim, generator=g).to(device, value_dtype)
+    raw = torch.randn(batch, heads, n, dim, generator=g).to(device, query_dtype)
+    capacity = plan.capacity(min(scale, 11), layer)
+    sizes = cache_sizes_from_plan(plan, schedule.num_scales)
 
-    ctx = CompressionContext(schedule=schedule, scale=scale, layer=layer, num_layers=32, capacity=capacity,
-                             length=length, raw_queries=raw)
-    # The public path gives the same indices as the timed selection call.
-    assert torch.equal(compress(policy, keys, values, schedule=schedule, scale=scale, layer=layer, num_layers=32,
-                                raw_queries=raw).indices, policy.select(keys, values, ctx).indices)
+    def ours():
+        return compress(policy, keys, values, schedule=schedule, scale=scale, layer=layer, num_layers=32,
+                        raw_queries=raw)
 
-    def vectorised():
-        return policy.select(keys, values, ctx).indices
+    def release():
+        context = torch.autocast(keys.device.type, dtype=autocast) if autocast else nullcontext()
+        with context:
+            if release_cls is None:
+                return restated_update_kv(keys, raw, values, capacity)
+            cluster = release_cls(sizes, window_size=16, base_capacity=650, kernel_size=5, pooling="maxpool",
+                                  layer_idx=layer)
+            return cluster.update_kv(keys, raw, values, scale)
 
-    def loop():
-        return loop_reference_indices(keys, raw, window, capacity)
-
-    mine, plain = vectorised(), loop()
-    same = torch.equal(mine, plain)
+    mine = ours()
+    theirs_k, theirs_v = release()
+    identical = (torch.equal(mine.keys, theirs_k) and torch.equal(mine.values, theirs_v))
     detail = ""
-    if not same:
-        pairs = int((mine != plain).any(dim=-1).sum())
-        tokens = sum(len(set(a.tolist()) ^ set(b.tolist())) // 2
-                     for a, b in zip(mine.flatten(0, 1), plain.flatten(0, 1)))
-        detail = f" ({pairs} of {batch * heads} (row, head) pairs differ, {tokens} tokens swapped)"
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    t_vec = _time(vectorised, repeats, sync)
-    t_loop = _time(loop, repeats, sync)
-    print(f"B={batch:3d} H={heads} L={length} D={dim} capacity={capacity} ({dtype}, {device}): "
-          f"vectorised {t_vec * 1e3:9.2f} ms  loop {t_loop * 1e3:9.2f} ms  ratio {t_loop / t_vec:6.2f}x  "
-          f"identical indices: {same}{detail}")
-    return same, t_vec, t_loop
+    if not identical:
+        index_k = mine.indices.unsqueeze(-1).expand(-1, -1, -1, dim)
+        same_rows = (torch.gather(keys, 2, index_k) == theirs_k).all(-1).all(-1)
+        detail = f"{int((~same_rows).sum())} of {batch * heads} (row, head) pairs differ"
+
+    compute = torch.bfloat16 if autocast else key_dtype
+    scores = torch.randn(batch, heads, length, generator=g).to(device, compute)
+    drafter = capacity >= length // 2
+    fns = {"release": release, "ours": ours}
+    if drafter:
+        fns["floor"] = lambda: (gather_tokens(keys, mine.indices), gather_tokens(values, mine.indices))
+    else:
+        fns["floor_read"] = lambda: keys.sum(dim=-1)
+        fns["floor_topk"] = lambda: scores.topk(capacity - 16, dim=-1)
+    sync = torch.cuda.synchronize if keys.device.type == "cuda" else (lambda: None)
+    t = _median_interleaved(fns, repeats, sync)
+    floor = t["floor"] if drafter else t["floor_read"] + t["floor_topk"]
+    return {
+        "B": batch, "L": length, "scale": scale, "layer": layer, "role": "drafter" if drafter else "refiner",
+        "capacity": capacity, "flow": flow, "identical": identical, "detail": detail,
+        "release_ms": t["release"] * 1e3, "ours_ms": t["ours"] * 1e3, "floor_ms": floor * 1e3,
+        "speedup": t["release"] / t["ours"], "ours_over_floor": t["ours"] / floor,
+        "floor_kind": "write kept K/V" if drafter else "read K + top-k",
+    }
+
+
+def table(rows, source: str) -> str:
+    lines = [f"release = {source}", "",
+             "| B | L | role | cap | flow | identical | release ms | ours ms | floor ms | release/ours | ours/floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['B']} | {r['L']} | {r['role']} (layer {r['layer']}) | {r['capacity']} | {r['flow']} | "
+                     f"{'yes' if r['identical'] else 'NO: ' + r['detail']} | {r['release_ms']:.1f} | {r['ours_ms']:.1f} | "
+                     f"{r['floor_ms']:.1f} ({r['floor_kind']}) | {r['speedup']:.2f}x | {r['ours_over_floor']:.2f}x |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--release", default=os.environ.get("KVPOLICY_SCALEKV_RELEASE"),
+                        help="folder of a ScaleKV checkout (holds scale_kv.py); default $KVPOLICY_SCALEKV_RELEASE")
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 16])
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--layer", type=int, default=5, help="layer of the 2B file (0 = drafter 6385, 5 = refiner 465)")
+    parser.add_argument("--scales", type=int, nargs="+", default=[11, 12], help="11: L=6425, 12: L=10521")
+    parser.add_argument("--layers", type=int, nargs="+", default=[0, 5], help="0: drafter, 5: refiner (2B file)")
+    parser.add_argument("--flows", nargs="+", default=["float32", "bfloat16", "mixed"], choices=list(FLOWS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
-    parser.add_argument("--budget-file", default="infinity-2b-10%", help="a path or a released name")
+    parser.add_argument("--budget-file", default="infinity-2b-10%",
+                        help="a path or a released name (default: the shipped infinity-2b-10%% file)")
+    parser.add_argument("--out", help="folder for table.md and results.json")
     args = parser.parse_args(argv)
+    try:
+        args.budget_file = resolve_budget_file(args.budget_file)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
-    ok = True
-    for batch in args.batches:
-        same, _, _ = run(batch, args.heads, args.dim, args.layer, args.repeats, args.device,
-                         getattr(torch, args.dtype), args.budget_file)
-        ok &= same
-    if not ok:
-        raise SystemExit("the vectorised and loop selections differ")
+    release_cls = load_release(args.release)
+    source = (f"the released ScaleKVCluster.update_kv from {args.release}" if release_cls is not None
+              else "restated_update_kv (no checkout given: the release's steps restated here)")
+    policy = get_policy("scalekv", mode="reference", budget_file=str(args.budget_file))
+    plan = policy.plan(infinity_schedule(1024), 32)
+    rows = []
+    print(f"release = {source}; torch {torch.__version__}, {args.device}, threads {torch.get_num_threads()}")
+    for scale in args.scales:
+        for layer in args.layers:
+            for batch in args.batches:
+                for flow in args.flows:
+                    row = run_case(batch=batch, scale=scale, layer=layer, flow=flow, repeats=args.repeats,
+                                   device=args.device, release_cls=release_cls, policy=policy, plan=plan)
+                    rows.append(row)
+                    print(table([row], source).splitlines()[-1], flush=True)
+    text = table(rows, source)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
+                "repeats": args.repeats, "release": source, "command": " ".join(sys.argv)}
+        (out / "table.md").write_text(text + "\n")
+        (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    if not all(r["identical"] for r in rows):
+        raise SystemExit("error: reference mode and the release kept different tokens (see the table)")
 
 
 if __name__ == "__main__":

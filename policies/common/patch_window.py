@@ -61,16 +61,15 @@ def window_queries(queries: torch.Tensor, window: torch.Tensor, current_start: i
 
 
 def summed_window_logits(window_q: torch.Tensor, keys: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-    """Released ScaleKV score: raw logits q·Kᵀ/√D summed over the window queries, window columns −∞
-    -> (B, Hkv, L), float32 (float64 for float64 keys).
+    """The released ScaleKV score by linearity, (Σ_j q_j)·k/√D with window columns −∞ -> (B, Hkv, L),
+    float32 (float64 for float64 keys). Not what ``mode="reference"`` uses.
 
-    By linearity Σ_j q_j·k/√D = (Σ_j q_j)·k/√D, so the window queries (and grouped query heads) are
-    summed first and every key meets one vector: one multiply-add per key element instead of one
-    per window query (16×). The value is mathematically the released one; its float rounding
-    differs (the released code rounds each logit, divides, then sums), so on general float inputs a
-    score can differ in its last bits. On the golden inputs every product and partial sum is exact
-    (golden README, "Exact arithmetic"), so they match bit for bit. The window columns are set to
-    −∞ after the sum instead of before (−∞ either way).
+    Summing the window queries (and grouped query heads) first makes every key meet one vector: one
+    multiply-add per key element instead of one per window query (16×). Mathematically the released
+    value, but the released code rounds each logit in the operands' dtype, divides and then sums, so
+    the rounding differs: in bf16 other tokens are kept in most (row, head) pairs, in float32 ties on
+    pooling plateaus can flip. Reference mode therefore follows the release's own order
+    (``released_scores``); this stays as the fast algebra for callers who want it.
     """
     batch, kv_heads, length, dim = keys.shape
     acc = torch.float64 if keys.dtype == torch.float64 else torch.float32

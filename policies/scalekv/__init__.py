@@ -33,15 +33,17 @@ always kept; every other token is scored by the window queries, pooled along the
   window queries, average pooling by default; window tokens are masked only *after* pooling (so
   their own high scores lift their neighbours; masking first, as the released code does, would
   spread −∞ to 4 neighbours under average pooling).
-- ``mode="reference"``: the released rule (§4.2): ``raw_queries=`` (x·W_qᵀ: no bias, norm, scale
-  or RoPE), raw logits q·Kᵀ/√D with window columns −∞ summed over the window queries, max pooling
-  (or "avg" as released), window −∞ again, ``torch.topk`` on the (B, H, L) scores. The window
-  queries are summed *before* the product with the keys ((Σq)·K/√D, one multiply-add per key
-  element instead of 16): mathematically identical, bit-identical on the golden inputs (every
-  logit exact there), but on general float inputs a score may differ from the released code's in
-  its last bits, so a token at the top-k cut can in principle swap with one of equal score up to
-  rounding (none did in the Infinity golden run or the benchmark). Scores are accumulated in
-  float32 (float64 keys: float64), also for half-precision caches.
+- ``mode="reference"``: the released rule (§4.2), reproduced operation for operation
+  (``policies.common.released_scores``): ``raw_queries=`` (x·W_qᵀ: no bias, norm, scale or RoPE),
+  the 16 window queries times every key in one batched product in the operands' dtype (bf16 for
+  float32 keys with bf16 queries, as the release under bf16 autocast), divided by √D, window
+  columns −∞, summed over the window rows, max pooling (or "avg" as released), window −∞ again, a
+  sorted ``torch.topk`` on the (B, H, L) scores. The same operations on the same dtypes and layout
+  keep the same tokens as the release, ties on pooling plateaus included, in float32, bfloat16
+  and the mixed flow (tests/test_scalekv_reference_exact.py; ``python -m benchmarks.bench_scalekv
+  --release DIR`` checks it against the released code itself). Only the work around that
+  arithmetic is vectorised differently (window positions once for all rows and heads, in-place
+  masks of the 16 window columns).
 
 Deviations from the released code, all outside its 1:1 '1M' path: the window uses the real map
 shape (h, w) instead of a hard-coded 1:1 token count; window positions in the history (small-map
