@@ -169,3 +169,17 @@ def test_compute_dtype_follows_autocast():
     assert released_compute_dtype(torch.float32, torch.float32) == torch.float32
     with pytest.raises(ValueError, match="float64"):
         released_compute_dtype(torch.float64, torch.float32)
+
+
+@pytest.mark.parametrize("length", [300, 1000, 2521])
+def test_blocked_cast_product_equals_whole_cache_cast(length, monkeypatch):
+    """The mixed flow casts the float32 keys block by block (last block partial); the products are
+    the whole-cache autocast product bit for bit."""
+    from policies.common import released_scores
+    monkeypatch.setattr(released_scores, "_CAST_BLOCK", 128)
+    g = torch.Generator().manual_seed(length)
+    keys = torch.randn(2, 3, length, 64, generator=g)
+    q = torch.randn(2, 3, 16, 64, generator=g).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = torch.matmul(q, keys.transpose(2, 3))
+    assert torch.equal(released_scores._cast_blocked_matmul(q, keys, torch.bfloat16), whole)
