@@ -29,6 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kvpolicy.scoring import topk_with_forced
+
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -116,6 +118,10 @@ def released_topk(scores: torch.Tensor, window: torch.Tensor, capacity: int) -> 
     """
     batch, heads, length = scores.shape
     keep = min(capacity - window.numel(), length - window.numel())
-    top = scores.topk(keep, dim=-1, sorted=scores.device.type != "cpu").indices
-    chosen = torch.cat([top, window.to(scores.device).view(1, 1, -1).expand(batch, heads, -1)], dim=-1)
+    top = scores.topk(keep, dim=-1, sorted=scores.device.type != "cpu")
+    if keep and bool(torch.isneginf(top.values).any() | torch.isnan(top.values).any()):
+        # Fewer finite candidates than slots (average pooling spreads the window's −∞ to its
+        # neighbours on small maps): the release would keep a window token twice; keep unique tokens.
+        return topk_with_forced(scores, window.to(scores.device), capacity)
+    chosen = torch.cat([top.indices, window.to(scores.device).view(1, 1, -1).expand(batch, heads, -1)], dim=-1)
     return chosen.sort(dim=-1).values
