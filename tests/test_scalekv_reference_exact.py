@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapters.geometry import infinity_schedule
+from adapters.infinity.schedule import infinity_schedule
 from kvpolicy import compress, get_policy
 from policies.common import patch_window
 from policies.common.released_scores import released_compute_dtype
 
-from benchmarks.budget_files import released_budget_file
+from policies.scalekv import released_budget_file
 from conftest import require_golden
 
 
