@@ -21,7 +21,7 @@ from .schedule import ScaleSchedule
 @attrs.frozen
 class CompressionResult:
     keys: Any  # (B, H, k, D) tensor, compact; a Ragged when (row, head)s keep different lengths
-    values: Any  # (B, H, k, Dv) tensor or Ragged, like keys
+    values: Any  # (B, H, k, D) tensor or Ragged, like keys (its dtype may differ: Infinity keeps K float32, V bf16)
     indices: torch.Tensor  # (B, H, k) int64: indices[b, h, :lengths[b, h]] strictly ascending (positions in the policy's view)
     state: Any = None
     capacity: Optional[int] = None
@@ -79,8 +79,9 @@ def validate_inputs(keys, values, schedule, scale, layer, num_layers, queries, r
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
     k_shape, v_shape = _shape(keys), _shape(values)
-    if k_shape[:3] != v_shape[:3] or (isinstance(keys, Ragged) and keys.host != values.host):
-        raise ValueError(f"keys {k_shape} and values {v_shape} must agree on (B, H, L)")
+    if k_shape != v_shape or (isinstance(keys, Ragged) and keys.host != values.host):
+        raise ValueError(f"keys {k_shape} and values {v_shape} must agree on (B, H, L, D): "
+                         "one key and one value of the same head dim per cached token")
     if keys.device != values.device:
         raise ValueError(f"keys are on {keys.device} but values on {values.device}")
     length, n_current, full = k_shape[2], schedule.tokens(scale), schedule.cumulative_length(scale)
@@ -92,6 +93,23 @@ def validate_inputs(keys, values, schedule, scale, layer, num_layers, queries, r
                          f"map's {n_current}")
     _check_query("queries", queries, k_shape, n_current, keys.device)
     _check_query("raw_queries", raw_queries, k_shape, n_current, keys.device)
+
+
+def _check_finite(finite: torch.Tensor, policy, scale: int, layer: int) -> None:
+    if not bool(finite):
+        raise ValueError(f"keys or queries at scale {scale}, layer {layer} hold NaN or infinite values; policy "
+                         f"{policy.name!r} cannot score them (check the model's numerics, e.g. its dtype)")
+
+
+def _finite(keys, queries, raw_queries) -> torch.Tensor:
+    """A device bool: keys and queries hold no NaN/inf. Summed in float32 so one reduction (fused into
+    the index check's device sync) sees any; a Ragged is checked on its packed data."""
+    data = keys.data if isinstance(keys, Ragged) else keys
+    finite = torch.isfinite(data.sum(dtype=torch.float32))
+    for query in (queries, raw_queries):
+        if query is not None:
+            finite = finite & torch.isfinite(query.sum(dtype=torch.float32))
+    return finite
 
 
 def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -162,11 +180,13 @@ def compress(policy: Policy, keys: torch.Tensor, values: torch.Tensor, *, schedu
                              capacity=capacity, length=length, queries=queries, raw_queries=raw_queries, state=state,
                              head_capacities=None if head_caps is None else torch.tensor(head_caps, device=keys.device),
                              lengths=view_lengths)
+    finite = _finite(keys, queries, raw_queries)
     if ragged_in:  # the policy sees a transient left-padded view (never stored)
         selection = policy.select(keys.padded(length), values.padded(length), ctx)
     else:
         selection = policy.select(keys, values, ctx)
     if selection.indices is None:
+        _check_finite(finite, policy, scale, layer)
         if not fits():
             raise RuntimeError(f"policy {policy.name!r} kept all {length} tokens over capacity "
                                f"{capacity if head_caps is None else list(head_caps)}")
@@ -182,16 +202,19 @@ def compress(policy: Policy, keys: torch.Tensor, values: torch.Tensor, *, schedu
             raise RuntimeError(f"policy {policy.name!r} kept {kept} tokens over capacity {capacity}")
         # One device->host sync per call (this runs once per layer and scale): ascending rows lie in
         # range iff their first index is >= 0 and their last < length.
-        if kept and not bool(((indices[..., 1:] > indices[..., :-1]).all() & (indices[..., 0] >= 0).all()
-                              & (indices[..., -1] < length).all())):
+        if not kept:
+            _check_finite(finite, policy, scale, layer)
+        if kept and not bool(finite & (indices[..., 1:] > indices[..., :-1]).all() & (indices[..., 0] >= 0).all()
+                             & (indices[..., -1] < length).all()):
+            _check_finite(finite, policy, scale, layer)
             raise RuntimeError(f"policy {policy.name!r} returned indices that are not unique, ascending and in 0..{length - 1}")
         return CompressionResult(gather_tokens(keys, indices), gather_tokens(values, indices), indices,
                                  selection.state, capacity, torch.full((batch, heads), kept, dtype=torch.long,
                                                                        device=keys.device), head_caps)
-    return _ragged_result(policy, keys, values, ctx, selection, head_caps)
+    return _ragged_result(policy, keys, values, ctx, selection, head_caps, finite)
 
 
-def _ragged_result(policy, keys, values, ctx, selection, head_caps) -> CompressionResult:
+def _ragged_result(policy, keys, values, ctx, selection, head_caps, finite) -> CompressionResult:
     """Check a per-(row, head) selection and keep it: dense when every (row, head) keeps the same
     count, a Ragged otherwise."""
     indices = selection.indices
@@ -211,7 +234,8 @@ def _ragged_result(policy, keys, values, ctx, selection, head_caps) -> Compressi
     ascending = (indices[..., 1:] > indices[..., :-1]) | ~real[..., 1:]
     in_range = ((indices >= low) & (indices < ctx.length)) | ~real
     host = lengths.tolist()  # the one device->host sync of this path
-    if not bool(ascending.all() & in_range.all()):
+    if not bool(ascending.all() & in_range.all() & finite):
+        _check_finite(finite, policy, ctx.scale, ctx.layer)
         raise RuntimeError(f"policy {policy.name!r} returned indices that are not unique, ascending and in range "
                            f"(each (row, head)'s real positions of 0..{ctx.length - 1})")
     flat = [v for row in host for v in row]

@@ -80,8 +80,8 @@ def test_shape_dtype_device_errors():
     keys, values = tensors()
     policy = kvpolicy.get_policy("sliding_window", budget=10)
     cases = [
-        (dict(keys=keys, values=values[:, :1]), ValueError, r"keys \(2, 2, 57, 4\) and values \(2, 1, 57, 4\) must agree on \(B, H, L\)"),
-        (dict(keys=keys, values=values[:1]), ValueError, "must agree on"),
+        (dict(keys=keys, values=values[:, :1]), ValueError, r"keys \(2, 2, 57, 4\) and values \(2, 1, 57, 4\) must agree on \(B, H, L, D\)"),
+        (dict(keys=keys, values=values[:1]), ValueError, r"must agree on \(B, H, L, D\)"),
         (dict(keys=keys[0], values=values), ValueError, r"keys must be a \(B, H, L, D\) tensor, got torch.Size\(\[2, 57, 4\]\)"),
         (dict(keys=keys.numpy(), values=values), ValueError, r"keys must be a \(B, H, L, D\) tensor"),
         (dict(keys=keys, values=values.to(torch.int32)), TypeError, "values must be floating point, got torch.int32"),
@@ -98,8 +98,32 @@ def test_shape_dtype_device_errors():
             compress(policy, args.pop("keys"), args.pop("values"), **args)
     with pytest.raises(TypeError, match="policy must be a Policy"):
         compress("sliding_window", keys, values, **KW)
-    # Values may have their own head dim.
-    assert compress(policy, keys, torch.randn(2, 2, 57, 7), **KW).values.shape == (2, 2, 10, 7)
+    # One key and one value of the same head dim per token; their dtypes may differ (Infinity: K fp32, V bf16).
+    with pytest.raises(ValueError, match=r"keys \(2, 2, 57, 4\) and values \(2, 2, 57, 7\) must agree on \(B, H, L, D\)"):
+        compress(policy, keys, torch.randn(2, 2, 57, 7), **KW)
+    mixed = compress(policy, keys, values.bfloat16(), **KW)
+    assert mixed.keys.dtype == torch.float32 and mixed.values.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["snapkv", "sliding_window"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_keys_or_queries_are_refused_where_tokens_are_selected(name, bad):
+    policy = kvpolicy.get_policy(name, budget=10, **({"window_size": 4} if name == "snapkv" else {}))
+    keys, values = torch.randn(2, 2, 57, 4), torch.randn(2, 2, 57, 4)
+    queries = torch.randn(2, 2, 36, 4)
+    broken = keys.clone()
+    broken[1, 0, 3, 2] = bad
+    with pytest.raises(ValueError, match=r"keys or queries at scale 3, layer 0 hold NaN or infinite values"):
+        compress(policy, broken, values, queries=queries, **KW)
+    if name == "snapkv":
+        broken_q = queries.clone()
+        broken_q[0, 1, 5, 0] = bad
+        with pytest.raises(ValueError, match="hold NaN or infinite values"):
+            compress(policy, keys, values, queries=broken_q, **KW)
+    # NaN in the values is the model's business (values are copied, never scored)
+    odd_values = values.clone()
+    odd_values[0, 0, 0, 0] = bad
+    assert compress(policy, keys, odd_values, queries=queries, **KW).indices.shape == (2, 2, 10)
 
 
 @pytest.mark.parametrize("indices,pattern", [
@@ -161,3 +185,18 @@ def test_gather_tokens_copies_exactly_what_torch_gather_selects(dtype):
         got = gather_tokens(tensor, indices)
         assert got.shape == (3, 2, kept, 5) and got.is_contiguous()
         assert torch.equal(got, expected)
+
+
+def test_non_finite_keys_of_a_ragged_cache_are_refused():
+    from kvpolicy.ragged import gather_ragged
+    keys, values = torch.randn(2, 2, 57, 4), torch.randn(2, 2, 57, 4)
+    lengths = torch.tensor([[50, 57], [45, 57]])
+    indices = torch.arange(57).expand(2, 2, 57)
+    keys[1, 0, 0, 1] = float("nan")  # row 1, head 0 keeps positions 0..44: the NaN is held
+    ragged_keys, ragged_values = gather_ragged(keys, indices, lengths), gather_ragged(values, indices, lengths)
+    policy = kvpolicy.get_policy("sliding_window", budget=10)
+    with pytest.raises(ValueError, match=r"keys or queries at scale 3, layer 0 hold NaN or infinite values"):
+        compress(policy, ragged_keys, ragged_values, **KW)
+    keys[1, 0, 0, 1] = 0.0
+    kept = compress(policy, gather_ragged(keys, indices, lengths), ragged_values, **KW)
+    assert tuple(kept.indices.shape[:2]) == (2, 2)
