@@ -168,6 +168,9 @@ class Comparison:
             self.log(f"merged {added} row(s) from {distributed.SHARD_DIR}/ into {self.results}")
 
     def _merge_and_read_done(self, configs: Sequence[Config]) -> set:
+        from .results_io import quarantine_torn_lines
+
+        quarantine_torn_lines(self.results, warn=self.log)  # a crash mid-write left a fragment: set it aside
         self._merge_shards(configs)
         return {r["key"] for r in reports.read_rows(self.results)}
 
@@ -266,6 +269,8 @@ def compare_command(args) -> int:
     if result is None:  # not rank 0: its rows are merged and reported by rank 0
         return 0
     print(reports.summary_table(result["summary"]))
-    print(f"\nwrote {settings.out}/results.jsonl ({len(result['rows'])} rows), summary.md, plots, contact_sheet.png "
+    in_file = len(reports.read_rows(settings.out / "results.jsonl"))
+    print(f"\nwrote {settings.out}/results.jsonl ({len(result['rows'])} rows for this command's conditions, seeds and "
+          f"configurations; the file holds {in_file}), summary.md, plots, contact_sheet.png "
           f"in {time.perf_counter() - started:.1f} s")
     return 0

@@ -20,37 +20,17 @@ REFERENCE = "reference"
 # -- results.jsonl ----------------------------------------------------------------------------------
 
 def append_rows(path: Path, rows: Iterable[dict]) -> None:
-    """Append rows and flush, so an interruption loses at most the job in flight."""
-    path = Path(path)
-    # A line cut short by an interruption must not swallow the next row.
-    needs_newline = False
-    if path.is_file() and path.stat().st_size:
-        with open(path, "rb") as f:
-            f.seek(-1, 2)
-            needs_newline = f.read(1) != b"\n"
-    with open(path, "a", encoding="utf-8") as f:
-        if needs_newline:
-            f.write("\n")
-        for row in rows:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
-        f.flush()
+    """Append rows, one atomic line each (see ``results_io.append_jsonl``)."""
+    from .results_io import append_jsonl
+
+    append_jsonl(Path(path), rows)
 
 
 def read_rows(path: Path) -> list[dict]:
-    """All complete rows; a line cut short by an interruption is dropped (and recomputed)."""
-    if not Path(path).is_file():
-        return []
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "key" in row:
-            rows.append(row)
-    return rows
+    """All complete rows with a ``key``; a line cut short by an interruption is not a row."""
+    from .results_io import read_jsonl
+
+    return [row for row in read_jsonl(Path(path)) if "key" in row]
 
 
 # -- aggregation ------------------------------------------------------------------------------------

@@ -188,8 +188,10 @@ def test_resume_recomputes_only_missing_rows_and_fidelity_is_reproducible(tmp_pa
     second, result2 = _run(args, model)
     assert second.generate_calls == 1 + 3  # warm-up + exactly the three lost rows, nothing finished is redone
     all_lines = (out / "results.jsonl").read_text().splitlines()
-    assert all_lines[len(kept)] == lines[-3][: len(lines[-3]) // 2]  # the cut line stays, on its own line
-    new_rows = [json.loads(l) for l in all_lines[len(kept) + 1:]]
+    # the cut line is moved aside (with a warning), the results file holds complete rows only
+    assert (out / "results.jsonl.torn").read_text() == lines[-3][: len(lines[-3]) // 2] + "\n"
+    assert len(all_lines) == len(lines) and all(json.loads(l)["key"] for l in all_lines)
+    new_rows = [json.loads(l) for l in all_lines[len(kept):]]
     assert len(new_rows) == 3
     lost = {json.loads(l)["key"] for l in lines[-2:]}
     assert lost <= {r["key"] for r in new_rows}
