@@ -7,7 +7,6 @@ summary, plots and contact sheet from all finished rows.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
