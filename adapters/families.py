@@ -49,6 +49,9 @@ class ModelGeometry:
     head_dim: int
     schedule: ScaleSchedule
     cfg: bool = True
+    # dtype the official code caches keys in, whatever the compute dtype (None: the compute dtype).
+    # Infinity normalises q and k in float32 and caches that K next to bf16 V (reference §9).
+    key_cache_dtype: Optional[str] = None
 
     @property
     def width(self) -> int:
@@ -113,6 +116,7 @@ class ModelFamily:
     evaluation_conditions: Optional[tuple] = attrs.field(default=None, converter=attrs.converters.optional(tuple))
     benchmark_presets: tuple = attrs.field(default=(), converter=tuple)
     resolutions: str = ""  # what --resolution accepts, for messages and `kvpolicy list --models`
+    key_cache_dtype: Optional[str] = None  # the official key-cache dtype, if not the compute dtype ("float32")
 
     def __attrs_post_init__(self):
         if self.conditioning == "label" and (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int)
@@ -129,7 +133,7 @@ class ModelFamily:
         if not isinstance(schedule, ScaleSchedule):
             raise TypeError(f"family {self.name!r}: schedule() returned {type(schedule).__name__}, not a ScaleSchedule")
         return ModelGeometry(name=p.name, family=self.name, num_layers=p.num_layers, num_heads=p.num_heads,
-                             head_dim=p.head_dim, schedule=schedule)
+                             head_dim=p.head_dim, schedule=schedule, key_cache_dtype=self.key_cache_dtype)
 
     def add_preset(self, preset: Preset) -> None:
         owner = _PRESET_OWNER.get(preset.name)

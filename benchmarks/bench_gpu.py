@@ -97,6 +97,12 @@ class Bench:
             if kvpolicy.capabilities(name).plan_file_option:
                 for path in self.budget_files.values():
                     kvpolicy.policy_class(name).resolve_plan_file(path)
+        # None: each model's official key cache (Infinity: float32 K next to bf16 V, as ScaleKV's Table 1)
+        self.key_dtype = getattr(args, "key_dtype", None)
+        from .model_args import key_dtype_kwargs
+
+        for name in self.models:  # unknown models and impossible key dtypes fail before any loading
+            key_dtype_kwargs(self.key_dtype, resolve_geometry(name), "fp32" if self.dry else "bf16")
         self.out = Path(args.out)
         self.rows: list[dict] = []
         self.max_batches: list[dict] = []
@@ -116,7 +122,11 @@ class Bench:
 
         from adapters.families import family_of
 
+        from .model_args import key_dtype_kwargs
+
         files = {option: "random" for option in family_of(name).weight_options}
+        compute = {torch.float32: "fp32", torch.bfloat16: "bf16"}[self.dtype]
+        files.update(key_dtype_kwargs(self.key_dtype, resolve_geometry(name), compute))
         return load_model(name, device=self.device, dtype=self.dtype, **files)
 
     def policy(self, name: str, model_name: str, model, geometry):
@@ -268,11 +278,14 @@ class Bench:
         prefix = self.out / f"bench_gpu{'_dryrun' if self.dry else ''}_{stamp}"
         device = "cpu (dry run)" if self.dry else torch.cuda.get_device_name(0)
         table = self.table()
-        header = (f"# bench-gpu ({device})\n\nRandom weights, {'fp32' if self.dry else 'bf16'}, budget {self.budget}, "
+        keys = (f"{self.key_dtype} key cache" if self.key_dtype else
+                "each model's official key cache (Infinity: float32 K next to the compute-dtype V)")
+        header = (f"# bench-gpu ({device})\n\nRandom weights, {'fp32' if self.dry else 'bf16'}, {keys}, budget {self.budget}, "
                   f"{self.repeats} timed repeat(s) after {self.warmup} warm-up; ratios are policy / full cache "
                   "(speed-up: full / policy) from this run.\n\n")
         Path(f"{prefix}.md").write_text(header + table + "\n")
-        Path(f"{prefix}.json").write_text(json.dumps({"device": device, "budget": self.budget, "rows": self.rows,
+        Path(f"{prefix}.json").write_text(json.dumps({"device": device, "budget": self.budget, "key_dtype": self.key_dtype,
+                                                      "rows": self.rows,
                                                       "largest_batches": self.max_batches,
                                                       "versions": library_versions(), "host": platform.node()}, indent=1))
         print(table)

@@ -34,6 +34,13 @@ def _add_option_arg(p):
                    help="a policy option, repeatable, e.g. snapkv.window_size=16 or streamingllm.num_sinks=1")
 
 
+def _add_key_dtype_arg(p):
+    p.add_argument("--key-dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="dtype of the cached keys (default: the model's official layout: Infinity caches float32 "
+                        "keys, normalised in float32, next to values in the compute dtype; VAR the compute dtype). "
+                        "--key-dtype bf16 gives a bf16 key cache")
+
+
 def _add_run_args(p):
     from .model_args import add_weights_args
 
@@ -41,6 +48,7 @@ def _add_run_args(p):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (default cpu)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="compute dtype (default: fp32 on CPU, bf16 on CUDA)")
+    _add_key_dtype_arg(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default on CPU: 1, which keeps "
                    "latencies stable on a shared machine and is fastest for the tiny models; raise it for large "
                    "models on a free machine)")
@@ -81,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True)
     p.add_argument("--budget", default=None, help="'10%%', 0.1 or a token count like 650")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="value (compute) dtype of the cache; default bf16")
+    _add_key_dtype_arg(p)
     p.add_argument("--no-cfg", action="store_true", help="one row per image (default: conditional + unconditional)")
     _add_plan_file_args(p)
     p.add_argument("--per-head", action="store_true",
@@ -154,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement, median (default 3; dry run 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1; dry run 0)")
     p.add_argument("--max-batch", type=int, default=None, help="cap of the largest-batch search (default 64; dry run 4)")
+    _add_key_dtype_arg(p)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: exercise the whole script without a GPU")
 
@@ -216,6 +227,7 @@ def _cmd_plan(args) -> int:
 
     result = plan_memory(args.model, args.policy, args.budget, resolution=parse_resolution(args.resolution),
                          aspect_ratio=args.aspect_ratio, batch=args.batch, dtype=parse_dtype(args.dtype),
+                         key_dtype=None if args.key_dtype is None else parse_dtype(args.key_dtype),
                          cfg=not args.no_cfg, budget_file=args.budget_file, calibration=args.calibration,
                          options=args.option)
     print(json.dumps(result, indent=1) if args.json else format_plan(result, per_head=args.per_head))

@@ -29,6 +29,7 @@ from .compare_settings import CompareSettings, default_budgets, settings_from_ar
 from .jobs import Config, Job, all_jobs, build_configs, check_resume, pending_jobs, reference_config, row_key
 from .metrics import LearnedMetrics, psnr, ssim, token_agreement
 from .outputs import library_versions, load_png, prepare_output, save_png  # noqa: F401  (their old home)
+from .model_args import key_dtype_kwargs
 from .plan import resolve_geometry
 from .policy_spec import parse_dtype, policies_to_calibrate
 from .rows import ResultRow, jsonable
@@ -71,8 +72,11 @@ class Comparison:
             from adapters import load_model
 
             self.log(f"loading {self.s.model} on {self.device} ({self.s.dtype})")
+            geometry = resolve_geometry(self.s.model, self.s.resolution, self.s.aspect_ratio)
             self.model = load_model(self.s.model, device=self.device, dtype=parse_dtype(self.s.dtype),
-                                    **self.s.weights)
+                                    **self.s.weights, **key_dtype_kwargs(
+                                        self.s.key_dtype, resolve_geometry(self.s.model, self.s.resolution,
+                                                                           self.s.aspect_ratio), self.s.dtype))
         if self.runner is None:
             self.runner = TimedRunner(self.model, device=self.device, repeats=self.s.repeats,
                                       resolution=self.s.resolution, aspect_ratio=self.s.aspect_ratio)

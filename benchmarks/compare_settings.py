@@ -47,6 +47,7 @@ class CompareSettings:
     threads: Optional[int] = None  # torch intra-op threads (None: leave torch's setting)
     command: Optional[str] = None  # the command line, for the record
     weights: dict = attrs.field(factory=dict)  # load_model's weights / vae_weights / text_encoder, when given
+    key_dtype: Optional[str] = None  # --key-dtype (None: the model's official key-cache layout)
 
     def fingerprint(self) -> dict:
         """Settings that change the images: a resumed run must match them."""
@@ -54,6 +55,8 @@ class CompareSettings:
                        "resolution": self.resolution, "aspect_ratio": self.aspect_ratio, "threads": self.threads}
         if self.weights:  # absent when not given, so runs recorded before the option existed still resume
             fingerprint["weights"] = {k: str(v) for k, v in sorted(self.weights.items())}
+        if self.key_dtype is not None:
+            fingerprint["key_dtype"] = self.key_dtype
         return fingerprint
 
     def as_dict(self) -> dict:
@@ -118,12 +121,17 @@ def settings_from_args(args) -> CompareSettings:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     dtype = default_dtype(device, args.dtype)
     parse_dtype(dtype)
+    from .model_args import key_dtype_kwargs
+    from .plan import resolve_geometry
+
+    key_dtype = getattr(args, "key_dtype", None)
+    key_dtype_kwargs(key_dtype, resolve_geometry(args.model, parse_resolution(args.resolution), args.aspect_ratio), dtype)
     from .policy_spec import check_file_options
 
     check_file_options(policies, budget_file=args.budget_file, calibration=args.calibration)
     options = parse_policy_options(getattr(args, "option", None), policies)
     threads = cpu_threads(getattr(args, "threads", None), device)
-    return CompareSettings(weights=weights, threads=threads, options=options, model=args.model, policies=policies, budgets=budgets, conditions=conditions,
+    return CompareSettings(key_dtype=key_dtype, weights=weights, threads=threads, options=options, model=args.model, policies=policies, budgets=budgets, conditions=conditions,
                            condition_kind=kind, seeds=seeds, out=Path(args.out), device=device, dtype=dtype,
                            batch_size=args.batch_size, repeats=args.repeats, warmup=warmup,
                            resolution=parse_resolution(args.resolution), aspect_ratio=args.aspect_ratio,

@@ -10,7 +10,7 @@ import torch
 
 from .conditions import single_conditions
 from .outputs import save_png
-from .model_args import check_device, cpu_threads, default_dtype, set_threads, weights_kwargs
+from .model_args import check_device, cpu_threads, default_dtype, key_dtype_kwargs, set_threads, weights_kwargs
 from .plan import parse_resolution, resolve_geometry
 from .policy_spec import build_policy, check_budget, parse_dtype, parse_policy_options, policies_to_calibrate
 
@@ -56,6 +56,7 @@ def generate_command(args) -> int:
                               options=extra)
         policy.plan(geometry.schedule, geometry.num_layers)  # a bad budget fails before the model loads
     dtype = default_dtype(device, args.dtype)
+    weights.update(key_dtype_kwargs(args.key_dtype, geometry, dtype))
     set_threads(threads)
     from adapters import load_model
 

@@ -92,3 +92,20 @@ def cpu_threads(threads: Optional[int], device: str) -> Optional[int]:
 def set_threads(threads: Optional[int]) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def key_dtype_kwargs(key_dtype: Optional[str], geometry, compute_dtype: str) -> dict:
+    """``load_model``'s key-cache dtype for ``--key-dtype``, checked before loading.
+
+    Not given: nothing (the family's default, the official layout: Infinity float32 keys). A model
+    whose official layout caches keys in the compute dtype (VAR) takes only that dtype."""
+    if key_dtype is None:
+        return {}
+    if geometry.key_cache_dtype is None and key_dtype != compute_dtype:
+        raise ValueError(f"--key-dtype {key_dtype}: {geometry.name} caches keys in its compute dtype "
+                         f"({compute_dtype}); use --dtype {key_dtype} instead")
+    if geometry.key_cache_dtype is None:
+        return {}
+    from .policy_spec import parse_dtype
+
+    return {"key_dtype": parse_dtype(key_dtype)}

@@ -54,11 +54,19 @@ def _role_summary(plan, scale: int) -> str:
 
 def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect_ratio: float = 1.0,
                 batch: int = 1, dtype: torch.dtype = torch.bfloat16, cfg: bool = True,
-                budget_file: Optional[str] = None, calibration=None, options=None) -> dict:
-    """Simulate full cache and the policy on a geometry; return a JSON-friendly dict."""
+                budget_file: Optional[str] = None, calibration=None, options=None,
+                key_dtype: Optional[torch.dtype] = None) -> dict:
+    """Simulate full cache and the policy on a geometry; return a JSON-friendly dict.
+
+    ``dtype`` is the value (compute) dtype; ``key_dtype`` defaults to the family's official key
+    cache (Infinity: float32 keys next to bf16 values, 6 bytes per channel, as ScaleKV's Table 1
+    counts; VAR: the value dtype)."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     g = resolve_geometry(model, resolution, aspect_ratio)
+    official_keys = key_dtype is None
+    if key_dtype is None:
+        key_dtype = getattr(torch, g.key_cache_dtype) if g.key_cache_dtype else dtype
     schedule = g.schedule
     parsed = None if budget is None else check_budget(budget, schedule, model)
     note = None
@@ -70,7 +78,7 @@ def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect
     else:
         policy = build_policy(policy_name, parsed, budget_file=budget_file, calibration=calibration, options=extra)
     common = dict(schedule=schedule, num_layers=g.num_layers, num_heads=g.num_heads, head_dim=g.head_dim,
-                  batch=batch, cfg=cfg, dtype=dtype)
+                  batch=batch, cfg=cfg, dtype=dtype, key_dtype=key_dtype)
     report = kvpolicy.simulate(policy, **common)
     plan = policy.plan(schedule, g.num_layers)
     last_read = max(0, schedule.num_scales - 2)
@@ -80,6 +88,7 @@ def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect
         "schedule": [list(s) for s in schedule.shapes], "reference_length": schedule.reference_length,
         "num_layers": g.num_layers, "num_heads": g.num_heads, "head_dim": g.head_dim,
         "batch": batch, "cfg": cfg, "rows": batch * (2 if cfg else 1), "dtype": str(dtype).replace("torch.", ""),
+        "key_dtype": str(key_dtype).replace("torch.", ""), "key_dtype_is_official": official_keys and g.key_cache_dtype is not None,
         "policy": policy.to_config(), "budget": None if parsed is None else str(parsed), "budget_tokens": budget_tokens,
         "kv_bytes": report.kv_bytes, "full_kv_bytes": report.full_kv_bytes,
         "kept_lengths": report.kept_lengths, "capacities": report.capacities,
@@ -97,6 +106,14 @@ def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect
     }
 
 
+def _dtype_text(d: dict) -> str:
+    key, value = d.get("key_dtype", d["dtype"]), d["dtype"]
+    if key == value:
+        return value
+    official = " (the official layout; --key-dtype bf16 for a bf16 key cache)" if d.get("key_dtype_is_official") else ""
+    return f"K {key} + V {value}{official}"
+
+
 def format_plan(d: dict, per_head: bool = False) -> str:
     """The human-readable table for ``kvpolicy plan`` (``per_head``: each head's kept tokens too)."""
     shapes = d["schedule"]
@@ -104,7 +121,7 @@ def format_plan(d: dict, per_head: bool = False) -> str:
     lines = [
         f"{d['model']} ({d['family']}) at {res}, aspect {d['aspect_ratio']:g}: {len(shapes)} scales, "
         f"{d['num_layers']} layers x {d['num_heads']} heads x {d['head_dim']} dims, "
-        f"batch {d['batch']} ({d['rows']} rows{' with CFG' if d['cfg'] else ''}), {d['dtype']}",
+        f"batch {d['batch']} ({d['rows']} rows{' with CFG' if d['cfg'] else ''}), {_dtype_text(d)}",
         f"policy {d['policy']['name']}, budget {d['budget'] or 'from the policy configuration'}"
         + (f" = {d['budget_tokens']} tokens per layer on average (N_ref = {d['reference_length']})"
            if d["budget_tokens"] is not None else " (no limit)"),

@@ -29,27 +29,31 @@ MATERIALIZE_LIMIT_BYTES = 1 << 30
 
 
 def estimate_full_bytes(schedule: ScaleSchedule, *, num_layers: int, num_heads: int, head_dim: int,
-                        rows: int, dtype: torch.dtype) -> int:
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    return 2 * num_layers * rows * num_heads * schedule.total * head_dim * itemsize
+                        rows: int, dtype: torch.dtype, key_dtype: Optional[torch.dtype] = None) -> int:
+    key_size = torch.empty(0, dtype=dtype if key_dtype is None else key_dtype).element_size()
+    value_size = torch.empty(0, dtype=dtype).element_size()
+    return num_layers * rows * num_heads * schedule.total * head_dim * (key_size + value_size)
 
 
 def simulate(policy: Policy | None, *, schedule: ScaleSchedule, num_layers: int, num_heads: int,
              head_dim: int, batch: int = 1, cfg: bool = True, seed: int = 0,
              dtype: torch.dtype = torch.bfloat16, materialize: Optional[bool] = None,
-             device: str | torch.device = "cpu") -> CacheReport:
+             device: str | torch.device = "cpu", key_dtype: Optional[torch.dtype] = None) -> CacheReport:
     """Run ``policy`` (None = full cache) over every scale and layer; return the cache report.
 
     Rows = batch x 2 with CFG (conditional and unconditional rows). Keys are unit vectors (like
     the cosine-attention caches of Infinity and VAR), queries random with norm 4, values normal.
+    ``dtype`` is the values' (and queries') dtype; ``key_dtype`` (default: the same) the cached
+    keys', e.g. float32 keys with bfloat16 values, the official Infinity layout.
     """
+    key_dtype = dtype if key_dtype is None else key_dtype
     for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("head_dim", head_dim), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     rows = batch * (2 if cfg else 1)
     if materialize is None:
         materialize = estimate_full_bytes(schedule, num_layers=num_layers, num_heads=num_heads, head_dim=head_dim,
-                                          rows=rows, dtype=dtype) <= MATERIALIZE_LIMIT_BYTES
+                                          rows=rows, dtype=dtype, key_dtype=key_dtype) <= MATERIALIZE_LIMIT_BYTES
     plan = policy.plan(schedule, num_layers) if policy is not None else None
     if plan is not None and plan.head_wise and plan.num_heads != num_heads:
         raise ValueError(f"policy {policy.name!r} plans {plan.num_heads} heads per layer but the model has "
@@ -68,7 +72,7 @@ def simulate(policy: Policy | None, *, schedule: ScaleSchedule, num_layers: int,
     for scale in range(schedule.num_scales):
         n = schedule.tokens(scale)
         for layer in range(num_layers):
-            keys = F.normalize(randn(sim_rows, sim_heads, n, head_dim), dim=-1).to(dtype)
+            keys = F.normalize(randn(sim_rows, sim_heads, n, head_dim), dim=-1).to(key_dtype)
             values = randn(sim_rows, sim_heads, n, head_dim).to(dtype)
             cache.append(layer, scale, keys, values)
             queries = raw = None
@@ -81,5 +85,6 @@ def simulate(policy: Policy | None, *, schedule: ScaleSchedule, num_layers: int,
     if not materialize:
         report.extra["probe"] = f"{sim_rows} row(s) x {sim_heads} head(s)"
     report.extra.update({"materialized": materialize, "rows": rows, "num_heads": num_heads,
-                         "head_dim": head_dim, "dtype": str(dtype).replace("torch.", "")})
+                         "head_dim": head_dim, "dtype": str(dtype).replace("torch.", ""),
+                         "key_dtype": str(key_dtype).replace("torch.", "")})
     return report

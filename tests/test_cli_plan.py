@@ -22,7 +22,8 @@ def _run(capsys, *argv):
 
 
 def test_plan_snapkv_650_tokens_batch_8_on_infinity_2b(capsys):
-    code, out, _ = _run(capsys, "plan", "--model", "infinity-2b", "--policy", "snapkv", "--budget", "650", "--batch", "8")
+    code, out, _ = _run(capsys, "plan", "--model", "infinity-2b", "--policy", "snapkv", "--budget", "650", "--batch", "8",
+                        "--key-dtype", "bf16")
     assert code == 0
     rows = {int(m.group(1)): m for m in re.finditer(
         r"^\s+(\d+)\s+(\d+)x(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, re.M)}
@@ -38,7 +39,7 @@ def test_plan_snapkv_650_tokens_batch_8_on_infinity_2b(capsys):
 
 def test_plan_json_has_exact_bytes(capsys):
     code, out, _ = _run(capsys, "plan", "--model", "infinity-2b", "--policy", "snapkv", "--budget", "650", "--batch",
-                        "8", "--json")
+                        "8", "--json", "--key-dtype", "bf16")
     d = json.loads(out)
     assert code == 0 and d["budget_tokens"] == 650 and d["reference_length"] == 6425
     s = d["last_read_scale"]
@@ -107,3 +108,36 @@ def test_policy_options_reach_the_policy_and_bad_ones_fail(capsys):
     code, _, err = _run(capsys, "plan", "--model", "infinity-2b", "--policy", "snapkv", "--budget", "650",
                         "--option", "window_size=16")
     assert code == 2 and "POLICY.OPTION=VALUE" in err
+
+
+# ScaleKV Table 1 (shared/reference/scalekv.md §6.2): KV MB of the cache the last scale reads at batch 8
+# with CFG, official Infinity layout (K float32 after the float32 norm, V bf16: 6 bytes per channel).
+TABLE_1_MIB = {"infinity-2b": {"6425": 38550, "1300": 7800, "650": 3900, "265": 1590},
+               "infinity-8b": {"6425": 84328, "1300": 17062, "650": 8531, "265": 3478}}
+
+
+@pytest.mark.parametrize("model", sorted(TABLE_1_MIB))
+@pytest.mark.parametrize("tokens", ["6425", "1300", "650", "265"])
+def test_plan_reproduces_table_1_memory_with_the_official_key_layout(capsys, model, tokens):
+    code, out, _ = _run(capsys, "plan", "--model", model, "--policy", "sliding_window", "--budget", tokens,
+                        "--batch", "8", "--json")
+    d = json.loads(out)
+    assert code == 0 and d["dtype"] == "bfloat16" and d["key_dtype"] == "float32"
+    s = d["last_read_scale"]
+    assert round(d["kv_bytes"][s] / 2 ** 20) == TABLE_1_MIB[model][tokens]
+    assert round(d["full_kv_bytes"][s] / 2 ** 20) == TABLE_1_MIB[model]["6425"]
+
+
+def test_plan_table_names_the_key_layout_and_bf16_keys_are_an_option(capsys):
+    _, out, _ = _run(capsys, "plan", "--model", "infinity-2b", "--policy", "snapkv", "--budget", "650", "--batch", "8")
+    assert "K float32 + V bfloat16 (the official layout; --key-dtype bf16 for a bf16 key cache)" in out
+    assert "full 38550.00 MiB, snapkv 3900.00 MiB" in out
+    _, out, _ = _run(capsys, "plan", "--model", "infinity-2b", "--policy", "snapkv", "--budget", "650", "--batch", "8",
+                     "--key-dtype", "bf16")
+    assert "full 25700.00 MiB, snapkv 2600.00 MiB" in out
+
+
+def test_var_plans_keys_in_the_value_dtype(capsys):
+    _, out, _ = _run(capsys, "plan", "--model", "var-d16", "--policy", "snapkv", "--budget", "50%", "--json")
+    d = json.loads(out)
+    assert d["key_dtype"] == d["dtype"] == "bfloat16"

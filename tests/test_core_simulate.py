@@ -18,7 +18,8 @@ def test_report_fields_full_cache():
     assert report.kv_bytes == report.full_kv_bytes and report.peak_kv_bytes == per_token * 680
     assert report.capacities == [[None, None]] * 10
     assert report.kept_lengths == [[c, c] for c in VAR_256.cumulative]
-    assert report.extra == {"materialized": True, "rows": 4, "num_heads": 3, "head_dim": 4, "dtype": "bfloat16"}
+    assert report.extra == {"materialized": True, "rows": 4, "num_heads": 3, "head_dim": 4, "dtype": "bfloat16",
+                            "key_dtype": "bfloat16"}
     assert set(report.to_dict()) >= {"kv_bytes", "full_kv_bytes", "peak_kv_bytes", "kept_lengths", "capacities"}
     no_cfg = simulate(None, schedule=VAR_256, num_layers=2, num_heads=3, head_dim=4, batch=2, cfg=False,
                       dtype=torch.float32)
@@ -66,3 +67,13 @@ def test_bad_arguments(name, value):
     kwargs = dict(schedule=VAR_256, num_layers=2, num_heads=2, head_dim=4, batch=1)
     with pytest.raises(ValueError, match=f"{name} must be a positive int, got {value!r}"):
         simulate(None, **{**kwargs, name: value})
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+def test_float32_keys_with_bfloat16_values_count_six_bytes_per_channel(materialize):
+    # Infinity's official cache layout: K float32 (normalised in float32), V bf16
+    common = dict(schedule=VAR_256, num_layers=2, num_heads=3, head_dim=4, batch=2, materialize=materialize)
+    mixed = simulate(None, key_dtype=torch.float32, dtype=torch.bfloat16, **common)
+    plain = simulate(None, dtype=torch.bfloat16, **common)
+    assert [m * 2 for m in mixed.full_kv_bytes] == [p * 3 for p in plain.full_kv_bytes]
+    assert mixed.extra["key_dtype"] == "float32" and mixed.extra["dtype"] == "bfloat16"

@@ -153,10 +153,11 @@ def test_peak_kv_bytes_equal_simulate_on_the_1024_schedule():
 
 
 def test_bfloat16_blocks_and_cache(tiny):
-    model = load_model("infinity-tiny-random", dtype=torch.bfloat16)
+    model = load_model("infinity-tiny-random", dtype=torch.bfloat16, key_dtype=None)  # a bf16 key cache
     out = model.generate(["a red cube"], progress=False)
     full = tiny.generate(["a red cube"], progress=False)
     assert out.images.dtype == torch.uint8 and out.config["dtype"] == "bfloat16"
+    assert out.config["key_dtype"] == "bfloat16"
     assert out.cache_report.kv_bytes[-1] * 2 == full.cache_report.kv_bytes[-1]  # bf16 K/V: half the bytes
     assert model.transformer.blocks()[0].sa.mat_qkv.weight.dtype == torch.bfloat16
     assert model.transformer.head.weight.dtype == torch.float32  # head, embeddings stay float32
@@ -164,9 +165,16 @@ def test_bfloat16_blocks_and_cache(tiny):
 
 def test_official_kv_dtypes_keep_keys_float32_under_bf16():
     model = load_model("infinity-tiny-random", dtype=torch.bfloat16, official_kv_dtypes=True)
-    plain = load_model("infinity-tiny-random", dtype=torch.bfloat16)
+    plain = load_model("infinity-tiny-random", dtype=torch.bfloat16, official_kv_dtypes=False)
     official = model.generate(["a red cube"], progress=False).cache_report.kv_bytes[-1]
     assert official * 2 == plain.generate(["a red cube"], progress=False).cache_report.kv_bytes[-1] * 3  # 6 vs 4 bytes
+
+
+def test_the_official_key_layout_is_the_default():
+    default = load_model("infinity-tiny-random", dtype=torch.bfloat16).generate(["a red cube"], progress=False)
+    bf16_keys = load_model("infinity-tiny-random", dtype=torch.bfloat16, key_dtype="bf16").generate(["a red cube"], progress=False)
+    assert default.config["key_dtype"] == "float32" and bf16_keys.config["key_dtype"] == "bfloat16"
+    assert default.cache_report.kv_bytes[-1] * 2 == bf16_keys.cache_report.kv_bytes[-1] * 3  # 4 + 2 vs 2 + 2 bytes
 
 
 def test_geometry_matches_the_registered_tiny_geometry(tiny):

@@ -32,4 +32,5 @@ FAMILY = register_family(ModelFamily(
     benchmark_presets=("infinity-2b", "infinity-8b"),
     resolutions=f"{sorted(INFINITY_RESOLUTION_PN)} or a pn name {list(INFINITY_PN_SCALES)}, any aspect ratio "
                 "(nearest template)",
+    key_cache_dtype="float32",  # K normalised in float32 and cached so, next to V in the compute dtype
 ))

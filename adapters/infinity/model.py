@@ -81,7 +81,8 @@ class InfinityTransformer(nn.Module):
             BlockChunk([CrossAttentionBlock(width, c.num_heads, width, c.ffn_dim, c.norm_eps) for _ in range(per_chunk)])
             for _ in range(c.block_chunks))
         self._rope_tables: dict = {}
-        # None: cache K in the compute dtype; torch.float32: the official bf16 run's K layout (§9).
+        # None: cache K in the compute dtype; torch.float32: the official bf16 run's K layout (§9);
+        # load_infinity sets float32 (the official layout) unless told otherwise.
         self.key_dtype: Optional[torch.dtype] = None
 
     # -- structure -------------------------------------------------------------------------------

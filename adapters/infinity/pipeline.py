@@ -77,7 +77,8 @@ class InfinityModel(NextScaleModel):
     def geometry(self, resolution=None, aspect_ratio: float = 1.0) -> ModelGeometry:
         c = self.config
         return ModelGeometry(name=self.name, family="infinity", num_layers=c.depth, num_heads=c.num_heads,
-                             head_dim=c.head_dim, schedule=self.schedule(resolution, aspect_ratio)[0])
+                             head_dim=c.head_dim, schedule=self.schedule(resolution, aspect_ratio)[0],
+                             key_cache_dtype="float32")
 
     # -- generation -------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> list[torch.Tensor]:
@@ -144,7 +145,8 @@ class InfinityModel(NextScaleModel):
         return GenerationSetup(
             schedule=schedule, compute_dtype=self.transformer.block_dtype, sampling=dict(sampling),
             rows_per_condition=2 if sampling["cfg"] != 1 else 1, details={"template": template},
-            config={"resolution": pn, "aspect_ratio": aspect_ratio, "schedule": [list(s) for s in schedule.shapes]})
+            config={"resolution": pn, "aspect_ratio": aspect_ratio, "schedule": [list(s) for s in schedule.shapes],
+                    "key_dtype": str(self.transformer.key_dtype or self.transformer.block_dtype).replace("torch.", "")})
 
     def generate_batch(self, prompts, setup, *, cache, generator, stats, on_scale, cfg, tau, top_k, top_p):
         def scales(indices):
@@ -178,18 +180,25 @@ def _read_safetensors(path) -> dict:
 
 def load_infinity(name: str, *, weights: Optional[str | os.PathLike] = None, vae_weights=None, text_encoder=None,
                   device: Optional[str | torch.device] = None, dtype: Optional[torch.dtype] = None,
-                  seed: int = 0, official_kv_dtypes: bool = False) -> InfinityModel:
+                  seed: int = 0, key_dtype: Optional[torch.dtype | str] = torch.float32,
+                  official_kv_dtypes: Optional[bool] = None) -> InfinityModel:
     """Build a preset. weights / vae_weights: a local path, None (the preset's hub file; the shipped
     trained files for ``infinity-tiny``, random for ``infinity-tiny-random``) or ``'random'``. text_encoder: a hub name or folder (default google/flan-t5-xl),
     a ``TextEncoder``, or ``'random'`` (a small random T5 with the byte tokenizer). dtype: the blocks'
     compute dtype (float32 default; bfloat16 on GPU), embeddings, head and VAE stay float32.
-    official_kv_dtypes: cache K in float32 whatever the compute dtype, as the official bf16 run does
-    (K fp32 + V bf16; by default K is cached in the compute dtype, a third fewer bytes)."""
+    key_dtype: the dtype of the cached keys. float32 (default) is the official layout: Infinity
+    normalises q and k in float32 and caches that K next to V in the compute dtype, so a bf16 run holds
+    6 bytes per channel (ScaleKV's Table 1 memory). None caches K in the compute dtype (a bf16 key
+    cache: a third fewer bytes, not the official numerics). official_kv_dtypes: the earlier switch,
+    True = float32 keys, False = compute-dtype keys; it overrides key_dtype when given."""
     if name not in PRESETS:
         raise ValueError(f"unknown Infinity preset {name!r}; known: {sorted(PRESETS)}")
     preset = PRESETS[name]
     device = torch.device(device if device is not None else "cpu")
     dtype = parse_dtype(torch.float32 if dtype is None else dtype)
+    if official_kv_dtypes is not None:
+        key_dtype = torch.float32 if official_kv_dtypes else None
+    key_dtype = None if key_dtype is None else parse_dtype(key_dtype)
     random_weights = weights == "random" or (weights is None and preset.random_only)
     random_vae = vae_weights == "random" or (vae_weights is None and preset.random_only)
     packaged_text = None
@@ -214,7 +223,7 @@ def load_infinity(name: str, *, weights: Optional[str | os.PathLike] = None, vae
     else:
         load_transformer_weights(transformer, weights_path)
     transformer.eval().requires_grad_(False)
-    transformer.key_dtype = torch.float32 if official_kv_dtypes else None
+    transformer.key_dtype = key_dtype
     if dtype != torch.float32:
         transformer.set_block_dtype(dtype)
     if random_vae:
