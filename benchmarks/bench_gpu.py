@@ -103,7 +103,13 @@ class Bench:
 
         for name in self.models:  # unknown models and impossible key dtypes fail before any loading
             key_dtype_kwargs(self.key_dtype, resolve_geometry(name), "fp32" if self.dry else "bf16")
-        self.out = Path(args.out)
+        from .outputs import check_output_dir, fresh_run_dir
+
+        if args.out is not None:
+            self.out = Path(args.out)
+        else:  # a dry run is a smoke test: its numbers must not land among the recorded GPU results
+            self.out = fresh_run_dir("bench-gpu-dryrun") if self.dry else Path("benchmarks/results")
+        check_output_dir(self.out, "--out")  # before minutes of benchmarking, not after
         self.rows: list[dict] = []
         self.max_batches: list[dict] = []
 
@@ -276,6 +282,9 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         prefix = self.out / f"bench_gpu{'_dryrun' if self.dry else ''}_{stamp}"
+        n = 2
+        while Path(f"{prefix}.md").exists() or Path(f"{prefix}.json").exists():  # never replace a recorded run
+            prefix, n = self.out / f"bench_gpu{'_dryrun' if self.dry else ''}_{stamp}-{n}", n + 1
         device = "cpu (dry run)" if self.dry else torch.cuda.get_device_name(0)
         table = self.table()
         keys = (f"{self.key_dtype} key cache" if self.key_dtype else

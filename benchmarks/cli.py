@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--prompt", action="append", help="text prompt (Infinity); repeat for a batch")
     group.add_argument("--label", action="append", type=int, help="class label (VAR); repeat for a batch")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="image.png", help="output PNG (index appended for a batch)")
+    p.add_argument("--out", default=None, help="output PNG, index appended for a batch (default: image.png in a new "
+                   "folder kvpolicy-runs/generate-MODEL-TIME/); an existing file is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _add_option_arg(p)
     _add_run_args(p)
     _add_plan_file_args(p)
@@ -165,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1; dry run 0)")
     p.add_argument("--max-batch", type=int, default=None, help="cap of the largest-batch search (default 64; dry run 4)")
     _add_key_dtype_arg(p)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/ for GPU runs, files named "
+                   "by time; a new kvpolicy-runs/bench-gpu-dryrun-TIME/ for --dry-run, never the tracked results)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: exercise the whole script without a GPU")
 
     from .check import add_check_parser

@@ -25,6 +25,13 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(n)]
 
 
+def default_out(model: str) -> Path:
+    """``kvpolicy-runs/generate-<model>-<time>/image.png``: a new folder per run, never the working tree."""
+    from .outputs import fresh_run_dir
+
+    return fresh_run_dir(f"generate-{model}") / "image.png"
+
+
 def generate_command(args) -> int:
     conditions = single_conditions(args.model, prompt=args.prompt, label=args.label)
     if args.budget is not None and args.policy is None:
@@ -35,10 +42,14 @@ def generate_command(args) -> int:
     weights = weights_kwargs(args, args.model)
     threads = cpu_threads(args.threads, device)
     budget = None if args.budget is None else check_budget(args.budget, geometry.schedule, args.model)
-    paths = output_paths(args.out, len(conditions))
-    for p in paths:
-        if not p.parent.is_dir():
-            raise ValueError(f"folder {str(p.parent)!r} for --out does not exist")
+    from .outputs import check_new_file
+
+    out_path = Path(args.out) if args.out is not None else default_out(args.model)
+    if args.out is not None and not out_path.parent.is_dir():
+        raise ValueError(f"folder {str(out_path.parent)!r} for --out does not exist")
+    paths = output_paths(str(out_path), len(conditions))
+    for p in paths:  # an existing image is never replaced without --overwrite; the folder must take files
+        check_new_file(p, "--out", overwrite=args.overwrite)
     if args.option and args.policy is None:
         raise ValueError("--option needs --policy")
     extra = parse_policy_options(args.option, [args.policy]).get(args.policy, {}) if args.policy else {}
@@ -62,7 +73,8 @@ def generate_command(args) -> int:
 
     model = load_model(args.model, device=device, dtype=parse_dtype(dtype), **weights)
     if calibrate_first:
-        calibration = auto_calibrate(model, args.model, [args.policy], Path(args.out).with_suffix(".calibration.json"),
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        calibration = auto_calibrate(model, args.model, [args.policy], out_path.with_suffix(".calibration.json"),
                                      resolution=resolution, aspect_ratio=args.aspect_ratio,
                                      log=lambda msg: print(msg, file=sys.stderr))
         policy = build_policy(args.policy, budget, calibration=calibration, options=extra)
@@ -75,6 +87,7 @@ def generate_command(args) -> int:
     started = time.perf_counter()
     out = model.generate(list(conditions), policy=policy, seed=args.seed, batch_size=len(conditions), **kwargs)
     elapsed = time.perf_counter() - started
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(out.images, paths):
         save_png(image, path)
     report = out.cache_report

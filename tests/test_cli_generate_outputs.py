@@ -34,3 +34,47 @@ def test_var_refuses_a_key_dtype_other_than_its_compute_dtype_before_loading(tmp
     assert capsys.readouterr().err == ("kvpolicy generate: error: --key-dtype bf16: var-tiny caches keys in its "
                                        "compute dtype (fp32); use --dtype bf16 instead\n")
     assert not list(tmp_path.iterdir())
+
+
+def _generate(*extra):
+    return main(["generate", "--model", "var-tiny", "--label", "1", "--threads", "1", *extra])
+
+
+def test_default_output_is_a_fresh_named_folder_per_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _generate() == 0 and _generate() == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["kvpolicy-runs"]  # nothing lands in the working tree
+    runs = sorted((tmp_path / "kvpolicy-runs").iterdir())
+    assert len(runs) == 2 and all(r.name.startswith("generate-var-tiny-") for r in runs)
+    assert all([p.name for p in r.iterdir()] == ["image.png"] for r in runs)
+    assert f"wrote {runs[-1].relative_to(tmp_path) / 'image.png'}" in capsys.readouterr().out
+
+
+def test_an_existing_output_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import adapters
+
+    target = tmp_path / "cube.png"
+    target.write_bytes(b"precious")
+    monkeypatch.setattr(adapters, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert _generate("--out", str(target)) == 2
+    assert capsys.readouterr().err == (f"kvpolicy generate: error: --out {str(target)!r} already exists; choose "
+                                       "another name or pass --overwrite\n")
+    assert target.read_bytes() == b"precious"
+
+
+def test_overwrite_replaces_an_existing_image(tmp_path):
+    target = tmp_path / "cube.png"
+    target.write_bytes(b"old")
+    assert _generate("--out", str(target), "--overwrite") == 0
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_gpu_dry_run_never_writes_into_the_tracked_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    assert main(["bench-gpu", "--dry-run", "--models", "var-tiny", "--policies", "sliding_window", "--batches", "1",
+                 "--max-batch", "1"]) == 0
+    assert not any((tmp_path / "benchmarks" / "results").iterdir())
+    (run,) = (tmp_path / "kvpolicy-runs").iterdir()
+    assert run.name.startswith("bench-gpu-dryrun-")
+    assert sorted(p.suffix for p in run.iterdir()) == [".json", ".md"]
