@@ -152,6 +152,10 @@ def calibrate_command(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out {args.out!r} must name a .json file")
+    if args.export_budget:
+        from .outputs import check_new_file
+
+        check_new_file(Path(args.export_budget), "--export-budget", overwrite=True)
     dtype = default_dtype(device, args.dtype)
     from .distributed import setup
 

@@ -104,14 +104,24 @@ class Comparison:
             torch.set_num_threads(previous)
 
     def _run(self) -> Optional[dict]:
+        from .outputs import check_output_dir
+
+        check_output_dir(self.out, "--out")
+        geometry = resolve_geometry(self.s.model, self.s.resolution, self.s.aspect_ratio)
+        to_calibrate = self.to_calibrate
+        # every argument is checked before anything is written or loaded (roles from a calibration come later)
+        build_configs(self.s, geometry.schedule, geometry.num_layers, skip=to_calibrate)
+        from .calibrate import check_before_calibration
+        from .policy_spec import check_budget
+
+        for name in to_calibrate:  # their budgets too: below a window fails now, not after calibrating
+            for budget in self.s.budgets:
+                check_before_calibration(name, check_budget(budget, geometry.schedule, self.s.model), geometry,
+                                         self.s.options.get(name))
         self.dist.on_main(lambda: prepare_output(self.out))
         self.dist.check_shared_folder(self.out)
-        geometry = resolve_geometry(self.s.model, self.s.resolution, self.s.aspect_ratio)
         calibration = None
-        to_calibrate = self.to_calibrate
         if to_calibrate:
-            # every other argument is checked before the model is loaded for calibration
-            build_configs(self.s, geometry.schedule, geometry.num_layers, skip=to_calibrate)
             self.dist.on_main(lambda: check_resume(self.s, self.out))
             calibration = auto_calibrate(self._load_model(), self.s.model, to_calibrate, self.out / "calibration.json",
                                          resolution=self.s.resolution, aspect_ratio=self.s.aspect_ratio, log=self.log,

@@ -78,3 +78,57 @@ def test_bench_gpu_dry_run_never_writes_into_the_tracked_results(tmp_path, monke
     (run,) = (tmp_path / "kvpolicy-runs").iterdir()
     assert run.name.startswith("bench-gpu-dryrun-")
     assert sorted(p.suffix for p in run.iterdir()) == [".json", ".md"]
+
+
+# -- item 6: outputs and budgets are checked before any work ----------------------------------------
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    import adapters
+
+    monkeypatch.setattr(adapters, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+def test_generate_to_an_unwritable_place_fails_before_generating(no_loading, capsys):
+    assert _generate("--out", "/proc/x.png") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvpolicy generate: error: --out: '/proc' is not writable (") and err.count("\n") == 1
+
+
+def test_bench_gpu_to_an_unwritable_place_fails_before_benchmarking(monkeypatch, capsys):
+    from benchmarks import bench_gpu
+
+    monkeypatch.setattr(bench_gpu.Bench, "load", lambda self, name: pytest.fail("a model was loaded"))
+    assert main(["bench-gpu", "--dry-run", "--models", "var-tiny", "--out", "/proc/x"]) == 2
+    assert capsys.readouterr().err.startswith("kvpolicy bench-gpu: error: --out: '/proc' is not writable (")
+
+
+def test_scalekv_budget_below_its_window_fails_before_calibrating(tmp_path, no_loading, capsys):
+    out = tmp_path / "x.png"
+    assert main(["generate", "--model", "infinity-tiny", "--prompt", "a", "--policy", "scalekv", "--budget", "5",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvpolicy generate: error: scalekv: capacity 5 at scale 2, layer 0 is smaller than that "
+                          "scale's observation window (16 tokens")
+    assert not list(tmp_path.iterdir())  # no calibration file left behind
+
+
+def test_scalekv_without_budget_or_roles_fails_before_calibrating(tmp_path, no_loading, capsys):
+    assert main(["generate", "--model", "infinity-tiny", "--prompt", "a", "--policy", "scalekv",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "scalekv needs --budget" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_compare_scalekv_budget_below_its_window_fails_before_writing(tmp_path, no_loading, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", "infinity-tiny", "--policies", "scalekv", "--budgets", "5",
+                 "--out", str(out)]) == 2
+    assert "scalekv: capacity 5 at scale 2" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_calibrate_export_to_an_unwritable_place_fails_before_calibrating(tmp_path, no_loading, capsys):
+    assert main(["calibrate", "--model", "var-tiny", "--out", str(tmp_path / "c.json"), "--budget", "50%",
+                 "--export-budget", "/proc/b.json"]) == 2
+    assert capsys.readouterr().err.startswith("kvpolicy calibrate: error: --export-budget: '/proc' is not writable")
