@@ -130,5 +130,5 @@ def test_compare_scalekv_budget_below_its_window_fails_before_writing(tmp_path, 
 
 def test_calibrate_export_to_an_unwritable_place_fails_before_calibrating(tmp_path, no_loading, capsys):
     assert main(["calibrate", "--model", "var-tiny", "--out", str(tmp_path / "c.json"), "--budget", "50%",
-                 "--export-budget", "/proc/b.json"]) == 2
+                 "--policy", "scalekv", "--export-budget", "/proc/b.json"]) == 2
     assert capsys.readouterr().err.startswith("kvpolicy calibrate: error: --export-budget: '/proc' is not writable")
