@@ -21,6 +21,37 @@ def _recency(ctx, batch, heads, device):
     return torch.arange(ctx.length, device=device, dtype=torch.float32).expand(batch, heads, ctx.length)
 
 
+def _head_promises(ctx, first_count, last_count):
+    """Promised positions under head-wise capacities or a ragged cache: per (row, head), its first
+    ``first_count(cap)`` and last ``last_count(cap)`` real tokens for its own capacity ``cap``, as a
+    (B, H, P) tensor padded with -1 (None in the layer-wise case: the caller's rule applies)."""
+    if ctx.head_capacities is None and ctx.lengths is None:
+        return None
+    if ctx.lengths is not None:
+        real = ctx.lengths.tolist()
+        batch, heads = len(real), len(real[0])
+    else:
+        heads = int(ctx.head_capacities.numel())
+        batch, real = 1, [[ctx.length] * heads]
+    caps = ctx.head_capacities.tolist() if ctx.head_capacities is not None else [ctx.capacity] * heads
+    rows = []
+    for b in range(batch):
+        row = []
+        for h in range(heads):
+            length, cap = real[b][h], min(caps[h], real[b][h])
+            start = ctx.length - length  # left padding in the view
+            first = min(first_count(cap), cap)
+            last = min(last_count(cap), cap - first)
+            row.append([start + i for i in range(first)] + list(range(ctx.length - last, ctx.length)))
+        rows.append(row)
+    width = max((len(p) for row in rows for p in row), default=0)
+    out = torch.full((batch, heads, width), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        for h, positions in enumerate(row):
+            out[b, h, :len(positions)] = torch.tensor(positions, dtype=torch.long)
+    return out if ctx.lengths is not None else out[0]
+
+
 def _fits(ctx) -> bool:
     return ctx.capacity is None or (ctx.length <= ctx.capacity and ctx.head_capacities is None)
 
@@ -30,7 +61,8 @@ class SlidingWindowSelector(Policy):
     """The last ``capacity`` tokens in generation order."""
 
     def promised_positions(self, ctx):
-        return torch.arange(ctx.length - ctx.capacity, ctx.length)
+        per_head = _head_promises(ctx, lambda cap: 0, lambda cap: cap)
+        return per_head if per_head is not None else torch.arange(ctx.length - ctx.capacity, ctx.length)
 
     def select(self, keys, values, ctx):
         if _fits(ctx):
@@ -52,6 +84,9 @@ class SinksRecentSelector(Policy):
     num_sinks: int = attrs.field(default=4, validator=check_int_at_least(0))
 
     def promised_positions(self, ctx):
+        per_head = _head_promises(ctx, lambda cap: min(self.num_sinks, cap), lambda cap: cap - min(self.num_sinks, cap))
+        if per_head is not None:
+            return per_head
         sinks = min(self.num_sinks, ctx.capacity)
         return torch.cat([scoring.first_positions(ctx.length, sinks),
                           scoring.recent_positions(ctx.length, ctx.capacity - sinks)])
@@ -100,7 +135,8 @@ class HeavyHitterSelector(Policy):
 
     def promised_positions(self, ctx):
         """The recent window (capacity - heavy tokens) is always kept."""
-        return scoring.recent_positions(ctx.length, self.split(ctx.capacity)[1])
+        per_head = _head_promises(ctx, lambda cap: 0, lambda cap: self.split(cap)[1])
+        return per_head if per_head is not None else scoring.recent_positions(ctx.length, self.split(ctx.capacity)[1])
 
     def accumulate(self, keys: torch.Tensor, ctx) -> torch.Tensor:
         """Running attention totals (B, H, L) after adding the current scale's queries."""
