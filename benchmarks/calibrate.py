@@ -29,13 +29,18 @@ def calibration_source(model_name: str, geometry) -> str:
     return f"{model_name}, {geometry.num_layers} layers, schedule {geometry.schedule}"
 
 
-def make_collector(policies: Sequence[str], num_layers: int, num_scales: int, *, seed: int = 0, **options):
-    """One statistics collector that serves every policy in ``policies`` (they must share its kind)."""
+def make_collector(policies: Sequence[str], num_layers: int, num_scales: int, *, seed: int = 0, schedule=None,
+                   **options):
+    """One statistics collector that serves every policy in ``policies`` (they must share its kind).
+    Policies on the shared calibration all hand the same kind: one collector recording every
+    registered policy's measures (``kvpolicy.attention_stats.shared_collector``), which needs the
+    model's ``schedule``."""
     if not policies:
         raise ValueError("no policy to calibrate: none of the chosen policies declares needs_calibration")
     kinds: dict[type, tuple[list, object]] = {}
     for name in policies:
-        collector = kvpolicy.policy_class(name).calibration_collector(num_layers, num_scales, seed=seed, **options)
+        collector = kvpolicy.policy_class(name).calibration_collector(num_layers, num_scales, seed=seed,
+                                                                      schedule=schedule, **options)
         kinds.setdefault(type(collector), ([], collector))[0].append(name)
     if len(kinds) > 1:
         groups = "; ".join(f"{', '.join(names)}: {kind.__name__}" for kind, (names, _) in kinds.items())
@@ -62,7 +67,8 @@ def run_calibration(model, model_name: str, conditions, *, policies: Optional[Se
     chosen = list(policies) if policies is not None else calibrated_policies()
 
     def make():
-        return make_collector(chosen, geometry.num_layers, geometry.schedule.num_scales, seed=seed, **options)
+        return make_collector(chosen, geometry.num_layers, geometry.schedule.num_scales, seed=seed,
+                              schedule=geometry.schedule, **options)
 
     make()  # a policy that cannot be calibrated, or a bad option, fails before any generation
     kwargs = {}

@@ -367,6 +367,17 @@ def load_statistics(value) -> AttentionStatistics:
     raise TypeError(f"a calibration is an AttentionStatistics, its dict or a JSON path, got {type(value).__name__}")
 
 
+def shared_collector(num_layers: int, num_scales: int, schedule, *, seed: int = 0, max_queries: int = 256,
+                     names: Sequence[str] | None = None) -> AttentionStatsCollector:
+    """The collector one calibration run feeds for every registered policy (or those named): the
+    union of their ``calibration_measures``; its ``statistics()`` is the file they all read."""
+    if schedule is None or schedule.num_scales != num_scales:
+        raise ValueError(f"the shared calibration collector needs the model's schedule ({num_scales} scales), got "
+                         f"{schedule!r}")
+    return AttentionStatsCollector(num_layers, num_scales, calibration_measures(schedule, names), seed=seed,
+                                   max_queries=max_queries)
+
+
 def calibration_measures(schedule, names: Sequence[str] | None = None) -> list:
     """The measures every registered policy (or those named) declares for ``schedule``
     (``Policy.calibration_measures``): one calibration run records them all."""

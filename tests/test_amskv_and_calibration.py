@@ -144,3 +144,24 @@ def test_amskv_calibration_finds_the_planted_cache_demanding_layer():
     last = plan.capacities[-1]
     assert last[1] > last[0] and sum(last) <= 2 * 20
     assert plan.roles[-1] == ("efficient", "demanding")
+
+
+def test_kvpolicy_calibrate_writes_one_file_for_every_calibrated_policy(tmp_path, capsys):
+    """One calibration run records ScaleKV's and AMS-KV's statistics (and those of every other
+    registered policy) in one file, which each of them reads."""
+    import json
+
+    from benchmarks.cli import main
+
+    calib = tmp_path / "calib.json"
+    assert main(["calibrate", "--model", "var-tiny", "--labels", "1", "--out", str(calib)]) == 0
+    data = json.loads(calib.read_text())
+    assert data["kind"] == "kvpolicy-attention-statistics"
+    assert {"current_ratio", "history_topk", "amskv/key_similarity"} <= set(data["means"])
+    stats = kvpolicy.load_statistics(calib)
+    from adapters import geometry
+
+    g = geometry.get_geometry("var-tiny")
+    for name in ("scalekv", "amskv"):
+        kvpolicy.get_policy(name, budget="30%", calibration=str(calib)).plan(g.schedule, g.num_layers)
+    assert stats.num_layers == g.num_layers

@@ -98,6 +98,8 @@ def _calibration(value):
         return None
     if isinstance(value, CalibrationResult):
         return value
+    if hasattr(value, "head_means"):  # the shared calibration statistics (kvpolicy calibrate)
+        return CalibrationResult.from_statistics(value)
     if isinstance(value, dict):
         return CalibrationResult.from_dict(value)
     if isinstance(value, (str, Path)):
@@ -176,10 +178,17 @@ class ScaleKVAllocation(Policy):
     plan_sources = ("drafters",)
 
     @classmethod
-    def calibration_collector(cls, num_layers, num_scales, *, seed=0, **options):
+    def calibration_collector(cls, num_layers, num_scales, *, seed=0, schedule=None, top_k=None, **options):
+        """The shared calibration collector (every registered policy's statistics, ScaleKV's with
+        K′ = 16) when the schedule is known; ScaleKV's own collector for another ``top_k``."""
         from .calibration import ScaleKVStatsCollector
 
-        return ScaleKVStatsCollector(num_layers, num_scales, seed=seed, **options)
+        if schedule is not None and top_k in (None, 16) and not options:
+            from kvpolicy.attention_stats import shared_collector
+
+            return shared_collector(num_layers, num_scales, schedule, seed=seed)
+        return ScaleKVStatsCollector(num_layers, num_scales, seed=seed, **({} if top_k is None else {"top_k": top_k}),
+                                     **options)
 
     @classmethod
     def _drafter_fraction(cls, schedule, num_layers, budget_tokens, num_drafters):
@@ -207,10 +216,15 @@ class ScaleKVAllocation(Policy):
     def calibration_result(cls, collector, *, source, schedule, budget_tokens=None, num_drafters=None, **options):
         """``num_drafters``: rank exactly that many drafter pairs at ``budget_tokens``."""
         cls.check_calibration_options(schedule, collector.num_layers, budget_tokens, num_drafters, **options)
-        if num_drafters is None:
-            return collector.result(source=source)
-        return collector.result(source=source, drafter_fraction=cls._drafter_fraction(
-            schedule, collector.num_layers, budget_tokens, num_drafters))
+        fraction = {} if num_drafters is None else {"drafter_fraction": cls._drafter_fraction(
+            schedule, collector.num_layers, budget_tokens, num_drafters)}
+        if not hasattr(collector, "result"):  # the shared collector: its statistics serve every policy
+            if not fraction:
+                return collector.statistics(source=source)
+            from .calibration import CalibrationResult
+
+            return CalibrationResult.from_statistics(collector.statistics(source=source), **fraction)
+        return collector.result(source=source, **fraction)
 
     @classmethod
     def released_plan_file(cls, model, budget_tokens):
@@ -252,6 +266,7 @@ class ScaleKVAllocation(Policy):
 
     @classmethod
     def describe_calibration(cls, calibration, schedule, budget_tokens):
+        calibration = _calibration(calibration)  # the shared statistics read as ScaleKV's result
         drafters = calibration.drafters(schedule, budget_tokens)
         lines = [f"drafters at {budget_tokens} tokens per layer, {sum(len(v) for v in drafters.values())} in all, "
                  "by decision scale:"]
