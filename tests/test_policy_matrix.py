@@ -65,8 +65,18 @@ def matrix_case(name: str, schedule: ScaleSchedule, budget, seed: int = 0, **geo
     trace = drive(policy, case.inputs())
     plan = policy.plan(schedule, 3)
     for (scale, layer), kept in trace.kept.items():
-        capacity = plan.capacity(scale, layer)
-        if capacity is not None and trace.lengths[(scale, layer)] > capacity:
+        capacity, before = plan.capacity(scale, layer), trace.before[(scale, layer)]
+        if capacity is None:
+            continue
+        head_caps = plan.head_capacity(scale, layer)
+        if policy.head_adaptive:  # a row's heads share H x capacity (all of it once the row exceeds it)
+            over = before.sum(dim=1) > before.shape[1] * capacity
+            assert bool((kept.sum(dim=1)[over] == before.shape[1] * capacity).all()), \
+                f"{name} kept {kept.tolist()}, rows of {before.shape[1]} x {capacity} at {scale, layer}"
+        elif head_caps is not None:  # each head fills its own capacity
+            limit = torch.minimum(before, torch.tensor(head_caps).view(1, -1))
+            assert bool((kept == limit).all()), f"{name} kept {kept.tolist()}, head capacities {head_caps} at {scale, layer}"
+        elif trace.lengths[(scale, layer)] > capacity:
             assert bool((kept == capacity).all()), f"{name} kept {kept.tolist()} < capacity {capacity} at {scale, layer}"
 
 
