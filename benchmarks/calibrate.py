@@ -150,7 +150,13 @@ def calibrate_command(args) -> int:
                          "that budget compresses")
     classes = [kvpolicy.policy_class(name) for name in policies]
     for cls in classes:  # fail now, not after the calibration run
-        cls.check_calibration_options(geometry.schedule, geometry.num_layers, budget_tokens, **result_options)
+        try:
+            cls.check_calibration_options(geometry.schedule, geometry.num_layers, budget_tokens, **result_options)
+        except ValueError as error:
+            if args.policy is not None or not result_options:
+                raise
+            # without --policy every calibrated policy is calibrated; a policy-specific option needs --policy
+            raise ValueError(f"{error}; choose the policies it is for with --policy NAME") from None
     exporters = [cls for cls in classes if cls.plan_file_option is not None]
     if args.export_budget and len(exporters) != 1:
         raise ValueError(f"--export-budget writes one policy's plan file; policies that have one: "

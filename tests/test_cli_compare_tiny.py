@@ -92,7 +92,7 @@ def test_infinity_tiny_compare_end_to_end_resume_and_reproducibility(tmp_path, i
 def test_var_tiny_calibrate_then_compare_and_generate_with_scalekv(tmp_path, capsys):
     calib = tmp_path / "calib.json"
     code = main(["calibrate", "--model", "var-tiny-random", "--labels", "1,2", "--out", str(calib), "--budget", "30%",
-                 "--num-drafters", "3"])
+                 "--policy", "scalekv", "--num-drafters", "3"])
     out = capsys.readouterr().out
     assert code == 0 and "3 in all" in out
     data = json.loads(calib.read_text())
@@ -134,6 +134,8 @@ def test_generate_infinity_tiny_writes_images_and_prints_the_report(tmp_path, ca
     (["compare", "--model", "var-tiny-random", "--labels", "1000"], "out of range"),
     (["calibrate", "--model", "infinity-tiny-random", "--labels", "1", "--out", "c.json"], "use --prompts, not --labels"),
     (["calibrate", "--model", "var-tiny-random", "--out", "c.json", "--num-drafters", "2"], "needs --budget"),
+    (["calibrate", "--model", "var-tiny-random", "--out", "c.json", "--budget", "30%", "--num-drafters", "2"],
+     "takes no calibration option(s) ['num_drafters']; choose the policies it is for with --policy NAME"),
 ])
 def test_model_command_errors(tmp_path, capsys, argv, message):
     code = main(argv)
