@@ -288,7 +288,7 @@ class Bench:
         device = "cpu (dry run)" if self.dry else torch.cuda.get_device_name(0)
         table = self.table()
         keys = (f"{self.key_dtype} key cache" if self.key_dtype else
-                "each model's official key cache (Infinity: float32 K next to the compute-dtype V)")
+                "each model's official key cache (float32 K next to the compute-dtype V where the family caches so)")
         header = (f"# bench-gpu ({device})\n\nRandom weights, {'fp32' if self.dry else 'bf16'}, {keys}, budget {self.budget}, "
                   f"{self.repeats} timed repeat(s) after {self.warmup} warm-up; ratios are policy / full cache "
                   "(speed-up: full / policy) from this run.\n\n")
