@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed generations before each configuration's first "
                    "job (default 1 on CUDA, 0 on CPU; one untimed full-cache call always precedes all timing)")
     p.add_argument("--no-learned-metrics", action="store_true", help="skip LPIPS/FID even when their weights exist")
+    p.add_argument("--fid-mode", default="clean", choices=["clean", "legacy_tensorflow"],
+                   help="FID preprocessing as clean-fid names it: clean (default; the paper's: PIL bicubic resize to "
+                   "299 in float) or legacy_tensorflow (StyleGAN's: the Inception file's own bilinear resize)")
+    p.add_argument("--ssim", default="valid", choices=["valid", "torchmetrics"],
+                   help="SSIM convention: valid (default; Wang et al./MATLAB/skimage: windows inside the image) or "
+                   "torchmetrics (reflect-padded borders, as StructuralSimilarityIndexMeasure(data_range=1.0))")
     p.add_argument("--no-progress", action="store_true")
     _add_option_arg(p)
     _add_run_args(p)

@@ -27,7 +27,9 @@ from .calibrate import auto_calibrate
 from .compare_reports import write_reports
 from .compare_settings import CompareSettings, default_budgets, settings_from_args  # noqa: F401  (public names)
 from .jobs import Config, Job, all_jobs, build_configs, check_resume, pending_jobs, reference_config, row_key
-from .metrics import LearnedMetrics, psnr, ssim, token_agreement
+from . import metric_registry
+from .metric_registry import ImageBatch, MetricContext
+from .metrics import token_agreement
 from .outputs import library_versions, load_png, prepare_output, save_png  # noqa: F401  (their old home)
 from .model_args import key_dtype_kwargs
 from .plan import resolve_geometry
@@ -52,7 +54,9 @@ class Comparison:
         self.results = self.out / "results.jsonl"
         # where this process appends its rows: its own shard when there are several ranks
         self.rows_file = distributed.shard_path(self.out, self.dist.rank) if self.dist.sharded else self.results
-        self.metrics = LearnedMetrics(enabled=settings.learned_metrics)
+        # every registered metric (benchmarks.metric_registry) shares this: backends, options, reasons
+        self.metrics = MetricContext(learned_metrics=settings.learned_metrics, fid_mode=settings.fid_mode,
+                                     ssim_convention=settings.ssim_convention)
         self._reported_reasons: set[str] = set()
         self.runner = None
 
@@ -239,12 +243,9 @@ class Comparison:
                 image=str(image_path.relative_to(self.out)), settings=settings,
                 generation_config=jsonable(out.config), versions=versions)
             if fidelity is not None:
-                identical = bool(torch.equal(out.images[j].cpu(), fidelity["refs"][j]))
-                row.psnr = None if identical else fidelity["psnr"][j]
-                row.ssim, row.lpips = fidelity["ssim"][j], fidelity["lpips"][j]
-                row.identical_to_reference = identical
+                row.metrics = {field: per_image[j] for field, per_image in fidelity["values"].items()}
+                row.identical_to_reference = bool(torch.equal(out.images[j].cpu(), fidelity["refs"][j]))
                 row.token_agreement_per_scale = fidelity["agreement"][j]
-                row.token_agreement_mean = sum(fidelity["agreement"][j]) / len(fidelity["agreement"][j])
             rows.append(row.to_json())
         return rows
 
@@ -254,9 +255,9 @@ class Comparison:
         refs = torch.stack([load_png(self.image_path(reference, index, seed)) for index, _ in chunk])
         refs_tokens = [torch.load(self.tokens_path(index, seed)) for index, _ in chunk]
         ref_tok = [torch.cat([t[s] for t in refs_tokens]) for s in range(len(out.tokens))]
-        return {"refs": refs, "psnr": psnr(out.images, refs), "ssim": ssim(out.images, refs),
-                "lpips": self.metrics.lpips(out.images, refs),
-                "agreement": token_agreement([t.cpu() for t in out.tokens], ref_tok)}
+        tokens = [t.cpu() for t in out.tokens]
+        return {"refs": refs, "agreement": token_agreement(tokens, ref_tok),
+                "values": metric_registry.image_values(self.metrics, ImageBatch(out.images, refs, tokens, ref_tok))}
 
     def write_reports(self, configs: Sequence[Config]) -> dict:
         self._note_reasons()
@@ -283,8 +284,9 @@ def compare_command(args) -> int:
     if result is None:  # not rank 0: its rows are merged and reported by rank 0
         return 0
     print(reports.summary_table(result["summary"]))
+    print(f"\nFID: clean-fid's {settings.fid_mode!r} mode; summary.md names every metric's implementation and version.")
     in_file = len(reports.read_rows(settings.out / "results.jsonl"))
-    print(f"\nwrote {settings.out}/results.jsonl ({len(result['rows'])} rows for this command's conditions, seeds and "
+    print(f"wrote {settings.out}/results.jsonl ({len(result['rows'])} rows for this command's conditions, seeds and "
           f"configurations; the file holds {in_file}), summary.md, plots, contact_sheet.png "
           f"in {time.perf_counter() - started:.1f} s")
     return 0

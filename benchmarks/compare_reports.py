@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from . import reports
+from . import metric_registry, reports
+from .builtin_metrics import describe_implementations
 from .jobs import Config, requested_keys
+from .metric_registry import SetPair
 from .outputs import load_png
 
 
@@ -25,43 +27,33 @@ def requested_rows(settings, configs: Sequence[Config], results: Path) -> list[d
     return rows
 
 
-def set_metrics(metrics, out: Path, configs: Sequence[Config], rows: Sequence[dict], batch: int = 32) -> dict:
-    """FID between the full-cache set and each configuration's set (None with a reason if absent).
-
-    Features are extracted from the saved PNGs in batches (a COCO-sized run never holds every
-    image in memory), the reference set's once."""
-    result = {}
+def set_metrics(metrics, out: Path, configs: Sequence[Config], rows: Sequence[dict]) -> dict:
+    """Every registered set metric (FID) between the full-cache set and each configuration's set,
+    on the (condition, seed) pairs both hold; a metric reads the saved PNGs when it needs them (FID
+    in batches, the reference set's features once). None where a metric cannot run (reason noted)."""
     by_config: dict[str, dict] = {}
     for r in rows:
         by_config.setdefault(r["config_id"], {})[(r["condition_index"], r["seed"])] = r
     ref = by_config.get(configs[0].config_id, {})
-    ref_features: dict = {}
 
-    def features(entries: dict, keys, cache: Optional[dict] = None):
-        todo = [k for k in keys if cache is None or k not in cache]
-        found = {} if cache is None else cache
-        for i in range(0, len(todo), batch):
-            chunk = todo[i:i + batch]
-            f = metrics.features(torch.stack([load_png(out / entries[k]["image"]) for k in chunk]))
-            if f is None:
-                return None
-            found.update(zip(chunk, f))
-        return torch.stack([found[k] for k in keys])
+    def loader(entries: dict):
+        return lambda keys: torch.stack([load_png(out / entries[k]["image"]) for k in keys])
 
+    pairs, labels = {}, {}
     for config in configs[1:]:
         mine = by_config.get(config.config_id, {})
         common = sorted(set(mine) & set(ref))
-        fid = None
-        if len(common) >= 2 and metrics.enabled:
-            ref_f = features(ref, common, ref_features)
-            if ref_f is not None:
-                fid = metrics.fid_from_features(features(mine, common), ref_f)
-        elif common and metrics.enabled:
-            metrics.reasons.setdefault("fid_small", "FID needs at least 2 images per set")
-        result[config.config_id] = {"label": reports.config_label(mine[common[0]]) if common else config.slug,
-                                    "fid": fid, "images": len(common),
-                                    "reason": None if fid is not None else metrics.reasons.get("fid") or
-                                    metrics.reasons.get("fid_small")}
+        pairs[config.config_id] = SetPair(keys=common, load=loader(mine), load_reference=loader(ref))
+        labels[config.config_id] = reports.config_label(mine[common[0]]) if common else config.slug
+    values = metric_registry.set_values(metrics, pairs, caches={})
+    result = {}
+    for config_id, pair in pairs.items():
+        entry = {"label": labels[config_id], "images": len(pair.keys), **values[config_id]}
+        if "fid" in entry:
+            entry["fid_mode"] = metrics.fid_mode
+            entry["reason"] = None if entry["fid"] is not None else (
+                metrics.reasons.get("fid") or metrics.reasons.get("fid_small"))
+        result[config_id] = entry
     return result
 
 
@@ -74,8 +66,11 @@ def write_reports(settings, configs: Sequence[Config], *, out: Path, results: Pa
     order = {name: i for i, name in enumerate(settings.policies)}
     summary.sort(key=lambda e: (e["policy"] != reports.REFERENCE, -(e["budget_tokens"] or 10 ** 9),
                                 order.get(e["policy"], len(order))))
-    notes = list(notes) + list(metrics.reasons.values())
-    reports.write_summary(out / "summary.md", summary, settings=settings.as_dict(), notes=notes)
+    notes = list(dict.fromkeys(list(notes) + list(metrics.reasons.values())))
+    # one line per registered metric: implementation, mode, weight files, versions (and warnings)
+    lines = [describe_implementations(metrics)] + [
+        line for line in (m.description(metrics) for m in metric_registry.registered_metrics()) if line]
+    reports.write_summary(out / "summary.md", summary, settings=settings.as_dict(), notes=notes, metrics=lines)
     (out / "set_metrics.json").write_text(json.dumps(sets, indent=1))
     reports.plot_fidelity_vs_budget(out / "fidelity_vs_budget.png", summary)
     reports.plot_per_scale(out / "kv_bytes_per_scale.png", rows, field="kv_bytes_per_scale",

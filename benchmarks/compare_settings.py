@@ -11,6 +11,7 @@ import kvpolicy
 from adapters.families import preset
 
 from .conditions import evaluation_conditions
+from .metrics import DEFAULT_FID_MODE, DEFAULT_SSIM_CONVENTION, check_fid_mode, check_ssim_convention
 from .model_args import check_device, cpu_threads, default_dtype, weights_kwargs
 from .plan import parse_resolution
 from .policy_spec import check_policy_name, parse_dtype, parse_policy_options, split_list
@@ -42,6 +43,8 @@ class CompareSettings:
     budget_file: Optional[str] = None
     calibration: Optional[str] = None
     learned_metrics: bool = True
+    fid_mode: str = DEFAULT_FID_MODE  # clean-fid's "clean" (the paper's) or "legacy_tensorflow"
+    ssim_convention: str = DEFAULT_SSIM_CONVENTION
     progress: bool = True
     options: dict = attrs.field(factory=dict)  # {policy: {option: value}}
     threads: Optional[int] = None  # torch intra-op threads (None: leave torch's setting)
@@ -57,6 +60,8 @@ class CompareSettings:
             fingerprint["weights"] = {k: str(v) for k, v in sorted(self.weights.items())}
         if self.key_dtype is not None:
             fingerprint["key_dtype"] = self.key_dtype
+        if self.ssim_convention != DEFAULT_SSIM_CONVENTION:  # rows hold SSIM values: one convention per run
+            fingerprint["ssim"] = self.ssim_convention
         return fingerprint
 
     def as_dict(self) -> dict:
@@ -136,4 +141,6 @@ def settings_from_args(args) -> CompareSettings:
                            batch_size=args.batch_size, repeats=args.repeats, warmup=warmup,
                            resolution=parse_resolution(args.resolution), aspect_ratio=args.aspect_ratio,
                            budget_file=args.budget_file, calibration=args.calibration,
-                           learned_metrics=not args.no_learned_metrics, progress=not args.no_progress)
+                           learned_metrics=not args.no_learned_metrics, progress=not args.no_progress,
+                           fid_mode=check_fid_mode(getattr(args, "fid_mode", DEFAULT_FID_MODE)),
+                           ssim_convention=check_ssim_convention(getattr(args, "ssim", DEFAULT_SSIM_CONVENTION)))

@@ -12,6 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from .metric_registry import PER_IMAGE, PER_SET, registered_metrics
+
 MIB = 2 ** 20
 REFERENCE = "reference"
 
@@ -37,12 +39,6 @@ def read_rows(path: Path) -> list[dict]:
 def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals and len(vals) == len(values) else None
-
-
-def _psnr_mean(rows: Sequence[dict]) -> Optional[float]:
-    # Rows identical to the reference carry psnr None and identical True: their PSNR is +inf.
-    values = [math.inf if r.get("identical_to_reference") else r.get("psnr") for r in rows]
-    return _mean(values)
 
 
 def _median(values: Sequence[float]) -> Optional[float]:
@@ -74,11 +70,11 @@ def summarize(rows: Sequence[dict], set_metrics: dict | None = None) -> list[dic
             "kv_mib_final": _mean([r["kv_bytes_final"] / MIB for r in group]),
             "kv_mib_peak": _mean([r["peak_kv_bytes"] / MIB for r in group]),
             "device_peak_mib": None if any(p is None for p in device_peaks) else max(device_peaks) / MIB,
-            "fid": set_metrics.get(config_id, {}).get("fid"),
-            "lpips": _mean([r.get("lpips") for r in group]) if first["policy"] != REFERENCE else None,
-            "psnr": _psnr_mean(group) if first["policy"] != REFERENCE else None,
-            "ssim": _mean([r.get("ssim") for r in group]) if first["policy"] != REFERENCE else None,
-            "token_agreement": _mean([r.get("token_agreement_mean") for r in group]) if first["policy"] != REFERENCE else None,
+            # every registered metric under its name: per-image ones aggregated over the rows, set ones
+            # (FID) from set_metrics; None for the reference, which is what they compare against
+            **{m.name: None if first["policy"] == REFERENCE else
+               (set_metrics.get(config_id, {}).get(m.name) if m.per == PER_SET else m.summarize_rows(group))
+               for m in registered_metrics()},
             "seconds_per_image": latency,
             "speedup": (ref_latency / latency) if ref_latency and latency else None,
         })
@@ -93,25 +89,35 @@ def _fmt(value, spec: str, none: str = "–") -> str:
     return format(value, spec)
 
 
-SUMMARY_COLUMNS = ("policy", "budget", "tokens/layer", "KV MiB (last read)", "KV MiB peak", "FID↓", "LPIPS↓",
-                   "PSNR↑", "SSIM↑", "token agr.↑", "s/image", "speed-up")
+HEAD_COLUMNS = ("policy", "budget", "tokens/layer", "KV MiB (last read)", "KV MiB peak")
+TAIL_COLUMNS = ("s/image", "speed-up")
+
+
+def summary_columns() -> tuple[str, ...]:
+    """The table's header: the configuration and its memory, one column per registered metric (in
+    registration order: FID, LPIPS, PSNR, SSIM, token agreement, then any added), then latency."""
+    return HEAD_COLUMNS + tuple(m.column for m in registered_metrics()) + TAIL_COLUMNS
 
 
 def summary_table(summary: Sequence[dict]) -> str:
     """Markdown table like ScaleKV's Table 1 (per image; KV bytes count both CFG rows)."""
-    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    metrics = registered_metrics()
+    columns = summary_columns()
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for s in summary:
         cells = [
             "full (reference)" if s["policy"] == REFERENCE else s["policy"], s["budget"] or "–",
             _fmt(s["budget_tokens"], "d"), _fmt(s["kv_mib_last_read"], ".3f"), _fmt(s["kv_mib_peak"], ".3f"),
-            _fmt(s["fid"], ".2f"), _fmt(s["lpips"], ".3f"), _fmt(s["psnr"], ".2f"), _fmt(s["ssim"], ".4f"),
-            _fmt(s["token_agreement"], ".4f"), _fmt(s["seconds_per_image"], ".3f"), _fmt(s["speedup"], ".2f") + "×",
+            *[m.format_value(s.get(m.name)) for m in metrics],
+            _fmt(s["seconds_per_image"], ".3f"), _fmt(s["speedup"], ".2f") + "×",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_summary(path: Path, summary: Sequence[dict], *, settings: dict, notes: Sequence[str] = ()) -> None:
+def write_summary(path: Path, summary: Sequence[dict], *, settings: dict, notes: Sequence[str] = (),
+                  metrics: Sequence[str] = ()) -> None:
+    """``metrics``: one line per metric naming its implementation, mode and versions (and warnings)."""
     conds = settings.get("conditions", [])
     text = [
         f"# kvpolicy compare: {settings['model']}",
@@ -129,6 +135,8 @@ def write_summary(path: Path, summary: Sequence[dict], *, settings: dict, notes:
         summary_table(summary),
         "",
     ]
+    if metrics:
+        text += ["Metrics:", ""] + [f"- {m}" for m in metrics] + [""]
     if notes:
         text += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     text += ["Plots: `fidelity_vs_budget.png`, `kv_bytes_per_scale.png`, `latency_per_scale.png`; "
@@ -148,11 +156,12 @@ def _pyplot():
 
 
 def plot_fidelity_vs_budget(path: Path, summary: Sequence[dict]) -> None:
-    """PSNR and SSIM (and LPIPS where measured) against tokens per layer, one line per policy."""
+    """Every plotted per-image metric that was measured (PSNR, SSIM, LPIPS, ...) against tokens per
+    layer, one line per policy."""
     plt = _pyplot()
-    metrics = [("psnr", "PSNR (dB) ↑"), ("ssim", "SSIM ↑")]
-    if any(s["lpips"] is not None for s in summary):
-        metrics.append(("lpips", "LPIPS ↓"))
+    # registered per-image metrics drawn (plot=True) that have a value somewhere
+    metrics = [(m.name, m.column) for m in registered_metrics(PER_IMAGE)
+               if m.plot and any(s.get(m.name) is not None for s in summary)] or [("psnr", "PSNR↑")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
     policies = [s for s in summary if s["policy"] != REFERENCE]
     for ax, (key, title) in zip(axes[0], metrics):

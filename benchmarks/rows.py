@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import attrs
 
+from .metric_registry import PER_IMAGE, registered_metrics
+
 
 @attrs.define(kw_only=True)
 class ResultRow:
@@ -44,17 +46,21 @@ class ResultRow:
     settings: dict
     generation_config: Any
     versions: dict
-    psnr: Optional[float] = None
-    ssim: Optional[float] = None
-    lpips: Optional[float] = None
+    # registered per-image metrics (benchmarks.metric_registry), {row field: value}; written as
+    # top-level fields, every registered one present (None for the reference)
+    metrics: dict = attrs.field(factory=dict)
     identical_to_reference: Optional[bool] = None
     token_agreement_per_scale: Optional[list] = None
-    token_agreement_mean: Optional[float] = None
     finished_at: str = attrs.field(factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     def to_json(self) -> dict:
         row = attrs.asdict(self, recurse=False)
         kind, condition = row.pop("condition_kind"), row.pop("condition")
+        values = row.pop("metrics")
+        finished = row.pop("finished_at")
+        row.update({m.field: values.get(m.field) for m in registered_metrics(PER_IMAGE)})
+        row.update({k: v for k, v in values.items() if k not in row})
+        row["finished_at"] = finished
         # the condition sits where the old rows had it: right after condition_index, under its kind
         ordered = {}
         for name, value in row.items():

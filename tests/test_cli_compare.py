@@ -24,7 +24,7 @@ from adapters.base import GenerationOutput, ScaleTimer
 from benchmarks import compare as compare_mod
 from benchmarks import reports
 from benchmarks.cli import build_parser, main
-from metric_weight_files import write_random_lpips_files
+from metric_weight_files import write_inception_file, write_random_lpips_files
 
 FAKE = "infinity-fake-harness"
 geometry.register_geometry(FAKE, "infinity", 2, 2, 8, 256)  # Infinity 256^2 schedule: 7 scales up to 16x16
@@ -276,12 +276,7 @@ def test_learned_metrics_are_recorded_when_their_weights_exist(tmp_path, monkeyp
     from benchmarks import metrics
 
     write_random_lpips_files(tmp_path)
-
-    class Features(torch.nn.Module):
-        def forward(self, x: torch.Tensor, return_features: bool = True) -> torch.Tensor:
-            return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1) / 255.0
-
-    torch.jit.script(Features()).save(str(tmp_path / metrics.INCEPTION_FILE))
+    write_inception_file(tmp_path / metrics.INCEPTION_FILE)
     monkeypatch.setenv("KVPOLICY_LPIPS_DIR", str(tmp_path))
     monkeypatch.setenv("KVPOLICY_FID_INCEPTION", str(tmp_path / metrics.INCEPTION_FILE))
     args = _args(tmp_path, "--warmup", "0")
@@ -296,6 +291,44 @@ def test_learned_metrics_are_recorded_when_their_weights_exist(tmp_path, monkeyp
     line = next(l for l in text.splitlines() if l.startswith("| snapkv | 20% |"))
     s = next(s for s in result["summary"] if s["label"] == "snapkv@20%")
     assert f"{s['fid']:.2f}" in line and f"{s['lpips']:.3f}" in line
+    # summary.md names the implementations, the FID mode (clean by default), the weight files, and warns
+    # that 2 images per set are far from the paper's 5,000
+    assert "FID ('clean')" in text and "PIL bicubic" in text and metrics.INCEPTION_FILE in text
+    assert "LPIPS: v0.1, AlexNet" in text and metrics.ALEXNET_FILE in text and "SSIM ('valid')" in text
+    assert f"torch {torch.__version__}" in text and "WARNING: FID here compares sets of 2 image(s)" in text
+    set_metrics = json.loads((tmp_path / "run" / "set_metrics.json").read_text())
+    assert all(v["fid_mode"] == "clean" for v in set_metrics.values())
+
+
+def test_legacy_fid_mode_and_torchmetrics_ssim_are_options(tmp_path, monkeypatch):
+    """--fid-mode legacy_tensorflow changes FID (other preprocessing) and says so; --ssim torchmetrics
+    records torchmetrics' convention in the rows and the summary, and a run cannot mix conventions."""
+    from benchmarks import metrics
+
+    write_inception_file(tmp_path / metrics.INCEPTION_FILE)
+    monkeypatch.setenv("KVPOLICY_FID_INCEPTION", str(tmp_path / metrics.INCEPTION_FILE))
+    monkeypatch.setenv("KVPOLICY_LPIPS_DIR", str(tmp_path / "no-lpips"))
+    runs = {}
+    for name, extra in (("clean", []), ("legacy", ["--fid-mode", "legacy_tensorflow", "--ssim", "torchmetrics"])):
+        args = _args(tmp_path, "--warmup", "0", "--policies", "snapkv", "--budgets", "20%", *extra)
+        args.no_learned_metrics, args.out = False, str(tmp_path / name)
+        runs[name] = _run(args)[1]
+        runs[name]["text"] = (tmp_path / name / "summary.md").read_text()
+    assert "FID ('legacy_tensorflow')" in runs["legacy"]["text"] and "SSIM ('torchmetrics')" in runs["legacy"]["text"]
+    fid = {k: r["summary"][1]["fid"] for k, r in runs.items()}
+    assert fid["clean"] is not None and fid["legacy"] is not None and fid["clean"] != pytest.approx(fid["legacy"])
+    rows = {k: [r for r in res["rows"] if r["policy"] != "reference"] for k, res in runs.items()}
+    for clean_row, legacy_row in zip(rows["clean"], rows["legacy"]):
+        from benchmarks.metrics import ssim
+
+        mine = torch.from_numpy(np.array(Image.open(tmp_path / "legacy" / legacy_row["image"]).convert("RGB")))
+        ref = [r for r in runs["legacy"]["rows"] if r["policy"] == "reference" and r["prompt"] == legacy_row["prompt"]][0]
+        theirs = torch.from_numpy(np.array(Image.open(tmp_path / "legacy" / ref["image"]).convert("RGB")))
+        assert legacy_row["ssim"] == pytest.approx(ssim(mine, theirs, convention="torchmetrics")[0], abs=1e-12)
+    args = _args(tmp_path, "--warmup", "0", "--policies", "snapkv", "--budgets", "20%")
+    args.out = str(tmp_path / "legacy")
+    with pytest.raises(ValueError, match="other settings"):
+        _run(args)
 
 
 def test_policy_options_are_part_of_the_configuration(tmp_path):
@@ -310,3 +343,54 @@ def test_policy_options_are_part_of_the_configuration(tmp_path):
     _, result2 = _run(args2)
     keys = {r["key"] for r in reports.read_rows(tmp_path / "run" / "results.jsonl")}
     assert len(keys) == 1 + 4 + 2  # reference + 4 configs + 2 new snapkv rows
+
+
+def test_a_registered_metric_appears_in_rows_summary_and_set_metrics(tmp_path):
+    """Adding a metric is one registration: a toy per-image metric (mean absolute pixel difference)
+    and a toy set metric (the gap between the sets' mean brightness) show up in every policy row, in
+    the summary (aggregated, formatted, described) and in set_metrics.json, with no other change."""
+    from benchmarks.metric_registry import Metric, register_metric, unregister_metric
+
+    def mean_abs_diff(batch, context):
+        diff = (batch.images.to(torch.float64) - batch.references.to(torch.float64)).abs()
+        return [float(d.mean()) for d in diff]
+
+    def brightness_gap(pair, context):
+        context.set_sizes  # the context is the run's; a set metric may read options or note reasons
+        return float(pair.load(pair.keys).double().mean() - pair.load_reference(pair.keys).double().mean())
+
+    register_metric(Metric(name="toy_mad", per="image", compute=mean_abs_diff, column="MAD↓", fmt=".3f",
+                           aggregate="median", describe="MAD: mean absolute difference of 8-bit values."))
+    register_metric(Metric(name="toy_gap", per="set", compute=brightness_gap, column="gap", fmt=".2f",
+                           describe=lambda context: f"gap: set brightness difference (FID mode {context.fid_mode})."))
+    try:
+        _, result = _run(_args(tmp_path, "--warmup", "0"))
+    finally:
+        unregister_metric("toy_mad")
+        unregister_metric("toy_gap")
+    out = tmp_path / "run"
+    rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    refs = {r["prompt"]: r for r in rows if r["policy"] == "reference"}
+    load = lambda r: torch.from_numpy(np.array(Image.open(out / r["image"]).convert("RGB"))).to(torch.float64)
+    for r in rows:
+        if r["policy"] == "reference":
+            assert r["toy_mad"] is None
+            continue
+        assert r["toy_mad"] == pytest.approx(float((load(r) - load(refs[r["prompt"]])).abs().mean()), abs=1e-12)
+    text = (out / "summary.md").read_text()
+    header = next(l for l in text.splitlines() if l.startswith("| policy |"))
+    assert header.endswith("| token agr.↑ | MAD↓ | gap | s/image | speed-up |")
+    set_metrics = json.loads((out / "set_metrics.json").read_text())
+    for s in result["summary"][1:]:
+        group = [r for r in rows if r["config_id"] == s["config_id"]]
+        assert s["toy_mad"] == pytest.approx(float(np.median([r["toy_mad"] for r in group])))
+        mine = torch.stack([load(r) for r in sorted(group, key=lambda r: r["condition_index"])])
+        theirs = torch.stack([load(refs[r["prompt"]]) for r in sorted(group, key=lambda r: r["condition_index"])])
+        assert s["toy_gap"] == pytest.approx(float(mine.mean() - theirs.mean()), abs=1e-9)
+        assert set_metrics[s["config_id"]]["toy_gap"] == s["toy_gap"]
+        line = next(l for l in text.splitlines() if l.startswith(f"| {s['policy']} | {s['budget']} |"))
+        assert f"| {s['toy_mad']:.3f} | {s['toy_gap']:.2f} |" in line
+    assert "- MAD: mean absolute difference of 8-bit values." in text and "- gap: set brightness difference (FID mode clean)." in text
+    # unregistered again: a new run has no such column
+    _, again = _run(_args(tmp_path, "--warmup", "0", "--limit", "1"))
+    assert "toy_mad" not in again["summary"][0]

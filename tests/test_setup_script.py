@@ -95,10 +95,12 @@ def test_ci_run_sets_up_with_the_script_then_runs_pytest_requiring_golden(tmp_pa
     log = _fake_python(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "KVPOLICY_REQUIRE_GOLDEN"}
     env["PATH"] = f"{tmp_path}:{env['PATH']}"
+    env["KVPOLICY_SKIP_METRIC_EQUIVALENCE"] = "1"  # its own step, tested in test_metrics_ci_step.py
     done = subprocess.run(["bash", str(ROOT / ".ci" / "run")], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     calls = log.read_text().splitlines()
     assert calls == ["scripts/setup --test | REQUIRE_GOLDEN=unset", "-m pytest | REQUIRE_GOLDEN=1"]
+    assert "SKIPPED metric equivalence: KVPOLICY_SKIP_METRIC_EQUIVALENCE is set" in done.stdout
 
 
 def test_readme_gives_the_two_setup_commands():
