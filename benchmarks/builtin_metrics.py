@@ -66,7 +66,7 @@ def describe_fid(context: MetricContext) -> str:
             f"more images than 2,048, and to 3e-7 at 10 images); Inception {learned.sources()['FID Inception']}.")
     smallest = min(context.set_sizes) if context.set_sizes else None
     if smallest is not None and smallest < m.FID_PAPER_IMAGES:
-        text += (f" WARNING: FID here compares sets of {smallest} image(s); ScaleKV's Table 1 used "
+        text += (f" WARNING: FID here compares sets of {smallest} image(s); the paper's Table 1 used "
                  f"{m.FID_PAPER_IMAGES:,} (COCO-2017 val). FID is biased by the set size (below "
                  f"{m.FID_FULL_RANK_IMAGES - 1:,} images the covariances are singular): compare it only between runs "
                  f"with equal set sizes, and use {m.FID_PAPER_IMAGES:,} for numbers comparable with the paper.")
@@ -108,8 +108,8 @@ register_metric(Metric(name="ssim", per=PER_IMAGE, column="SSIM↑", fmt=".4f", 
                                                              convention=context.ssim_convention)))
 register_metric(Metric(name="token_agreement", per=PER_IMAGE, column="token agr.↑", fmt=".4f", plot=False,
                        row_field="token_agreement_mean", compute=token_agreement_mean,
-                       describe="Token agreement: the fraction of equal tokens (Infinity: bits, VAR: codebook "
-                                "indices) per scale, averaged over scales, then over images."))
+                       describe="Token agreement: the fraction of equal tokens (bits or codebook indices, as the "
+                                "model samples them) per scale, averaged over scales, then over images."))
 
 
 def describe_implementations(context: MetricContext) -> str:
