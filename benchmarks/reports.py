@@ -12,8 +12,6 @@ import statistics
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from .metric_registry import PER_IMAGE, PER_SET, registered_metrics
-
 MIB = 2 ** 20
 REFERENCE = "reference"
 
@@ -52,6 +50,8 @@ def config_label(row: dict) -> str:
 
 def summarize(rows: Sequence[dict], set_metrics: dict | None = None) -> list[dict]:
     """One entry per configuration, reference first, then in order of first appearance."""
+    from .metric_registry import PER_SET, registered_metrics  # lazily: reports is imported by light commands
+
     set_metrics = set_metrics or {}
     groups: dict[str, list[dict]] = {}
     for row in rows:
@@ -96,11 +96,15 @@ TAIL_COLUMNS = ("s/image", "speed-up")
 def summary_columns() -> tuple[str, ...]:
     """The table's header: the configuration and its memory, one column per registered metric (in
     registration order: FID, LPIPS, PSNR, SSIM, token agreement, then any added), then latency."""
+    from .metric_registry import registered_metrics
+
     return HEAD_COLUMNS + tuple(m.column for m in registered_metrics()) + TAIL_COLUMNS
 
 
 def summary_table(summary: Sequence[dict]) -> str:
     """Markdown table like ScaleKV's Table 1 (per image; KV bytes count both CFG rows)."""
+    from .metric_registry import registered_metrics
+
     metrics = registered_metrics()
     columns = summary_columns()
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -159,6 +163,8 @@ def plot_fidelity_vs_budget(path: Path, summary: Sequence[dict]) -> None:
     """Every plotted per-image metric that was measured (PSNR, SSIM, LPIPS, ...) against tokens per
     layer, one line per policy."""
     plt = _pyplot()
+    from .metric_registry import PER_IMAGE, registered_metrics
+
     # registered per-image metrics drawn (plot=True) that have a value somewhere
     metrics = [(m.name, m.column) for m in registered_metrics(PER_IMAGE)
                if m.plot and any(s.get(m.name) is not None for s in summary)] or [("psnr", "PSNR↑")]
