@@ -191,8 +191,10 @@ def calibrate_command(args) -> int:
         dist.on_main(lambda: _write_calibration(args, policies, classes, exporters, result, out, geometry, budget,
                                                 budget_tokens, result_options, len(conditions),
                                                 time.perf_counter() - started, dist))
-    finally:
-        dist.close()
+    except BaseException:
+        dist.close(finished=False)
+        raise
+    dist.close()
     return 0
 
 

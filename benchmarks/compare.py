@@ -279,8 +279,10 @@ def compare_command(args) -> int:
     started = time.perf_counter()
     try:
         result = Comparison(settings, dist=dist).run()
-    finally:
-        dist.close()
+    except BaseException:
+        dist.close(finished=False)
+        raise
+    dist.close()
     if result is None:  # not rank 0: its rows are merged and reported by rank 0
         return 0
     print(reports.summary_table(result["summary"]))

@@ -227,8 +227,14 @@ class Distributed:
             raise ValueError(f"output folder {str(folder)!r} is not shared: rank(s) {blind} cannot see files rank 0 "
                              "writes there; on several nodes give an --out on a filesystem every node mounts")
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Leave the process group. After success every rank first waits for the others (rank 0
+        writes the reports last): a rank tearing down its connections while a peer still uses them
+        can abort the peer (gloo: "terminate called without an active exception"). After an error
+        no barrier: the other ranks may be waiting elsewhere, and torchrun stops them anyway."""
         if self.enabled and torch.distributed.is_initialized():
+            if finished:
+                self.barrier()
             torch.distributed.destroy_process_group()
 
 
