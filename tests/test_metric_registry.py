@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -112,3 +113,34 @@ def test_a_plugin_file_registers_a_metric_after_the_built_ins(tmp_path):
     names, column = done.stdout.split()
     assert names.split(",")[:5] == ["fid", "lpips", "psnr", "ssim", "token_agreement"] and names.endswith(",mad")
     assert column == "MAD"
+
+
+def test_an_installed_package_registers_a_metric_through_the_entry_point_group(tmp_path):
+    """A third-party package declaring ``[kvpolicy.metrics]`` in its metadata is imported on the first
+    lookup, without --plugin: a real dist-info on the path, discovered by importlib.metadata."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "kvp_extra_metric.py").write_text(
+        "from benchmarks.metric_registry import Metric, register_metric\n"
+        "register_metric(Metric(name='mean_gap', per='image', column='gap',\n"
+        "                       compute=lambda b, c: [0.0] * len(b.images)))\n")
+    dist = tmp_path / "kvp_extra_metric-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kvp-extra-metric\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[{reg.ENTRY_POINT_GROUP}]\nmean_gap = kvp_extra_metric\n")
+    code = ("from benchmarks.metric_registry import get_metric, registered_metrics\n"
+            "print(get_metric('mean_gap').column)\n"
+            "print(','.join(m.name for m in registered_metrics()))\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{root}"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    column, names = done.stdout.split()
+    assert column == "gap"
+    assert names.split(",")[:5] == ["fid", "lpips", "psnr", "ssim", "token_agreement"] and names.endswith(",mean_gap")
+    # Without the package on the path the name is unknown (the registration came from the entry point).
+    bare = subprocess.run([sys.executable, "-c", "from benchmarks.metric_registry import get_metric; get_metric('mean_gap')"],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    assert bare.returncode != 0 and "unknown metric 'mean_gap'" in bare.stderr
