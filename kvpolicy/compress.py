@@ -101,14 +101,25 @@ def _check_finite(finite: torch.Tensor, policy, scale: int, layer: int) -> None:
                          f"{policy.name!r} cannot score them (check the model's numerics, e.g. its dtype)")
 
 
+def _all_finite(tensor: torch.Tensor) -> torch.Tensor:
+    """A device bool: no NaN/inf in ``tensor``. Its minimum and maximum (NaN propagates through both)
+    read it once in its own dtype: a float32 sum could overflow on large finite values, and summing
+    bf16 data into float32 converted every element (151 ms vs 2 ms for a 2x16x6425x128 bf16 cache,
+    1 CPU thread)."""
+    if tensor.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    low, high = torch.aminmax(tensor)
+    return torch.isfinite(low) & torch.isfinite(high)
+
+
 def _finite(keys, queries, raw_queries) -> torch.Tensor:
-    """A device bool: keys and queries hold no NaN/inf. Summed in float32 so one reduction (fused into
-    the index check's device sync) sees any; a Ragged is checked on its packed data."""
+    """A device bool: keys and queries hold no NaN/inf (fused into the index check's one device
+    sync); a Ragged is checked on its packed data."""
     data = keys.data if isinstance(keys, Ragged) else keys
-    finite = torch.isfinite(data.sum(dtype=torch.float32))
+    finite = _all_finite(data)
     for query in (queries, raw_queries):
         if query is not None:
-            finite = finite & torch.isfinite(query.sum(dtype=torch.float32))
+            finite = finite & _all_finite(query)
     return finite
 
 

@@ -105,12 +105,13 @@ def test_shape_dtype_device_errors():
     assert mixed.keys.dtype == torch.float32 and mixed.values.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["snapkv", "sliding_window"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_keys_or_queries_are_refused_where_tokens_are_selected(name, bad):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_keys_or_queries_are_refused_where_tokens_are_selected(name, bad, dtype):
     policy = kvpolicy.get_policy(name, budget=10, **({"window_size": 4} if name == "snapkv" else {}))
-    keys, values = torch.randn(2, 2, 57, 4), torch.randn(2, 2, 57, 4)
-    queries = torch.randn(2, 2, 36, 4)
+    keys, values = torch.randn(2, 2, 57, 4).to(dtype), torch.randn(2, 2, 57, 4).to(dtype)
+    queries = torch.randn(2, 2, 36, 4).to(dtype)
     broken = keys.clone()
     broken[1, 0, 3, 2] = bad
     with pytest.raises(ValueError, match=r"keys or queries at scale 3, layer 0 hold NaN or infinite values"):
@@ -124,6 +125,18 @@ def test_non_finite_keys_or_queries_are_refused_where_tokens_are_selected(name, 
     odd_values = values.clone()
     odd_values[0, 0, 0, 0] = bad
     assert compress(policy, keys, odd_values, queries=queries, **KW).indices.shape == (2, 2, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_finite_keys_are_not_taken_for_infinite(dtype):
+    """Finite values whose sum overflows (a float32 sum of the cache reaches inf) are still finite."""
+    big = torch.finfo(dtype).max / 2
+    keys = torch.full((2, 2, 57, 4), big, dtype=dtype)
+    keys[0, 0, ::2] = -big
+    values = torch.randn(2, 2, 57, 4).to(dtype)
+    assert not torch.isfinite(keys.sum(dtype=torch.float32))
+    result = compress(kvpolicy.get_policy("sliding_window", budget=5), keys, values, **KW)
+    assert result.indices.shape == (2, 2, 5) and torch.equal(result.keys, keys[..., -5:, :])
 
 
 @pytest.mark.parametrize("indices,pattern", [
