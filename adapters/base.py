@@ -12,6 +12,7 @@ import attrs
 import torch
 
 from kvpolicy import CacheReport, KVCache, Policy, ScaleSchedule, get_policy
+from kvpolicy.kept import kept_tokens_cache
 
 from .families import list_models, load_model, register_model  # noqa: F401  (their old home)
 from .validators import int_argument, seed_argument
@@ -142,14 +143,18 @@ class NextScaleModel(torch.nn.Module):
 
     def run_generation(self, conditions, *, policy=None, budget=None, seed: int = 0, batch_size=None, dtype=None,
                        stats=None, progress=None, resolution=None, aspect_ratio: float = 1.0,
-                       sampling: Optional[dict] = None) -> GenerationOutput:
-        """The template behind each family's ``generate`` (which documents its sampling options)."""
+                       sampling: Optional[dict] = None, on_compress=None) -> GenerationOutput:
+        """The template behind each family's ``generate`` (which documents its sampling options).
+        ``on_compress``: called with a ``kvpolicy.KeptTokens`` record (the global positions each
+        (row, head) holds) after every layer's compression step at every scale of every batch."""
         started = time.perf_counter()
         sampling = dict(sampling or {})
         conditions = self.check_conditions(conditions)
         seed = seed_argument(seed)
         batch_size = check_batch_size(batch_size, len(conditions))
         resolved = resolve_policy(policy, budget)
+        if on_compress is not None and not callable(on_compress):
+            raise TypeError(f"on_compress must be a callable taking a kvpolicy.KeptTokens record, got {on_compress!r}")
         setup = self.setup(resolution=resolution, aspect_ratio=aspect_ratio, dtype=dtype, sampling=sampling)
         if progress is None:
             progress = sys.stderr.isatty()
@@ -161,8 +166,8 @@ class NextScaleModel(torch.nn.Module):
         generator = torch.Generator().manual_seed(seed)
         images, tokens, reports, extra = [], [], [], {}
         with bar:
-            for batch in batches:
-                cache = KVCache(self.num_layers, setup.schedule, resolved)
+            for index, batch in enumerate(batches):
+                cache = kept_tokens_cache(self.num_layers, setup.schedule, resolved, on_compress, batch=index)
                 with setup.context():
                     result = self.generate_batch(batch, setup, cache=cache, generator=generator, stats=stats,
                                                  on_scale=lambda: bar.update(1), **setup.sampling)

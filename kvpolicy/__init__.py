@@ -11,6 +11,7 @@ from .cache import ByteLedger, CacheReport, KVCache, LayerCache
 from .capabilities import Capabilities, capabilities
 from .compose import compose
 from .compress import CompressionResult, compress, gather_tokens
+from .kept import KeptTokens, KeptTokensCache
 from .plan import CapacityPlan
 from .ragged import Ragged, ragged_attention
 from .policy import CompressionContext, Policy, ScoredPolicy, Selection
@@ -25,7 +26,7 @@ __all__ = [
     "AttentionStatistics", "AttentionStatsCollector", "calibration_measures", "load_statistics", "Budget", "Ratio",
     "Tokens", "parse_budget", "ByteLedger", "CacheReport", "KVCache", "LayerCache", "Capabilities", "capabilities",
     "compose", "Ragged", "ragged_attention", "CompressionResult",
-    "compress", "gather_tokens", "CapacityPlan", "CompressionContext", "Policy", "ScoredPolicy",
+    "compress", "gather_tokens", "KeptTokens", "KeptTokensCache", "CapacityPlan", "CompressionContext", "Policy", "ScoredPolicy",
     "Selection", "ENTRY_POINT_GROUP", "get_policy", "list_policies", "policy_class",
     "register_policy", "ScaleSchedule", "simulate", "scoring", "__version__",
 ]

@@ -46,11 +46,29 @@ def sample_bits(logits: torch.Tensor, *, top_k: int, top_p: float, generator: to
     return draws.view(logits.shape[:-1])
 
 
-def _check_sampling(cfg, tau, top_k, top_p):
-    real_argument("cfg", cfg, note=" (1 = no guidance)")
-    real_argument("tau", tau, low=0, low_open=True, note=" (a temperature)")
+def per_scale(name: str, value, num_scales: int, **limits) -> list[float]:
+    """One number for every scale, or a list/tuple of one per scale (the official loop's ``cfg_list``
+    and ``tau_list``) -> ``num_scales`` checked floats. ``limits``: ``real_argument``'s bounds."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_scales:
+            raise ValueError(f"{name} has {len(value)} values but the schedule has {num_scales} scales; give one "
+                             f"number or one per scale")
+        return [real_argument(f"{name}[{i}]", v, **limits) for i, v in enumerate(value)]
+    return [real_argument(name, value, **limits)] * num_scales
+
+
+def uses_guidance(cfg) -> bool:
+    """Whether the unconditional rows are needed: some scale's cfg differs from 1."""
+    return any(v != 1 for v in cfg) if isinstance(cfg, (list, tuple)) else cfg != 1
+
+
+def _check_sampling(cfg, tau, top_k, top_p, num_scales: int) -> tuple[list[float], list[float]]:
+    """(cfg per scale, tau per scale), after checking every sampling option."""
+    cfgs = per_scale("cfg", cfg, num_scales, note=" (1 = no guidance)")
+    taus = per_scale("tau", tau, num_scales, low=0, low_open=True, note=" (a temperature)")
     int_argument("top_k", top_k, low=0, note=" (0 = off)")
     real_argument("top_p", top_p, low=0, high=1, note=" (0 or 1 = off)")
+    return cfgs, taus
 
 
 @attrs.define
@@ -70,17 +88,19 @@ def vae_shapes(schedule: ScaleSchedule, patchify: bool) -> list[tuple[int, int]]
 
 def run_generation(transformer: InfinityTransformer, ctx: TextContext, *, schedule: ScaleSchedule,
                    template: Sequence[tuple[int, int]], cache: KVCache, generator: torch.Generator,
-                   cfg: float = 3.0, tau: float = 1.0, top_k: int = 900, top_p: float = 0.97,
-                   compute_dtype: torch.dtype = torch.float32, forced_bits: Optional[Sequence[torch.Tensor]] = None,
+                   cfg: float | Sequence[float] = 3.0, tau: float | Sequence[float] = 1.0, top_k: int = 900,
+                   top_p: float = 0.97, compute_dtype: torch.dtype = torch.float32, forced_bits: Optional[Sequence[torch.Tensor]] = None,
                    keep_logits: bool = False, stats=None, progress=None) -> LoopResult:
     """The official ``autoregressive_infer_cfg`` (bitwise path, CFG on logits) over ``schedule``.
 
     ``template``: the aspect-ratio template's 13 (h, w) maps (``schedule`` must be a prefix of it);
     the RoPE positions come from it. ``forced_bits`` (teacher forcing): per scale, bits that replace
     the sampled ones when building the next input (the sampler still draws, so the random stream is
-    the same). ``progress``: a tqdm-like wrapper for the scale loop, or None.
+    the same). ``progress``: a tqdm-like wrapper for the scale loop, or None. ``cfg`` and ``tau``: one
+    number, or one per scale (the official ``cfg_list`` / ``tau_list``); the unconditional rows run
+    when any scale's cfg differs from 1, and a scale with cfg 1 takes the conditional logits alone.
     """
-    _check_sampling(cfg, tau, top_k, top_p)
+    cfgs, taus = _check_sampling(cfg, tau, top_k, top_p, schedule.num_scales)
     c = transformer.config
     if list(schedule.shapes) != [tuple(s) for s in template[: schedule.num_scales]]:
         raise ValueError(f"schedule {schedule} is not a prefix of the RoPE template {list(template)}")
@@ -88,7 +108,7 @@ def run_generation(transformer: InfinityTransformer, ctx: TextContext, *, schedu
         raise ValueError(f"{schedule.num_scales} scales exceed the model's {c.num_level_embeddings} scale embeddings")
     if forced_bits is not None and len(forced_bits) != schedule.num_scales:
         raise ValueError(f"forced_bits has {len(forced_bits)} scales, the schedule {schedule.num_scales}")
-    guidance = cfg != 1
+    guidance = uses_guidance(cfgs)
     if (ctx.rows == 2 * ctx.num_prompts) != guidance:
         raise ValueError("the text context's rows do not match the guidance setting (cfg != 1 needs cond+uncond rows)")
     batch, device = ctx.num_prompts, transformer.device
@@ -105,9 +125,11 @@ def run_generation(transformer: InfinityTransformer, ctx: TextContext, *, schedu
         timer.start(si, synchronize)
         hidden = transformer.forward_scale(x, si, ctx, cache=cache, rope_table=table,
                                            rope_start=schedule.offset(si), compute_dtype=compute_dtype, stats=stats)
-        logits = transformer.logits(hidden, ctx).mul(1 / tau)
-        if guidance:  # conditional rows first, then unconditional (the official layout)
-            logits = cfg * logits[:batch] + (1 - cfg) * logits[batch:]
+        logits = transformer.logits(hidden, ctx).mul(1 / taus[si])
+        if cfgs[si] != 1:  # conditional rows first, then unconditional (the official layout)
+            logits = cfgs[si] * logits[:batch] + (1 - cfgs[si]) * logits[batch:]
+        elif guidance:
+            logits = logits[:batch]
         logits = logits.reshape(batch, -1, 2)
         if keep_logits:
             all_logits.append(logits.detach().cpu())

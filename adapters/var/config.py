@@ -9,7 +9,7 @@ is trained (``adapters/tiny/train.py``): the same patch list, 18 classes, V 512,
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import attrs
 
@@ -28,6 +28,42 @@ def _patch_nums(instance, attribute, value):
         raise ValueError(f"patch_nums needs at least two scales (the guidance ramp divides by K-1), got {value!r}")
     if any(b <= a for a, b in zip(value, value[1:])):
         raise ValueError(f"patch_nums must increase strictly (small to large maps), got {value!r}")
+
+
+# The official constructors' arguments and defaults (FoundationVision/VAR models/var.py, models/vqvae.py).
+# Arguments that only matter for training or kernel choice are accepted and have no effect here.
+_VAR_DEFAULTS = {"num_classes": 1000, "depth": 16, "embed_dim": 1024, "num_heads": 16, "mlp_ratio": 4.0,
+                 "norm_eps": 1e-6, "shared_aln": False, "attn_l2_norm": False,
+                 "patch_nums": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)}
+_VAR_NO_EFFECT = {"drop_rate", "attn_drop_rate", "drop_path_rate", "cond_drop_rate", "flash_if_available",
+                  "fused_if_available"}
+_VQVAE_DEFAULTS = {"vocab_size": 4096, "z_channels": 32, "ch": 128, "quant_conv_ks": 3, "using_znorm": False,
+                   "quant_resi": 0.5, "share_quant_resi": 4, "default_qresi_counts": 0,
+                   "v_patch_nums": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)}
+_VQVAE_NO_EFFECT = {"dropout", "beta", "test_mode"}
+# The decoder settings the official VQVAE fixes internally (its ``ddconfig``); a record of them
+# (e.g. the golden file's ``ddconfig``) may override them for small test decoders.
+_DDCONFIG_FIELDS = {"ch", "z_channels", "in_channels", "ch_mult", "num_res_blocks", "using_sa", "using_mid_sa",
+                    "dropout"}
+
+
+def _official_arguments(kwargs, what: str, defaults: dict, no_effect: set, extra: set = frozenset()) -> dict:
+    """The official defaults updated by ``kwargs``; an unknown argument is an error naming it."""
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"{what} arguments must be a mapping (the official constructor's keyword arguments), "
+                        f"got {type(kwargs).__name__}")
+    known = set(defaults) | no_effect | set(extra)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"{what} arguments {unknown} are not arguments of the official constructor; "
+                         f"known: {sorted(known)}")
+    return {**defaults, **{k: v for k, v in kwargs.items() if k in defaults or k in extra}}
+
+
+def _require(args: dict, what: str, name: str, allowed) -> None:
+    if args[name] != allowed:
+        raise ValueError(f"{what} argument {name}={args[name]!r} is not implemented; supported: {allowed!r} "
+                         "(the released checkpoints' setting)")
 
 
 @attrs.frozen
@@ -62,6 +98,26 @@ class VARConfig:
         return sum(p * p for p in self.patch_nums)
 
     @classmethod
+    def from_official(cls, var_kwargs: Mapping[str, Any],
+                      vqvae_kwargs: Optional[Mapping[str, Any]] = None) -> "VARConfig":
+        """From the official ``VAR(vae_local, **var_kwargs)`` keyword arguments, with the official
+        defaults for missing ones; the VQVAE's (``VQVAE(**vqvae_kwargs)``) give the vocabulary and
+        latent width, as the official constructor reads them from ``vae_local``. Training-only
+        arguments (dropout rates, kernel switches) are accepted and have no effect; unknown arguments
+        and settings this implementation lacks (``attn_l2_norm=False``, the official default, which
+        no released model uses) are refused by name."""
+        args = _official_arguments(var_kwargs, "VAR", _VAR_DEFAULTS, _VAR_NO_EFFECT)
+        _require(args, "VAR", "attn_l2_norm", True)
+        vq = _official_arguments({} if vqvae_kwargs is None else vqvae_kwargs, "VQVAE", _VQVAE_DEFAULTS, _VQVAE_NO_EFFECT, {"ddconfig"})
+        if tuple(vq["v_patch_nums"]) != tuple(args["patch_nums"]):
+            raise ValueError(f"VAR patch_nums {tuple(args['patch_nums'])} and VQVAE v_patch_nums "
+                             f"{tuple(vq['v_patch_nums'])} differ; the two models must share one scale list")
+        return cls(depth=args["depth"], embed_dim=args["embed_dim"], num_heads=args["num_heads"],
+                   patch_nums=tuple(args["patch_nums"]), vocab_size=vq["vocab_size"], cvae=vq["z_channels"],
+                   num_classes=args["num_classes"], shared_aln=args["shared_aln"],
+                   mlp_ratio=float(args["mlp_ratio"]), norm_eps=float(args["norm_eps"]))
+
+    @classmethod
     def official(cls, depth: int, patch_nums=VAR_PATCH_NUMS[256], shared_aln: bool = False, **kw) -> "VARConfig":
         """``build_vae_var(depth=...)``: heads = depth, width = 64 * depth."""
         return cls(depth=depth, embed_dim=64 * depth, num_heads=depth, patch_nums=patch_nums, shared_aln=shared_aln, **kw)
@@ -94,6 +150,29 @@ class VQVAEConfig:
             raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {value!r}")
         if any((self.ch * m) % 32 for m in value):
             raise ValueError(f"every decoder width ch*ch_mult must be a multiple of 32 (GroupNorm groups), got ch={self.ch}, ch_mult={value}")
+
+    @classmethod
+    def from_official(cls, vqvae_kwargs: Mapping[str, Any]) -> "VQVAEConfig":
+        """From the official ``VQVAE(**vqvae_kwargs)`` keyword arguments, with the official defaults
+        for missing ones (``ch=128``; the released ``vae_ch160v4096z32`` is built with ``ch=160``).
+        The decoder layout the official class fixes (ch_mult 1,1,2,2,4, two res blocks, attention)
+        may be given as a ``ddconfig`` record, as golden files carry it; its ``ch`` and
+        ``z_channels`` must agree with the arguments. Unknown arguments and unimplemented settings
+        are refused by name."""
+        args = _official_arguments(vqvae_kwargs, "VQVAE", _VQVAE_DEFAULTS, _VQVAE_NO_EFFECT, {"ddconfig"})
+        for name, allowed in (("using_znorm", False), ("quant_conv_ks", 3), ("default_qresi_counts", 0)):
+            _require(args, "VQVAE", name, allowed)
+        dd = _official_arguments(args.get("ddconfig") or {}, "VQVAE ddconfig",
+                                 {"ch_mult": (1, 1, 2, 2, 4), "num_res_blocks": 2, "using_sa": True,
+                                  "using_mid_sa": True, "in_channels": 3}, {"dropout"}, {"ch", "z_channels"})
+        _require(dd, "VQVAE ddconfig", "in_channels", 3)
+        for name in ("ch", "z_channels"):
+            if name in dd and dd[name] != args[name]:
+                raise ValueError(f"VQVAE {name}={args[name]!r} and its ddconfig {name}={dd[name]!r} differ")
+        return cls(vocab_size=args["vocab_size"], z_channels=args["z_channels"], ch=args["ch"],
+                   ch_mult=tuple(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"], using_sa=dd["using_sa"],
+                   using_mid_sa=dd["using_mid_sa"], quant_resi=args["quant_resi"],
+                   share_quant_resi=args["share_quant_resi"])
 
     @property
     def upsample_factor(self) -> int:

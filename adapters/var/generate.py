@@ -29,9 +29,12 @@ from adapters.families import ModelGeometry
 from adapters.dtypes import parse_dtype
 from adapters.validators import int_argument, real_argument
 from kvpolicy import KVCache, ScaleSchedule
+from kvpolicy.kept import kept_tokens_cache
 
+from .config import VAE_FILE, VARConfig, VQVAEConfig
 from .model import VARTransformer
 from .vqvae import VQVAE
+from .weights import fill_var, fill_vqvae, materialize, resolve_source
 
 def mask_top_k_top_p_(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """In place, as the official sampler: drop logits below the k-th largest (ties kept), then, on the
@@ -114,6 +117,15 @@ class VARModel(NextScaleModel):
         self.resolution = resolution
         self.sources = dict(sources or {})
 
+    @classmethod
+    def from_official(cls, var_kwargs, vqvae_kwargs, var_state_dict, vqvae_state_dict, *, name: str = "var-custom",
+                      device="cpu", dtype=torch.float32) -> "VARModel":
+        """One call from the official constructors' keyword arguments (``VARConfig.from_official``,
+        ``VQVAEConfig.from_official``) and their state dicts (or ``.pth`` files), loaded strictly."""
+        return build_model(VARConfig.from_official(var_kwargs, vqvae_kwargs), VQVAEConfig.from_official(vqvae_kwargs),
+                           var_weights=var_state_dict, vae_weights=vqvae_state_dict, name=name, device=device,
+                           dtype=dtype)
+
     @property
     def config(self):
         return self.transformer.config
@@ -193,16 +205,20 @@ class VARModel(NextScaleModel):
     @torch.no_grad()
     def generate(self, labels, *, policy=None, budget=None, seed: int = 0, cfg: float = 4.0, top_k: Optional[int] = None,
                  top_p: float = 0.95, batch_size: Optional[int] = None, dtype=None, stats=None, progress=None,
-                 more_smooth: bool = False, resolution: Optional[int] = None, aspect_ratio: float = 1.0) -> GenerationOutput:
+                 more_smooth: bool = False, resolution: Optional[int] = None, aspect_ratio: float = 1.0,
+                 on_compress=None) -> GenerationOutput:
         """Class-conditional images for ``labels`` (ImageNet indices 0..999), ``policy`` applied to
         every self-attention layer's cache. Defaults are the official demo's (cfg 4, top-k 900,
         top-p 0.95; ``top_k=None`` is 900, or the whole vocabulary for a model with fewer codes, such as
         the trained var-tiny's 512); the FID setting is cfg 1.5, top-p 0.96. ``resolution`` / ``aspect_ratio`` are
         accepted for a uniform harness interface but must be the model's own (square, fixed size).
-        Seeds, batches, the policy and the cache report: ``adapters.base.NextScaleModel``."""
+        Seeds, batches, the policy and the cache report: ``adapters.base.NextScaleModel``. ``on_compress``:
+        called with a ``kvpolicy.KeptTokens`` record (the global positions every (row, head) of a layer
+        holds) after each layer's compression step at each scale."""
         return self.run_generation(labels, policy=policy, budget=budget, seed=seed, batch_size=batch_size, dtype=dtype,
                                    stats=stats, progress=progress, resolution=resolution, aspect_ratio=aspect_ratio,
-                                   sampling={"cfg": cfg, "top_k": top_k, "top_p": top_p, "more_smooth": more_smooth})
+                                   sampling={"cfg": cfg, "top_k": top_k, "top_p": top_p, "more_smooth": more_smooth},
+                                   on_compress=on_compress)
 
     # -- the template's model-specific steps --------------------------------------------------------
     def check_conditions(self, labels) -> list[int]:
@@ -252,9 +268,10 @@ class VARModel(NextScaleModel):
 
     @torch.no_grad()
     def teacher_forced(self, labels, indices: Sequence[torch.Tensor], *, cfg: float = 4.0, policy=None, budget=None,
-                       dtype=None, stats=None) -> TeacherForcedOutput:
+                       dtype=None, stats=None, on_compress=None) -> TeacherForcedOutput:
         """Run the loop feeding the given indices (B, pn²) per scale instead of samples; returns the
-        mixed logits per scale, f_hat and the decoded images (parity checks, token agreement)."""
+        mixed logits per scale, f_hat and the decoded images (parity checks, token agreement).
+        ``on_compress``: as in ``generate``."""
         labels = check_labels(labels, self.config.num_classes)
         patch_nums = self.config.patch_nums
         if len(indices) != len(patch_nums):
@@ -268,12 +285,35 @@ class VARModel(NextScaleModel):
                 raise ValueError(f"scale {si}: indices must lie in 0..{self.config.vocab_size - 1}")
             fed.append(idx)
         autocast, _ = self._precision(dtype)
-        cache = KVCache(self.config.depth, self.schedule, resolve_policy(policy, budget))
+        if on_compress is not None and not callable(on_compress):
+            raise TypeError(f"on_compress must be a callable taking a kvpolicy.KeptTokens record, got {on_compress!r}")
+        cache = kept_tokens_cache(self.config.depth, self.schedule, resolve_policy(policy, budget), on_compress)
         with autocast:
             _, f_hat, logits = self._run(labels, float(cfg), lambda si, ratio, _: (fed[si], None), cache,
                                          stats=stats, keep_logits=True)
             images = self._decode(f_hat)
         return TeacherForcedOutput(logits=logits, f_hat=f_hat.float(), images=images.float())
+
+
+def build_model(var_config: VARConfig, vqvae_config: VQVAEConfig, *, var_weights, vae_weights, name: str = "var-custom",
+                resolution: Optional[int] = None, device="cpu", dtype=torch.float32, seed: int = 0,
+                hub_file: Optional[str] = None, official_vae: bool = False) -> VARModel:
+    """Build a VAR from configs and fill it (``"random"``, a state dict, a file/folder, or None = hub)."""
+    dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    files = [f for f in (hub_file, VAE_FILE if official_vae else None) if f]
+    var_source = resolve_source(var_weights, filename=hub_file, model_name=name, files=files, what="var")
+    vae_source = resolve_source(vae_weights, filename=VAE_FILE if official_vae else None, model_name=name,
+                                files=files, what="vae")
+    with torch.device("meta"):  # no throw-away initialisation of billions of parameters
+        transformer, vqvae = VARTransformer(var_config), VQVAE(vqvae_config)
+    materialize(transformer, device, dtype)
+    materialize(vqvae, device, dtype)
+    sources = {"var": fill_var(transformer, var_source, seed=seed),
+               "vae": fill_vqvae(vqvae, vae_source, seed=seed + 1)}
+    if resolution is None:
+        resolution = var_config.patch_nums[-1] * vqvae_config.upsample_factor
+    return VARModel(name, transformer, vqvae, resolution=resolution, sources=sources).eval()
 
 
 def _to_uint8(images: torch.Tensor) -> torch.Tensor:
