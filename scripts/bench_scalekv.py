@@ -26,6 +26,12 @@ error if any case differs. Results go to stdout and, with ``--out``, a Markdown 
 
     python scripts/bench_scalekv.py --release /path/to/ScaleKV --out benchmarks/results/scalekv-reference
     python scripts/bench_scalekv.py --device cuda --threads 0
+
+On CPU, writing the kept K/V into fresh memory is mostly page faults: glibc serves allocations
+above its mmap threshold (at most 32 MiB by default) with fresh pages that the kernel zeroes on
+first touch, and returns them on free. ``--keep-freed-memory`` raises glibc's mmap and trim
+thresholds (``mallopt``) so freed blocks are reused, as a caching allocator (CUDA's, jemalloc)
+would; every contender and floor benefits alike.
 """
 
 from __future__ import annotations
@@ -119,6 +125,16 @@ def _median_interleaved(fns: dict, repeats: int, synchronize) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def keep_freed_memory() -> None:
+    """glibc only: serve large blocks from the heap and keep them there after free (see the docstring)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1)):
+        raise SystemExit("error: --keep-freed-memory: glibc refused mallopt")
+
+
 def run_case(*, batch, scale, layer, flow, repeats, device, release_cls, policy, plan):
     schedule = infinity_schedule(1024)
     key_dtype, value_dtype, query_dtype, autocast = FLOWS[flow]
@@ -209,6 +225,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave torch's default)")
     parser.add_argument("--budget-file", default="infinity-2b-10%",
                         help="a path or a released name (default: the shipped infinity-2b-10%% file)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc: reuse freed large blocks instead of fresh zeroed pages (see the docstring)")
     parser.add_argument("--out", help="folder for table.md and results.json")
     args = parser.parse_args(argv)
     try:
@@ -217,12 +235,15 @@ def main(argv=None):
         parser.error(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     release_cls = load_release(args.release)
     source = (f"the released ScaleKVCluster.update_kv from {args.release}" if release_cls is not None
               else "restated_update_kv (no checkout given: the release's steps restated here)")
     policy = get_policy("scalekv", mode="reference", budget_file=str(args.budget_file))
     plan = policy.plan(infinity_schedule(1024), 32)
     rows = []
+    source += "; freed memory kept (glibc mallopt)" if args.keep_freed_memory else "; default glibc allocation"
     print(f"release = {source}; torch {torch.__version__}, {args.device}, threads {torch.get_num_threads()}")
     for scale in args.scales:
         for layer in args.layers:
@@ -237,7 +258,8 @@ def main(argv=None):
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
-                "repeats": args.repeats, "release": source, "command": " ".join(sys.argv)}
+                "repeats": args.repeats, "release": source, "command": " ".join(sys.argv),
+                "load_average_at_end": os.getloadavg()}
         (out / "table.md").write_text(text + "\n")
         (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     if not all(r["identical"] for r in rows):
