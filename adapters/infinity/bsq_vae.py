@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.checkpoint_io import check_state_dict, describe_keys as _describe, load_torch_file
+from adapters.checkpoint_io import (CheckpointError, CheckpointMismatchError, check_state_dict, describe_keys as _describe,
+                                    load_torch_file)
 from adapters.validators import positive_int
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
 # Buffers the official quantizer stores twice (``quantize`` aliases ``quantizer``); not needed.
 QUANTIZER_MASK_KEYS = ("quantizer.lfq.mask", "quantize.lfq.mask")
 DECODER_PREFIX = "decoder."
+VAE_FILE = "BSQ-VAE checkpoint (vae_weights= / --vae-weights)"
 ENCODER_PREFIX = "encoder."
 
 
@@ -451,13 +453,13 @@ def _select_state_dict(obj: Any, entry: Optional[str]) -> Mapping[str, torch.Ten
         raise TypeError(f"BSQ-VAE source must be a file path or a state-dict mapping, got {type(obj).__name__}")
     if entry is not None:
         if entry not in obj or not isinstance(obj[entry], Mapping):
-            raise KeyError(f"BSQ-VAE checkpoint has no state-dict entry {entry!r}; top-level keys: {sorted(obj)[:20]}")
+            raise CheckpointMismatchError(f"BSQ-VAE checkpoint has no state-dict entry {entry!r}; top-level keys: {sorted(obj)[:20]}")
         return obj[entry]
     if isinstance(obj.get("vae"), Mapping):  # the released files (reference §10.5)
         return obj["vae"]
     if any(isinstance(k, str) and k.startswith(DECODER_PREFIX) for k in obj):
         return obj
-    raise KeyError(
+    raise CheckpointMismatchError(
         "BSQ-VAE source has neither a 'vae' entry nor 'decoder.*' keys; "
         f"top-level keys: {sorted(map(str, obj))[:20]}"
     )
@@ -475,7 +477,7 @@ def _infer_config(state: Mapping[str, torch.Tensor]) -> BSQVAEConfig:
     conv_in = _find(state, p + "conv_in.conv.weight")
     conv_out = _find(state, p + "conv_out.conv.weight")
     if conv_in is None or conv_out is None:
-        raise KeyError("cannot infer the BSQ-VAE shape: decoder.conv_in / decoder.conv_out weights are missing; pass config=")
+        raise CheckpointMismatchError("cannot infer the BSQ-VAE shape: decoder.conv_in / decoder.conv_out weights are missing; pass config=")
     codebook_dim, base = conv_in.shape[1], conv_out.shape[1]
     multipliers, level = [], 0
     while (w := _find(state, f"{p}up.{level}.block.0.conv1.conv.weight")) is not None:
@@ -532,7 +534,9 @@ def load_bsq_vae(
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"BSQ-VAE file not found: {path!r}")
-        source = load_torch_file(path)
+        source = load_torch_file(path, VAE_FILE)
+        if not isinstance(source, Mapping):
+            raise CheckpointError(f"{VAE_FILE} {path!r} holds a {type(source).__name__}, not a state dict")
     state = _select_state_dict(source, entry)
     if config is None:
         config = BSQVAEConfig.from_state_dict(state)

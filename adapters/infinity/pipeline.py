@@ -18,16 +18,17 @@ from adapters.families import ModelGeometry
 from kvpolicy import KVCache, ScaleSchedule
 from kvpolicy.kept import kept_tokens_cache
 
-from .bsq_vae import BSQVAEConfig, BSQVAEDecoder, images_to_uint8, load_bsq_vae
+from .bsq_vae import VAE_FILE, BSQVAEConfig, BSQVAEDecoder, images_to_uint8, load_bsq_vae
 from .config import PRESETS, InfinityConfig, InfinityPreset
 from .generate import LoopResult, _check_sampling, run_generation, uses_guidance
 from .hub import check_text_encoder, resolve_vae, resolve_weights
 from .schedule import INFINITY_PN_SCALES, INFINITY_RESOLUTION_PN, INFINITY_TEMPLATES, infinity_template
+from adapters.checkpoint_io import check_checkpoint_file, load_safetensors_file
 from adapters.dtypes import parse_dtype
 
 from .model import InfinityTransformer
 from .text import TextEncoder, load_text_encoder, random_text_encoder, trained_text_encoder
-from .weights import load_transformer_weights, random_init
+from .weights import TRANSFORMER_FILE, load_transformer_weights, random_init
 
 
 
@@ -288,9 +289,7 @@ def _random_vae(preset: InfinityPreset, seed: int, device) -> BSQVAEDecoder:
 
 
 def _read_safetensors(path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path), device="cpu")
+    return load_safetensors_file(path, VAE_FILE)
 
 
 def load_infinity(name: str, *, weights: Optional[str | os.PathLike] = None, vae_weights=None, text_encoder=None,
@@ -329,6 +328,10 @@ def load_infinity(name: str, *, weights: Optional[str | os.PathLike] = None, vae
     vae_path = None if random_vae else resolve_vae(vae_weights, preset)
     if not (text_encoder is None and preset.text_encoder is None):
         check_text_encoder(text_encoder, preset)
+    if weights_path is not None and weights_path.is_file():  # a damaged VAE fails before the transformer loads
+        check_checkpoint_file(weights_path, TRANSFORMER_FILE)
+    if vae_path is not None and vae_path.is_file():
+        check_checkpoint_file(vae_path, VAE_FILE)
 
     c = preset.model
     with torch.device(device):

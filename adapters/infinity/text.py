@@ -118,13 +118,14 @@ def random_text_encoder(width: int, *, seed: int = 0, max_length: int = 32) -> T
 def trained_text_encoder(path, width: int, *, max_length: int) -> TextEncoder:
     """The trained tiny T5 (``tiny_t5_config(width)``, weights from a safetensors file) with the
     byte tokenizer: the text encoder ``infinity-tiny`` was trained with."""
-    from safetensors.torch import load_file
     from transformers import T5EncoderModel
+
+    from adapters.checkpoint_io import load_safetensors_file
 
     with torch.device("meta"):
         encoder = T5EncoderModel(tiny_t5_config(width))
     encoder = encoder.to_empty(device="cpu")
-    state = load_file(str(path), device="cpu")
+    state = load_safetensors_file(path, "tiny T5 text encoder")
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     # T5 ties the shared embedding to encoder.embed_tokens: one of the two names may be absent
     missing = [k for k in missing if k not in ("shared.weight", "encoder.embed_tokens.weight")]

@@ -22,28 +22,28 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from adapters.checkpoint_io import check_state_dict, copy_state_dict, load_torch_file
+from adapters.checkpoint_io import (CheckpointError, CheckpointMismatchError, check_state_dict, copy_state_dict,
+                                    load_safetensors_file, load_torch_file)
 
 from .model import InfinityTransformer
 
 IGNORED_KEYS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
 OPTIONAL_SUFFIX = "zero_k_bias"
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+TRANSFORMER_FILE = "Infinity transformer checkpoint (weights= / --weights)"
 
 
 def _load_shard(path: Path) -> Mapping[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"shard {str(path)!r} named in the index is missing")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    return load_torch_file(path)
+        return load_safetensors_file(path, TRANSFORMER_FILE)
+    return load_torch_file(path, TRANSFORMER_FILE)
 
 
 def _unwrap_checkpoint(obj: Any, source: str) -> Mapping[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
-        raise TypeError(f"{source}: expected a state dict, got {type(obj).__name__}")
+        raise CheckpointError(f"{TRANSFORMER_FILE} {source}: expected a state dict, got {type(obj).__name__}")
     if "trainer" in obj and isinstance(obj["trainer"], Mapping) and "gpt_fsdp" in obj["trainer"]:
         return obj["trainer"]["gpt_fsdp"]  # an (unreleased) training checkpoint
     if not any(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -75,14 +75,14 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> M
                     state[key] = value
         listed_missing = sorted(k for k in weight_map if k not in state)
         if listed_missing:
-            raise KeyError(f"{index}: {len(listed_missing)} keys listed in the index are not in their shard: "
-                           f"{listed_missing[:8]}")
+            raise CheckpointMismatchError(f"{index}: {len(listed_missing)} keys listed in the index are not in "
+                                          f"their shard: {listed_missing[:8]}")
         return state
     if not path.is_file():
         raise FileNotFoundError(f"Infinity weights not found: {str(path)!r} (a .pth file or a sharded folder)")
     if path.suffix == ".safetensors":
         return _load_shard(path)
-    return _unwrap_checkpoint(load_torch_file(path), str(path))
+    return _unwrap_checkpoint(load_torch_file(path, TRANSFORMER_FILE), str(path))
 
 
 def load_transformer_weights(model: InfinityTransformer, source, *, source_name: Optional[str] = None) -> InfinityTransformer:

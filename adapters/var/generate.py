@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import time
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import attrs
@@ -26,6 +27,7 @@ import torch
 
 from adapters.base import BatchResult, GenerationOutput, GenerationSetup, NextScaleModel, ScaleTimer, resolve_policy
 from adapters.families import ModelGeometry
+from adapters.checkpoint_io import check_checkpoint_file
 from adapters.dtypes import parse_dtype
 from adapters.validators import int_argument, real_argument
 from kvpolicy import KVCache, ScaleSchedule
@@ -34,7 +36,7 @@ from kvpolicy.kept import kept_tokens_cache
 from .config import VAE_FILE, VARConfig, VQVAEConfig
 from .model import VARTransformer
 from .vqvae import VQVAE
-from .weights import fill_var, fill_vqvae, materialize, resolve_source
+from .weights import FILE_ROLES, fill_var, fill_vqvae, materialize, resolve_source
 
 def mask_top_k_top_p_(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """In place, as the official sampler: drop logits below the k-th largest (ties kept), then, on the
@@ -305,6 +307,9 @@ def build_model(var_config: VARConfig, vqvae_config: VQVAEConfig, *, var_weights
     var_source = resolve_source(var_weights, filename=hub_file, model_name=name, files=files, what="var")
     vae_source = resolve_source(vae_weights, filename=VAE_FILE if official_vae else None, model_name=name,
                                 files=files, what="vae")
+    for role, source in (("var", var_source), ("vae", vae_source)):  # a damaged file fails before any loading
+        if isinstance(source, Path):  # a resolved local file (not "random", not a state dict)
+            check_checkpoint_file(source, FILE_ROLES[role])
     with torch.device("meta"):  # no throw-away initialisation of billions of parameters
         transformer, vqvae = VARTransformer(var_config), VQVAE(vqvae_config)
     materialize(transformer, device, dtype)

@@ -24,7 +24,7 @@ from typing import Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from adapters.checkpoint_io import check_state_dict, copy_state_dict, load_torch_file
+from adapters.checkpoint_io import CheckpointError, check_state_dict, copy_state_dict, load_safetensors_file, load_torch_file
 
 from .config import HUB_REPO, VAE_FILE, VARConfig
 from .model import VARTransformer
@@ -73,15 +73,19 @@ def resolve_file(spec: WeightSpec, filename: str, *, model: str, all_files: list
     return path
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A flat state dict from a ``.pth`` (pickled, loaded with weights_only) or ``.safetensors`` file."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+# What each file is for, as damaged-file errors name it (the loader's argument and the CLI option).
+FILE_ROLES = {"var": "VAR transformer checkpoint (weights= / --weights)",
+              "vae": "VQVAE checkpoint (vae_weights= / --vae-weights)"}
 
-        return load_file(str(path))
-    state = load_torch_file(path)
+
+def read_state_dict(path: Path, what: str = "VAR checkpoint") -> dict[str, torch.Tensor]:
+    """A flat state dict from a ``.pth`` (pickled, loaded with weights_only) or ``.safetensors`` file;
+    ``what`` names the file's role in the error a damaged file raises."""
+    if path.suffix == ".safetensors":
+        return load_safetensors_file(path, what)
+    state = load_torch_file(path, what)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a flat state dict of tensors (as the official files), got "
+        raise CheckpointError(f"{what} {str(path)!r}: expected a flat state dict of tensors (as the official files), got "
                          f"{type(state).__name__} with keys {list(state)[:5] if isinstance(state, Mapping) else '-'}")
     return dict(state)
 
@@ -188,21 +192,21 @@ def resolve_source(spec: WeightSpec, *, filename: Optional[str], model_name: str
     return resolve_file(spec, filename or f"{what}.pth", model=model_name, all_files=files)
 
 
-def _fill(model, source, seed: int, init_random, load_state_dict) -> str:
+def _fill(model, source, seed: int, init_random, load_state_dict, role: str) -> str:
     if isinstance(source, str) and source == RANDOM:
         init_random(model, seed)
         return f"random(seed={seed})"
     if isinstance(source, Mapping):
         load_state_dict(model, source)
         return "state dict"
-    load_state_dict(model, read_state_dict(source), what=str(source))
+    load_state_dict(model, read_state_dict(source, role), what=str(source))
     return str(source)
 
 
 def fill_var(model: VARTransformer, source, *, seed: int) -> str:
     """Fill the transformer from a resolved source; returns a description of it."""
-    return _fill(model, source, seed, init_random_var, load_var_state_dict)
+    return _fill(model, source, seed, init_random_var, load_var_state_dict, FILE_ROLES["var"])
 
 
 def fill_vqvae(model: VQVAE, source, *, seed: int) -> str:
-    return _fill(model, source, seed, init_random_vqvae, load_vqvae_state_dict)
+    return _fill(model, source, seed, init_random_vqvae, load_vqvae_state_dict, FILE_ROLES["vae"])
