@@ -21,7 +21,8 @@ from .conditions import calibration_conditions
 from .model_args import check_device, cpu_threads, default_dtype, set_threads, weights_kwargs
 from .outputs import prepare_output
 from .plan import parse_resolution, resolve_geometry
-from .policy_spec import calibrated_policies, check_budget, parse_dtype, policies_to_calibrate, split_list  # noqa: F401
+from .policy_spec import (calibrated_policies, check_budget, check_seed, parse_dtype,  # noqa: F401
+                          policies_to_calibrate, split_list)
 
 
 def calibration_source(model_name: str, geometry) -> str:
@@ -132,6 +133,7 @@ def calibrate_command(args) -> int:
         if not kvpolicy.capabilities(name).needs_calibration:
             raise ValueError(f"--policy {name!r} is not calibrated; the calibrated policies are "
                              f"{', '.join(calibrated_policies()) or '(none registered)'}")
+    check_seed(args.seed)
     conditions = calibration_conditions(args.model, args.prompts, args.labels)
     resolution = parse_resolution(args.resolution)
     geometry = resolve_geometry(args.model, resolution, args.aspect_ratio)

@@ -18,7 +18,9 @@ from typing import Optional, Sequence
 def _add_model_args(p, *, required: bool = True, model_help: str = "model preset (see `kvpolicy list --models`)"):
     p.add_argument("--model", required=required, default=None, help=model_help)
     p.add_argument("--resolution", default=None, help="Infinity: 256/512/768/1024 or a pn name like 1M; VAR: 256/512")
-    p.add_argument("--aspect-ratio", type=float, default=1.0, help="h/w (Infinity templates); default 1.0")
+    p.add_argument("--aspect-ratio", type=float, default=1.0,
+                   help="h/w, one of Infinity's templates (0.333, 0.4, 0.5, 0.571, 0.666, 0.75, 0.8, 1, 1.25, 1.333, "
+                        "1.5, 1.75, 2, 2.5, 3); VAR: 1 only; default 1")
 
 
 def _add_plan_file_args(p):
@@ -322,6 +324,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = " (finished rows are kept: run the same command again to resume)" if args.command == "compare" else ""
         print(f"kvpolicy {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `kvpolicy plan ... | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except USER_ERRORS as exc:
         if args.debug or os.environ.get("KVPOLICY_TRACEBACK"):
             raise

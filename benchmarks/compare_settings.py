@@ -14,7 +14,7 @@ from .conditions import evaluation_conditions
 from .metrics import DEFAULT_FID_MODE, DEFAULT_SSIM_CONVENTION, check_fid_mode, check_ssim_convention
 from .model_args import check_device, cpu_threads, default_dtype, weights_kwargs
 from .plan import parse_resolution
-from .policy_spec import check_policy_name, parse_dtype, parse_policy_options, split_list
+from .policy_spec import check_policy_name, parse_dtype, parse_policy_options, parse_seeds, split_list
 from .prompts import DATA_DIR
 
 PAPER_BUDGETS = "4%,10%,20%"
@@ -114,10 +114,7 @@ def settings_from_args(args) -> CompareSettings:
     for name in policies:
         check_policy_name(name)
     budgets = split_list(args.budgets if args.budgets is not None else default_budgets(args.model), "--budgets")
-    try:
-        seeds = [int(s) for s in split_list(args.seeds, "--seeds")]
-    except ValueError:
-        raise ValueError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
+    seeds = parse_seeds(args.seeds)
     device = check_device(str(args.device))
     weights = weights_kwargs(args, args.model)
     warmup = args.warmup if args.warmup is not None else (1 if device.startswith("cuda") else 0)

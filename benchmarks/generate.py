@@ -12,7 +12,8 @@ from .conditions import single_conditions
 from .outputs import save_png
 from .model_args import check_device, cpu_threads, default_dtype, key_dtype_kwargs, set_threads, weights_kwargs
 from .plan import parse_resolution, resolve_geometry
-from .policy_spec import build_policy, check_budget, parse_dtype, parse_policy_options, policies_to_calibrate
+from .policy_spec import (build_policy, check_budget, check_seed, parse_dtype, parse_policy_options,
+                          policies_to_calibrate)
 
 
 def output_paths(out: str, n: int) -> list[Path]:
@@ -34,6 +35,7 @@ def default_out(model: str) -> Path:
 
 def generate_command(args) -> int:
     conditions = single_conditions(args.model, prompt=args.prompt, label=args.label)
+    check_seed(args.seed)
     if args.budget is not None and args.policy is None:
         raise ValueError("--budget needs --policy NAME (`kvpolicy list` names them)")
     resolution = parse_resolution(args.resolution)

@@ -21,6 +21,35 @@ def split_list(text: str, what: str) -> list[str]:
     return items
 
 
+MAX_SEED = 2 ** 63 - 1
+
+
+def check_seed(seed, option: str = "--seed") -> int:
+    """A seed is an int in 0..2^63-1 (torch would take -1 and wrap it to 2^64-1 without a word)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{option} {seed!r} is not a seed: use an integer from 0 to {MAX_SEED}")
+    return seed
+
+
+def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
+    """``"0,1,2"`` -> [0, 1, 2]: integers >= 0, each once (rows are keyed by seed)."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"{option} {text!r} is empty; give comma-separated integers like 0,1,2")
+    seeds = []
+    for item in items:
+        try:
+            value = int(item)
+        except ValueError:
+            raise ValueError(f"{option} {text!r}: {item!r} is not an integer; give comma-separated integers "
+                             f"from 0 to {MAX_SEED}") from None
+        seeds.append(check_seed(value, f"{option} {text!r}: seed"))
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"{option} {text!r} repeats {repeated}: each seed is generated once per condition")
+    return seeds
+
+
 def parse_policy_options(items, policies) -> dict[str, dict]:
     """``["snapkv.window_size=16", "h2o.heavy_ratio=0.25"]`` -> {policy: {option: value}}; values
     are read as JSON when they parse (16, 0.25, true, "max") and as plain strings otherwise."""

@@ -9,8 +9,8 @@ from .schedule import INFINITY_PN_SCALES, INFINITY_RESOLUTION_PN, infinity_sched
 
 
 def schedule(preset: Preset, resolution=None, aspect_ratio: float = 1.0):
-    """Infinity picks the aspect-ratio template closest to h/w and the first scales of it for the
-    resolution (a pn name or a 1:1 pixel size)."""
+    """The aspect-ratio template h/w names (one of ``INFINITY_TEMPLATES``; another value is refused)
+    and the first scales of it for the resolution (a pn name or a 1:1 pixel size)."""
     return infinity_schedule(preset.resolution if resolution is None else resolution, aspect_ratio)
 
 
@@ -30,7 +30,7 @@ FAMILY = register_family(ModelFamily(
                     tiny=p.random_only or p.packaged is not None) for p in PRESETS.values()],
     weight_options=("weights", "vae_weights", "text_encoder"),
     benchmark_presets=("infinity-2b", "infinity-8b"),
-    resolutions=f"{sorted(INFINITY_RESOLUTION_PN)} or a pn name {list(INFINITY_PN_SCALES)}, any aspect ratio "
-                "(nearest template)",
+    resolutions=f"{sorted(INFINITY_RESOLUTION_PN)} or a pn name {list(INFINITY_PN_SCALES)}, aspect ratios h/w "
+                "0.333-3 (one of the 15 templates)",
     key_cache_dtype="float32",  # K normalised in float32 and cached so, next to V in the compute dtype
 ))

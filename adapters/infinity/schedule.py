@@ -31,11 +31,23 @@ INFINITY_PN_SCALES = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
 INFINITY_RESOLUTION_PN = {256: "0.06M", 512: "0.25M", 768: "0.60M", 1024: "1M"}
 
 
+# How far h/w may lie from a template key and still name it: the inverse keys are truncated to three
+# decimals (1/1.5 -> 0.666), so 2/3 = 0.6667 must find 0.666; the closest two keys are 0.05 apart.
+TEMPLATE_TOLERANCE = 0.002
+
+
 def infinity_template(aspect_ratio: float = 1.0) -> float:
-    """The template key closest to h/w (first minimum on ties, as the official code)."""
-    if not aspect_ratio > 0:
-        raise ValueError(f"aspect ratio h/w must be > 0, got {aspect_ratio!r}")
-    return min(INFINITY_TEMPLATES, key=lambda r: abs(r - aspect_ratio))
+    """The template key of h/w. Deviation: the official code silently takes the closest template
+    (1.37 -> 1.333, 100 -> 3); a value that names no template is refused here with the list of
+    templates and the closest one, so the image has the shape that was asked for."""
+    if isinstance(aspect_ratio, bool) or not isinstance(aspect_ratio, (int, float)) or not aspect_ratio > 0:
+        raise ValueError(f"aspect ratio h/w must be a number > 0, got {aspect_ratio!r}")
+    closest = min(INFINITY_TEMPLATES, key=lambda r: abs(r - aspect_ratio))  # first minimum on ties, as official
+    if abs(closest - aspect_ratio) > TEMPLATE_TOLERANCE:
+        allowed = ", ".join(f"{r:g}" for r in INFINITY_TEMPLATES)
+        raise ValueError(f"aspect ratio h/w {aspect_ratio:g} is not one of Infinity's templates ({allowed}); "
+                         f"the closest is {closest:g}")
+    return closest
 
 
 def infinity_schedule(pn: str | int = "1M", aspect_ratio: float = 1.0) -> ScaleSchedule:
