@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     cond.add_argument("--labels", default=None, help="class labels for VAR models, e.g. 1,2,3 or 0-7")
     p.add_argument("--limit", type=int, default=None, help="use the first N prompts (default: 8 for the built-in list)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; every condition is generated with each")
-    p.add_argument("--out", default="kvpolicy-compare", help="output folder (resumed if it exists)")
+    p.add_argument("--out", default=None, help="output folder, resumed if it holds a run with the same settings "
+                   "(default: kvpolicy-runs/compare-MODEL/)")
     p.add_argument("--batch-size", type=int, default=1, help="conditions per generate call")
     p.add_argument("--repeats", type=int, default=1, help="timed generations per job (median reported)")
     p.add_argument("--warmup", type=int, default=None, help="untimed generations before each configuration's first "

@@ -102,6 +102,14 @@ def default_model() -> str:
     raise ValueError("no registered model family has a tiny preset; give --model")
 
 
+def default_out(model: str) -> Path:
+    """``kvpolicy-runs/compare-MODEL/`` (was ``./kvpolicy-compare``): out of the working tree's root,
+    and stable, so running the same command again resumes it."""
+    from .outputs import resumable_run_dir
+
+    return resumable_run_dir(f"compare-{model}")
+
+
 def settings_from_args(args) -> CompareSettings:
     """Validate every argument before any model is loaded."""
     if args.model is None:
@@ -134,7 +142,7 @@ def settings_from_args(args) -> CompareSettings:
     options = parse_policy_options(getattr(args, "option", None), policies)
     threads = cpu_threads(getattr(args, "threads", None), device)
     return CompareSettings(key_dtype=key_dtype, weights=weights, threads=threads, options=options, model=args.model, policies=policies, budgets=budgets, conditions=conditions,
-                           condition_kind=kind, seeds=seeds, out=Path(args.out), device=device, dtype=dtype,
+                           condition_kind=kind, seeds=seeds, out=default_out(args.model) if args.out is None else Path(args.out), device=device, dtype=dtype,
                            batch_size=args.batch_size, repeats=args.repeats, warmup=warmup,
                            resolution=parse_resolution(args.resolution), aspect_ratio=args.aspect_ratio,
                            budget_file=args.budget_file, calibration=args.calibration,

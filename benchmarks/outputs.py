@@ -5,8 +5,10 @@ Where commands write: fresh, named folders by default, nothing overwritten silen
 destination proven writable before any work starts (a run must not die at its last step).
 Defaults live under ``kvpolicy-runs/`` in the working directory, one new folder per run named
 after the command, the model and the start time (``kvpolicy-runs/generate-infinity-tiny-20261201-
-153000/``); a second run in the same second gets ``-2``. An explicit file that exists is refused
-unless ``--overwrite`` says so.
+153000/``); a second run in the same second gets ``-2``. ``compare`` resumes, so its default is
+stable instead (``kvpolicy-runs/compare-MODEL/``): the same command continues where it stopped, and a
+run with other image-changing settings there is refused, never overwritten. An explicit file that
+exists is refused unless ``--overwrite`` says so.
 """
 
 from __future__ import annotations
@@ -72,14 +74,23 @@ def library_versions() -> dict:
 RUNS_DIR = Path("kvpolicy-runs")
 
 
+def _safe_name(kind: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in kind)
+
+
 def fresh_run_dir(kind: str, *, base: Path = RUNS_DIR, now: Optional[float] = None) -> Path:
     """A folder name under ``base`` that does not exist yet (not created here)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in kind)
+    safe = _safe_name(kind)
     candidate, n = Path(base) / f"{safe}-{stamp}", 2
     while candidate.exists():
         candidate, n = Path(base) / f"{safe}-{stamp}-{n}", n + 1
     return candidate
+
+
+def resumable_run_dir(kind: str, *, base: Path = RUNS_DIR) -> Path:
+    """``base/KIND``, the same name every time, for a command that resumes (not created here)."""
+    return Path(base) / _safe_name(kind)
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -394,3 +394,19 @@ def test_a_registered_metric_appears_in_rows_summary_and_set_metrics(tmp_path):
     # unregistered again: a new run has no such column
     _, again = _run(_args(tmp_path, "--warmup", "0", "--limit", "1"))
     assert "toy_mad" not in again["summary"][0]
+
+
+def test_default_output_is_a_stable_named_folder_under_kvpolicy_runs(tmp_path, monkeypatch):
+    """Without --out, compare writes kvpolicy-runs/compare-MODEL/ (it wrote ./kvpolicy-compare into
+    the working tree) and the same command run again resumes there: nothing is generated twice."""
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\n")
+    argv = ["compare", "--model", FAKE, "--prompts", str(prompts), "--policies", "snapkv", "--budgets", "20%",
+            "--warmup", "0", "--no-progress", "--no-learned-metrics"]
+    first, result = _run(build_parser().parse_args(argv))
+    out = tmp_path / "kvpolicy-runs" / f"compare-{FAKE}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kvpolicy-runs", "p.txt"]
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2 and (out / "summary.md").is_file()
+    second, _ = _run(build_parser().parse_args(argv))
+    assert first.generate_calls > 0 and second.generate_calls == 0
