@@ -95,18 +95,32 @@ def token_agreement_mean(batch: ImageBatch, context: MetricContext) -> list[Opti
     return [sum(scales) / len(scales) for scales in per_image]
 
 
-register_metric(Metric(name="fid", per=PER_SET, compute=compute_fid, column="FID↓", fmt=".2f", describe=describe_fid))
+register_metric(Metric(name="fid", per=PER_SET, compute=compute_fid, column="FID↓", fmt=".2f", describe=describe_fid,
+                       definition="Fréchet Inception Distance between the full-cache images and this configuration's "
+                                  "images of the same conditions and seeds (one value per set; lower is closer; needs "
+                                  "at least 2 images and the Inception weights)"))
 register_metric(Metric(name="lpips", per=PER_IMAGE, column="LPIPS↓", fmt=".3f", describe=describe_lpips,
+                       definition="learned perceptual distance (LPIPS, AlexNet) to the full-cache image of the same "
+                                  "condition and seed, mean over images; 0 = identical",
                        compute=lambda batch, context: context.learned.lpips(batch.images, batch.references)))
 register_metric(Metric(name="psnr", per=PER_IMAGE, column="PSNR↑", fmt=".2f", identical_value=float("inf"),
+                       definition="peak signal-to-noise ratio in dB against the full-cache image of the same "
+                                  "condition and seed (RGB in [0, 1]), mean over images; inf when every image is "
+                                  "identical to its reference",
                        compute=lambda batch, context: m.psnr(batch.images, batch.references),
                        describe="PSNR: per image over (C, H, W), data range 1, averaged over images = torchmetrics "
                                 "PeakSignalNoiseRatio(data_range=(0, 1), dim=(1, 2, 3)); identical images count as "
                                 "+inf."))
 register_metric(Metric(name="ssim", per=PER_IMAGE, column="SSIM↑", fmt=".4f", describe=describe_ssim,
+                       definition="structural similarity to the full-cache image of the same condition and seed "
+                                  "(1 = identical), mean over images; the convention is named under Metrics",
                        compute=lambda batch, context: m.ssim(batch.images, batch.references,
                                                              convention=context.ssim_convention)))
 register_metric(Metric(name="token_agreement", per=PER_IMAGE, column="token agr.↑", fmt=".4f", plot=False,
+                       definition="token agreement: the fraction of sampled tokens (bits or codebook indices, as the "
+                                  "model samples them) equal to the full-cache run's at the same position, per scale, "
+                                  "averaged over scales (each scale weighs the same), then over images; 1 = the same "
+                                  "tokens",
                        row_field="token_agreement_mean", compute=token_agreement_mean,
                        describe="Token agreement: the fraction of equal tokens (bits or codebook indices, as the "
                                 "model samples them) per scale, averaged over scales, then over images."))

@@ -72,19 +72,25 @@ def write_reports(settings, configs: Sequence[Config], *, out: Path, results: Pa
         line for line in (m.description(metrics) for m in metric_registry.registered_metrics()) if line]
     reports.write_summary(out / "summary.md", summary, settings=settings.as_dict(), notes=notes, metrics=lines)
     (out / "set_metrics.json").write_text(json.dumps(sets, indent=1))
-    reports.plot_fidelity_vs_budget(out / "fidelity_vs_budget.png", summary)
-    reports.plot_per_scale(out / "kv_bytes_per_scale.png", rows, field="kv_bytes_per_scale",
-                           ylabel="KV MiB per image after the scale (log)", scale_by=reports.MIB, logy=True)
-    if all(r["scale_seconds_per_image"] for r in rows):
-        reports.plot_per_scale(out / "latency_per_scale.png", rows, field="scale_seconds_per_image",
-                               ylabel="seconds per image (median over repeats)")
+    # against budget, one line per policy: per-scale curves of every configuration coincided at equal
+    # budgets and showed per-scale CPU noise without the text encoder's and VAE's time
+    reports.write_plots(out, summary)
     contact_sheet(settings, configs, out, image_path)
     return {"rows": rows, "summary": summary, "set_metrics": sets}
 
 
 def contact_sheet(settings, configs: Sequence[Config], out: Path, image_path, max_rows: int = 8) -> None:
+    """The first seed's images of the first ``max_rows`` conditions, a row each, labelled with the
+    condition, every configuration's image beside the full-cache one with the difference under it."""
     seed = settings.seeds[0]
     indices = list(range(min(max_rows, len(settings.conditions))))
     grid = [[image_path(c, i, seed) for c in configs] for i in indices]
     labels = ["full" if c.is_reference else f"{c.policy_name} {c.budget or ''}".strip() for c in configs]
-    reports.contact_sheet(out / "contact_sheet.png", grid, labels)
+    reports.contact_sheet(out / "contact_sheet.png", grid, labels,
+                          row_labels=[condition_label(settings, i) for i in indices])
+
+
+def condition_label(settings, index: int) -> str:
+    """A contact-sheet row's label: the condition's index and the prompt, or 'class N'."""
+    condition = settings.conditions[index]
+    return f"{index}: class {condition}" if settings.condition_kind == "label" else f"{index}: {condition}"

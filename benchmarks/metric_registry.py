@@ -70,7 +70,8 @@ class Metric:
     function of the list of per-image values) applies to per-image metrics; ``identical_value`` is
     what an image identical to the reference scores when the row stores None for it (PSNR: +inf,
     which JSON cannot hold); ``describe`` is the summary.md line (a string, or a function of the
-    context, e.g. to name weight files)."""
+    context, e.g. to name weight files); ``definition`` says what the column means (listed under
+    summary.md's table)."""
 
     name: str = attrs.field(validator=_check_name)
     per: str = attrs.field(validator=attrs.validators.in_((PER_IMAGE, PER_SET)))
@@ -82,6 +83,19 @@ class Metric:
     row_field: Optional[str] = None  # where per-image values go in a row (default: the name)
     identical_value: Optional[float] = None
     plot: bool = True  # drawn in fidelity_vs_budget.png (per-image metrics)
+    definition: Optional[str] = None  # what the summary column means, written under the table
+
+    def column_definition(self) -> str:
+        """The column's definition for summary.md: ``definition``, else a static ``describe``, else
+        what the registration says (so no column is left undefined)."""
+        if self.definition:
+            return self.definition
+        if isinstance(self.describe, str):
+            return self.describe
+        if self.per == PER_SET:
+            return f"the registered set metric {self.name!r}, between the full-cache set and this configuration's"
+        how = self.aggregate if isinstance(self.aggregate, str) else "aggregate"
+        return f"the registered metric {self.name!r} against the full-cache image, {how} over images"
 
     @property
     def field(self) -> str:

@@ -97,8 +97,15 @@ def _run(args, model=None):
     return comparison, comparison.run()
 
 
-def test_compare_writes_every_file_with_consistent_content(tmp_path):
+def test_compare_writes_every_file_with_consistent_content(tmp_path, monkeypatch):
     args = _args(tmp_path, "--warmup", "1", "--repeats", "2")
+    sheets, draw_sheet = [], reports.contact_sheet
+
+    def recording_sheet(*a, **k):
+        sheets.append((a, k, draw_sheet(*a, **k)))
+        return sheets[-1][-1]
+
+    monkeypatch.setattr(reports, "contact_sheet", recording_sheet)
     comparison, result = _run(args)
     out = tmp_path / "run"
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
@@ -163,14 +170,24 @@ def test_compare_writes_every_file_with_consistent_content(tmp_path):
             assert f"{s['ssim']:.4f}" in line and f"{s['kv_mib_last_read']:.3f}" in line
             assert s["fid"] is None and "–" in line
     assert "disabled" in summary_md  # the reason LPIPS/FID are absent is written down
-    for plot in ("fidelity_vs_budget.png", "kv_bytes_per_scale.png", "latency_per_scale.png"):
+    for plot in ("fidelity_vs_budget.png", "memory_vs_budget.png", "latency_vs_budget.png"):
         with Image.open(out / plot) as im:
             im.load()
             assert im.size[0] > 300 and im.size[1] > 200
     with Image.open(out / "contact_sheet.png") as sheet:
         # 2 rows (prompts) x 5 columns (reference + 4 configurations), 128 px thumbnails
-        assert sheet.size == (5 * (reports.THUMB + reports.PAD) + reports.PAD,
-                              reports.LABEL_H + 2 * (reports.THUMB + reports.PAD) + reports.PAD)
+        assert sheet.size == reports.SheetLayout(rows=2, cols=5).size
+        pixels = np.array(sheet.convert("RGB")).astype(int)
+    (_, grid, _), kwargs, layout = sheets[-1]
+    assert kwargs["row_labels"] == ["0: a red cube", "1: a blue sphere on grass"]  # the prompts label the rows
+    for r, row in enumerate(grid):
+        reference = np.array(Image.open(row[0]).convert("RGB")).astype(int)
+        for c, path in enumerate(row[1:], start=1):
+            x, y = layout.difference_at(r, c)
+            shown = pixels[y:y + reports.THUMB, x:x + reports.THUMB]
+            same = np.array_equal(np.array(Image.open(path).convert("RGB")).astype(int), reference)
+            assert (shown.max() == 0) == same  # black exactly where the image equals the full-cache one
+    assert any(not r["identical_to_reference"] for r in rows if r["policy"] != "reference")
     set_metrics = json.loads((out / "set_metrics.json").read_text())
     assert len(set_metrics) == 4 and all(v["fid"] is None and v["images"] == 2 for v in set_metrics.values())
 

@@ -74,8 +74,7 @@ def test_infinity_tiny_compare_end_to_end_resume_and_reproducibility(tmp_path, i
     text = (out / "summary.md").read_text()
     assert text.count("| streamingllm |") == 2 and text.count("| snapkv |") == 2
     with Image.open(out / "contact_sheet.png") as sheet:
-        assert sheet.size == (5 * (reports.THUMB + reports.PAD) + reports.PAD,
-                              reports.LABEL_H + 2 * (reports.THUMB + reports.PAD) + reports.PAD)
+        assert sheet.size == reports.SheetLayout(rows=2, cols=5).size
 
     # interruption: lose the last 4 rows; the rerun generates exactly those
     lines = (out / "results.jsonl").read_text().splitlines()
