@@ -112,6 +112,7 @@ class Bench:
         check_output_dir(self.out, "--out")  # before minutes of benchmarking, not after
         self.rows: list[dict] = []
         self.max_batches: list[dict] = []
+        self.progress = not getattr(args, "no_progress", False)
 
     @staticmethod
     def _budget_files(items) -> dict:
@@ -224,15 +225,31 @@ class Bench:
             good, bad = (mid, bad) if self.fits(model, model_name, policy, mid) else (good, mid)
         return good, True
 
+    def steps(self) -> int:
+        """The measurements ``run`` makes: every configuration at every batch, and one largest-batch
+        search for the full cache and each policy the paper's claim is about, per model."""
+        return len(self.models) * (len(self.batches) * (1 + len(self.policies)) + 1 + len(self.largest_batch_policies))
+
     def run(self) -> str:
+        from .progress import note, progress_bar
+
+        # minutes on a GPU, with nothing printed until a measurement ends: show where the run is
+        with progress_bar(self.steps(), "bench-gpu", unit="measurement", enabled=self.progress) as bar:
+            self._run(bar, note)
+        return self.write()
+
+    def _run(self, bar, note) -> None:
         for model_name in self.models:
             geometry = resolve_geometry(model_name)
+            bar.set_postfix_str(f"loading {model_name}")
             model = self.load(model_name)
             configs = [("full", None)] + [(n, self.policy(n, model_name, model, geometry)) for n in self.policies]
             for batch in self.batches:
                 full = None
                 for name, policy in configs:
+                    bar.set_postfix_str(f"{model_name} batch {batch} {name}")
                     m = self.measure(model, model_name, policy, batch)
+                    bar.update(1)
                     full = m if name == "full" else full
                     row = {"model": model_name, "batch": batch, "policy": name, "budget": None if policy is None else str(policy.budget), **m}
                     row["memory_ratio"] = _ratio(m["peak_allocated_bytes"], full["peak_allocated_bytes"])
@@ -240,20 +257,20 @@ class Bench:
                     row["speedup"] = _ratio(full["seconds_per_image"], m["seconds_per_image"])
                     self.rows.append(row)
                     if m["out_of_memory"]:
-                        print(f"{model_name} batch {batch} {name}: out of memory", file=sys.stderr)
+                        note(f"{model_name} batch {batch} {name}: out of memory")
                         continue
-                    print(f"{model_name} batch {batch} {name}: {m['seconds_per_image']:.4f} s/image"
-                          + (f", peak {m['peak_allocated_bytes'] / GIB:.2f} GiB" if m["peak_allocated_bytes"] else ""),
-                          file=sys.stderr)
+                    note(f"{model_name} batch {batch} {name}: {m['seconds_per_image']:.4f} s/image"
+                         + (f", peak {m['peak_allocated_bytes'] / GIB:.2f} GiB" if m["peak_allocated_bytes"] else ""))
             built = dict(configs)
             for name, policy in [("full", None)] + [(n, built[n]) for n in self.largest_batch_policies]:
+                bar.set_postfix_str(f"{model_name} largest batch {name}")
                 largest, limited = self.largest_batch(model, model_name, policy)
+                bar.update(1)
                 self.max_batches.append({"model": model_name, "policy": name, "largest_batch": largest,
                                          "out_of_memory_above": limited, "cap": self.max_batch})
             del model
             if self.device == "cuda":
                 torch.cuda.empty_cache()
-        return self.write()
 
     def table(self) -> str:
         lines = ["| model | batch | policy | budget | peak alloc GiB | above weights GiB | KV peak GiB (counted) | "

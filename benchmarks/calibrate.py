@@ -52,14 +52,17 @@ def make_collector(policies: Sequence[str], num_layers: int, num_scales: int, *,
 
 def run_calibration(model, model_name: str, conditions, *, policies: Optional[Sequence[str]] = None, seed: int = 0,
                     top_k=None, batch_size: int = 1, resolution=None, aspect_ratio: float = 1.0,
-                    progress: bool = False, dist=None):
+                    progress: bool = False, dist=None, condition_bar: bool = True):
     """Feed every condition through ``model.generate(stats=collector)``; return the collector and the
     geometry. ``policies``: the ones to calibrate for (default: every calibrated policy).
 
     Conditions go in chunks of ``batch_size`` (chunk starting at condition i: seed + i), one
     collector per chunk, merged in chunk order. Under torchrun (``dist``) each rank runs its share
     of the chunks and the statistics are all-reduced: every rank gets the same collector as one
-    process would (``distributed.reduce_collectors``)."""
+    process would (``distributed.reduce_collectors``).
+
+    ``condition_bar``: a bar over this process's conditions (on rank 0, on a terminal; each one is a
+    whole generation: seconds on a CPU); ``progress``: the model's own per-scale bar as well."""
     from .distributed import SINGLE, reduce_collectors
 
     dist = dist or SINGLE
@@ -77,14 +80,21 @@ def run_calibration(model, model_name: str, conditions, *, policies: Optional[Se
         kwargs["resolution"] = resolution
     if aspect_ratio != 1.0:
         kwargs["aspect_ratio"] = aspect_ratio
+    from .progress import progress_bar
+
     starts = list(range(0, len(conditions), batch_size))
     collectors = {}
-    for index in dist.share(range(len(starts))):
-        start = starts[index]
-        chunk = list(conditions[start:start + batch_size])
-        collectors[index] = make()
-        model.generate(chunk, policy=None, seed=seed + start, batch_size=len(chunk), stats=collectors[index],
-                       progress=progress, **kwargs)
+    mine = list(dist.share(range(len(starts))))
+    total = sum(len(conditions[starts[i]:starts[i] + batch_size]) for i in mine)
+    with progress_bar(total, f"calibrate {model_name}", unit="condition",
+                      enabled=condition_bar and dist.is_main) as bar:
+        for index in mine:
+            start = starts[index]
+            chunk = list(conditions[start:start + batch_size])
+            collectors[index] = make()
+            model.generate(chunk, policy=None, seed=seed + start, batch_size=len(chunk), stats=collectors[index],
+                           progress=progress, **kwargs)
+            bar.update(len(chunk))
     return reduce_collectors(collectors, len(starts), make, dist), geometry
 
 
@@ -102,14 +112,16 @@ def check_before_calibration(name: str, budget, geometry, options: Optional[dict
 
 
 def auto_calibrate(model, model_name: str, policies: Sequence[str], path: Path, *, resolution=None,
-                   aspect_ratio: float = 1.0, log=print, dist=None) -> Path:
+                   aspect_ratio: float = 1.0, log=None, dist=None) -> Path:
     """Policies that need a calibration and got none: calibrate on the model's default calibration
     conditions first (as ScaleKV does before evaluating) and keep the result at ``path``; an
     existing file is reused (a resumed run). Under torchrun every rank calibrates its share and
     holds the reduced result; rank 0 writes it."""
     from .distributed import SINGLE
+    from .progress import note
 
     dist = dist or SINGLE
+    log = log or note
     names = ", ".join(policies)
     if dist.on_main(path.is_file):  # every rank decides as rank 0 saw it
         if dist.is_main:
@@ -185,7 +197,7 @@ def calibrate_command(args) -> int:
         started = time.perf_counter()
         collector, geometry = run_calibration(model, args.model, conditions, policies=policies, seed=args.seed,
                                               top_k=args.top_k, resolution=resolution, aspect_ratio=args.aspect_ratio,
-                                              dist=dist)
+                                              dist=dist, condition_bar=not args.no_progress)
         result = classes[0].calibration_result(collector, source=calibration_source(args.model, geometry),
                                                schedule=geometry.schedule, budget_tokens=budget_tokens,
                                                **result_options)

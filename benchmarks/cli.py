@@ -62,6 +62,11 @@ def _add_distributed_args(p):
     add_arguments(p)
 
 
+def _add_progress_arg(p) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (bars show only on a terminal, and only for steps longer than half a second)")
+
+
 PLUGIN_HELP = ("a Python file or importable module that registers policies (@register_policy) or model families "
                "(adapters.families.register_family); repeatable. "
                "Also read from KVPOLICY_PLUGINS (separated by '" + os.pathsep + "')")
@@ -100,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also print every head's kept tokens per scale (head-wise policies) and the plan's per-head capacities")
     _add_option_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    _add_progress_arg(p)
 
     p = sub.add_parser("generate", help="generate image(s) with a policy and print the cache report")
     _add_model_args(p)
@@ -141,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssim", default="valid", choices=["valid", "torchmetrics"],
                    help="SSIM convention: valid (default; Wang et al./MATLAB/skimage: windows inside the image) or "
                    "torchmetrics (reflect-padded borders, as StructuralSimilarityIndexMeasure(data_range=1.0))")
-    p.add_argument("--no-progress", action="store_true")
+    _add_progress_arg(p)
     _add_option_arg(p)
     _add_run_args(p)
     _add_plan_file_args(p)
@@ -160,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-drafters", type=int, default=None, help="number of drafter (layer, scale) pairs")
     p.add_argument("--export-budget", default=None, help="also write a released-format budget JSON for --budget")
     p.add_argument("--budget", default=None, help="budget for --export-budget, e.g. 10%%")
+    _add_progress_arg(p)
     _add_run_args(p)
     _add_distributed_args(p)
 
@@ -179,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/ for GPU runs, files named "
                    "by time; a new kvpolicy-runs/bench-gpu-dryrun-TIME/ for --dry-run, never the tracked results)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: exercise the whole script without a GPU")
+    _add_progress_arg(p)
 
     from .check import add_check_parser
 
@@ -241,7 +249,7 @@ def _cmd_plan(args) -> int:
                          aspect_ratio=args.aspect_ratio, batch=args.batch, dtype=parse_dtype(args.dtype),
                          key_dtype=None if args.key_dtype is None else parse_dtype(args.key_dtype),
                          cfg=not args.no_cfg, budget_file=args.budget_file, calibration=args.calibration,
-                         options=args.option)
+                         options=args.option, progress=not args.no_progress)
     print(json.dumps(result, indent=1) if args.json else format_plan(result, per_head=args.per_head))
     return 0
 

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import distributed, reports
+from . import distributed, progress, reports
 from .calibrate import auto_calibrate
 from .compare_reports import write_reports
 from .compare_settings import CompareSettings, default_budgets, settings_from_args  # noqa: F401  (public names)
@@ -46,7 +46,7 @@ class Comparison:
         self.s = settings
         # torchrun: this process's rank; one process without it (benchmarks/distributed.py)
         self.dist = dist or distributed.SINGLE
-        log = log or (lambda msg: print(msg, file=sys.stderr))
+        log = log or progress.note  # above the job bar, never into its line
         self.log = log if not self.dist.sharded else (lambda msg: log(f"[rank {self.dist.rank}] {msg}"))
         self.model = model
         self.device = self.dist.local_device(settings.device)  # cuda: this rank's GPU under torchrun
@@ -151,23 +151,24 @@ class Comparison:
             self._load_model()
             # One untimed full-cache call first: lazy initialisation must not be billed to the reference.
             self.runner.generate(pending[0].conditions, None, pending[0].seed)
-            from tqdm.auto import tqdm
-
             # one bar (rank 0's share) rather than N bars fighting over the terminal
-            bar = tqdm(pending, desc="compare" if not self.dist.sharded else f"compare, rank 0 of {self.dist.world_size}",
-                       unit="job", disable=not self.s.progress or not self.dist.is_main, file=sys.stderr)
-            for job in bar:
-                config = job.config
-                bar.set_postfix_str(f"{config.policy_name}{'@' + config.budget if config.budget else ''} seed {job.seed}")
-                if config.config_id not in warmed:
-                    for _ in range(self.s.warmup):
-                        self.runner.generate(job.conditions, config.policy, job.seed)
-                    warmed.add(config.config_id)
-                rows = self._run_job(job, done, versions)
-                reports.append_rows(self.rows_file, rows)
-                done.update(r["key"] for r in rows)
-                self._note_reasons()
-                self.dist.exit_hook.job_done()
+            desc = "compare" if not self.dist.sharded else f"compare, rank 0 of {self.dist.world_size}"
+            with progress.progress_bar(len(pending), desc, unit="job",
+                                       enabled=self.s.progress and self.dist.is_main) as bar:
+                for job in pending:
+                    config = job.config
+                    bar.set_postfix_str(f"{config.policy_name}{'@' + config.budget if config.budget else ''} "
+                                        f"seed {job.seed}")
+                    if config.config_id not in warmed:
+                        for _ in range(self.s.warmup):
+                            self.runner.generate(job.conditions, config.policy, job.seed)
+                        warmed.add(config.config_id)
+                    rows = self._run_job(job, done, versions)
+                    reports.append_rows(self.rows_file, rows)
+                    done.update(r["key"] for r in rows)
+                    self._note_reasons()
+                    self.dist.exit_hook.job_done()
+                    bar.update(1)
         if self.dist.sharded:
             self.dist.barrier()  # every rank's rows are in its shard
             if not self.dist.is_main:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from .conditions import single_conditions
 from .outputs import save_png
 from .model_args import check_device, cpu_threads, default_dtype, key_dtype_kwargs, set_threads, weights_kwargs
 from .plan import parse_resolution, resolve_geometry
+from .progress import note
 from .policy_spec import (build_policy, check_budget, check_seed, parse_dtype, parse_policy_options,
                           policies_to_calibrate)
 
@@ -78,7 +78,7 @@ def generate_command(args) -> int:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         calibration = auto_calibrate(model, args.model, [args.policy], out_path.with_suffix(".calibration.json"),
                                      resolution=resolution, aspect_ratio=args.aspect_ratio,
-                                     log=lambda msg: print(msg, file=sys.stderr))
+                                     log=note)
         policy = build_policy(args.policy, budget, calibration=calibration, options=extra)
         policy.plan(geometry.schedule, geometry.num_layers)
     kwargs = {}

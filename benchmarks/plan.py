@@ -55,12 +55,13 @@ def _role_summary(plan, scale: int) -> str:
 def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect_ratio: float = 1.0,
                 batch: int = 1, dtype: torch.dtype = torch.bfloat16, cfg: bool = True,
                 budget_file: Optional[str] = None, calibration=None, options=None,
-                key_dtype: Optional[torch.dtype] = None) -> dict:
+                key_dtype: Optional[torch.dtype] = None, progress: bool = False) -> dict:
     """Simulate full cache and the policy on a geometry; return a JSON-friendly dict.
 
     ``dtype`` is the value (compute) dtype; ``key_dtype`` defaults to the family's official key
     cache (Infinity: float32 keys next to bf16 values, 6 bytes per channel, as ScaleKV's Table 1
-    counts; VAR: the value dtype)."""
+    counts; VAR: the value dtype). ``progress``: a bar over the simulated (scale, layer) steps (on a
+    terminal; large geometries take seconds)."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
     g = resolve_geometry(model, resolution, aspect_ratio)
@@ -79,7 +80,11 @@ def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect
         policy = build_policy(policy_name, parsed, budget_file=budget_file, calibration=calibration, options=extra)
     common = dict(schedule=schedule, num_layers=g.num_layers, num_heads=g.num_heads, head_dim=g.head_dim,
                   batch=batch, cfg=cfg, dtype=dtype, key_dtype=key_dtype)
-    report = kvpolicy.simulate(policy, **common)
+    from .progress import progress_bar
+
+    with progress_bar(schedule.num_scales * g.num_layers, f"plan {model} {policy_name}", unit="layer",
+                      enabled=progress) as bar:
+        report = kvpolicy.simulate(policy, **common, progress=bar.update)
     plan = policy.plan(schedule, g.num_layers)
     last_read = max(0, schedule.num_scales - 2)
     budget_tokens = plan.budget_tokens

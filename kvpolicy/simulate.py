@@ -15,7 +15,7 @@ probe row: exact whenever every row fills its budget, which a row does once it e
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +38,16 @@ def estimate_full_bytes(schedule: ScaleSchedule, *, num_layers: int, num_heads: 
 def simulate(policy: Policy | None, *, schedule: ScaleSchedule, num_layers: int, num_heads: int,
              head_dim: int, batch: int = 1, cfg: bool = True, seed: int = 0,
              dtype: torch.dtype = torch.bfloat16, materialize: Optional[bool] = None,
-             device: str | torch.device = "cpu", key_dtype: Optional[torch.dtype] = None) -> CacheReport:
+             device: str | torch.device = "cpu", key_dtype: Optional[torch.dtype] = None,
+             progress: Optional[Callable[[int], object]] = None) -> CacheReport:
     """Run ``policy`` (None = full cache) over every scale and layer; return the cache report.
 
     Rows = batch x 2 with CFG (conditional and unconditional rows). Keys are unit vectors (like
     the cosine-attention caches of Infinity and VAR), queries random with norm 4, values normal.
     ``dtype`` is the values' (and queries') dtype; ``key_dtype`` (default: the same) the cached
-    keys', e.g. float32 keys with bfloat16 values, the official Infinity layout.
+    keys', e.g. float32 keys with bfloat16 values, the official Infinity layout. ``progress``, if
+    given, is called with 1 after every (scale, layer) step (e.g. a progress bar's ``update``): large
+    geometries take seconds.
     """
     key_dtype = dtype if key_dtype is None else key_dtype
     for name, value in (("num_layers", num_layers), ("num_heads", num_heads), ("head_dim", head_dim), ("batch", batch)):
@@ -81,6 +84,8 @@ def simulate(policy: Policy | None, *, schedule: ScaleSchedule, num_layers: int,
             if cache.needs_raw_queries:
                 raw = randn(sim_rows, sim_heads, n, head_dim).to(dtype)
             cache.compress(layer, scale, queries=queries, raw_queries=raw)
+            if progress is not None:
+                progress(1)
     report = cache.report()
     if not materialize:
         report.extra["probe"] = f"{sim_rows} row(s) x {sim_heads} head(s)"
