@@ -102,13 +102,14 @@ def check_before_calibration(name: str, budget, geometry, options: Optional[dict
     """Build and plan a policy that waits for its calibration with its planning stand-in, so a bad
     budget or option fails before the model is calibrated (a policy without a stand-in is built
     once its calibration exists)."""
-    from .policy_spec import build_policy
+    from .policy_spec import build_policy, plan_now, planning_stand_in
 
     try:
-        stand_in, _ = kvpolicy.policy_class(name).planning_stand_in(geometry.schedule, geometry.num_layers, budget)
+        stand_in, _ = planning_stand_in(name, geometry.schedule, geometry.num_layers, budget, geometry.num_heads)
     except NotImplementedError:
         return
-    build_policy(name, budget, options={**(options or {}), **stand_in}).plan(geometry.schedule, geometry.num_layers)
+    plan_now(name, build_policy(name, budget, options={**(options or {}), **stand_in}), geometry.schedule,
+             geometry.num_layers)
 
 
 def auto_calibrate(model, model_name: str, policies: Sequence[str], path: Path, *, resolution=None,

@@ -26,7 +26,8 @@ def _add_model_args(p, *, required: bool = True, model_help: str = "model preset
 def _add_plan_file_args(p):
     p.add_argument("--budget-file", default=None, metavar="PATH|NAME",
                    help="a plan/budget file, for the policies that take one: a path, or a released file shipped "
-                        "with the policy by name (scalekv: infinity-2b-10%%, infinity-8b-10%%)")
+                        "with the policy by name (scalekv: infinity-2b-10%%, infinity-8b-10%%; heatkv: infinity-2b, "
+                        "infinity-8b, its released head orders)")
     p.add_argument("--calibration", default=None, help="calibration JSON from `kvpolicy calibrate`, for the "
                    "calibrated policies (without it they are calibrated on the model first)")
 

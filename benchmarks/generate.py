@@ -12,7 +12,7 @@ from .outputs import save_png
 from .model_args import check_device, cpu_threads, default_dtype, key_dtype_kwargs, set_threads, weights_kwargs
 from .plan import parse_resolution, resolve_geometry
 from .progress import note
-from .policy_spec import (build_policy, check_budget, check_seed, parse_dtype, parse_policy_options,
+from .policy_spec import (build_policy, check_budget, check_seed, parse_dtype, parse_policy_options, plan_now,
                           policies_to_calibrate)
 
 
@@ -67,7 +67,7 @@ def generate_command(args) -> int:
     elif args.policy is not None:
         policy = build_policy(args.policy, budget, budget_file=args.budget_file, calibration=args.calibration,
                               options=extra)
-        policy.plan(geometry.schedule, geometry.num_layers)  # a bad budget fails before the model loads
+        plan_now(args.policy, policy, geometry.schedule, geometry.num_layers)  # a bad budget fails before the model loads
     dtype = default_dtype(device, args.dtype)
     weights.update(key_dtype_kwargs(args.key_dtype, geometry, dtype))
     set_threads(threads)
@@ -80,7 +80,7 @@ def generate_command(args) -> int:
                                      resolution=resolution, aspect_ratio=args.aspect_ratio,
                                      log=note)
         policy = build_policy(args.policy, budget, calibration=calibration, options=extra)
-        policy.plan(geometry.schedule, geometry.num_layers)
+        plan_now(args.policy, policy, geometry.schedule, geometry.num_layers)
     kwargs = {}
     if resolution is not None:
         kwargs["resolution"] = resolution

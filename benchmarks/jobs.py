@@ -20,7 +20,7 @@ import kvpolicy
 
 from .compare_settings import CompareSettings
 from .outputs import library_versions
-from .policy_spec import build_policy, check_budget
+from .policy_spec import build_policy, check_budget, plan_now
 from .reports import REFERENCE  # the full-cache column's name in rows and reports
 
 
@@ -71,7 +71,7 @@ def build_configs(settings: CompareSettings, schedule, num_layers: int, *, calib
                                   calibration=(calibration if name in calibrated else settings.calibration)
                                   if caps.calibration_option else None,
                                   options=settings.options.get(name))
-            policy.plan(schedule, num_layers)  # fail now, not after an hour of generation
+            plan_now(name, policy, schedule, num_layers)  # fail now, not after an hour of generation
             configs.append(Config(name, budget, policy, digest(policy.to_config())))
     return configs
 

@@ -12,7 +12,8 @@ import torch
 
 import kvpolicy
 from adapters.families import ModelGeometry, get_geometry
-from .policy_spec import build_policy, check_budget, parse_policy_options, policies_to_calibrate
+from .policy_spec import (build_policy, check_budget, parse_policy_options, plan_now, planning_stand_in,
+                          policies_to_calibrate)
 
 MIB = 2 ** 20
 
@@ -74,10 +75,11 @@ def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect
     extra = parse_policy_options(options, [policy_name]).get(policy_name, {})
     if policies_to_calibrate([policy_name], {policy_name: extra}, budget_file=budget_file, calibration=calibration):
         # planning needs no weights: a calibrated policy plans with the stand-in it declares
-        stand_in, note = kvpolicy.policy_class(policy_name).planning_stand_in(schedule, g.num_layers, parsed)
+        stand_in, note = planning_stand_in(policy_name, schedule, g.num_layers, parsed, g.num_heads)
         policy = build_policy(policy_name, parsed, options={**stand_in, **extra})
     else:
         policy = build_policy(policy_name, parsed, budget_file=budget_file, calibration=calibration, options=extra)
+    plan = plan_now(policy_name, policy, schedule, g.num_layers)  # a refused plan fails before simulating
     common = dict(schedule=schedule, num_layers=g.num_layers, num_heads=g.num_heads, head_dim=g.head_dim,
                   batch=batch, cfg=cfg, dtype=dtype, key_dtype=key_dtype)
     from .progress import progress_bar
@@ -85,7 +87,6 @@ def plan_memory(model: str, policy_name: str, budget, *, resolution=None, aspect
     with progress_bar(schedule.num_scales * g.num_layers, f"plan {model} {policy_name}", unit="layer",
                       enabled=progress) as bar:
         report = kvpolicy.simulate(policy, **common, progress=bar.update)
-    plan = policy.plan(schedule, g.num_layers)
     last_read = max(0, schedule.num_scales - 2)
     budget_tokens = plan.budget_tokens
     return {

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 from pathlib import Path
 from typing import Optional, Sequence
+
+import attrs
 
 import kvpolicy
 from adapters.dtypes import parse_dtype  # noqa: F401  (one dtype parser for the harness and the adapters)
@@ -133,6 +137,44 @@ def build_policy(name: str, budget=None, *, budget_file: Optional[str] = None, c
             raise ValueError(f"{exc}. On the command line: {files} (a calibration comes from "
                              "`kvpolicy calibrate --model M --out FILE`)") from None
         raise
+
+
+def option_hint(name: str, message: str) -> str:
+    """How to change, on the command line, what a policy's error message names: its calibration or
+    plan file (``--calibration FILE``, ``--budget-file FILE``) and the first option it names
+    (``--option NAME.KEY=VALUE``; budgets have their own flag); '' when it names none of them."""
+    caps = kvpolicy.capabilities(name)
+    flags = {caps.calibration_option: "--calibration FILE", caps.plan_file_option: "--budget-file FILE"}
+    found = []
+    for field in attrs.fields(kvpolicy.policy_class(name)):
+        key = field.alias or field.name
+        match = re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message) if field.init and key != "budget" else None
+        if match:
+            found.append((key in flags, match.start(), flags.get(key) or f"--option {name}.{key}=VALUE"))
+    files = [flag for is_file, _, flag in sorted(found) if is_file]
+    options = [flag for is_file, _, flag in sorted(found) if not is_file][:1]
+    if not files and not options:
+        return ""
+    return f" (on the command line: {' or '.join(files + options)})"
+
+
+def plan_now(name: str, policy, schedule: ScaleSchedule, num_layers: int):
+    """``policy.plan(...)`` before any long work, so a budget or option that the policy refuses
+    fails first; the message says how to set the options it names from the command line."""
+    try:
+        return policy.plan(schedule, num_layers)
+    except ValueError as exc:
+        raise ValueError(f"{exc}{option_hint(name, str(exc))}") from exc
+
+
+def planning_stand_in(name: str, schedule: ScaleSchedule, num_layers: int, budget, num_heads: int):
+    """The policy's ``planning_stand_in`` (options and a note), given the model's head count when the
+    policy's method takes ``num_heads`` (head-wise placeholders must match the model's heads)."""
+    method = kvpolicy.policy_class(name).planning_stand_in
+    parameters = inspect.signature(method).parameters
+    if "num_heads" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return method(schedule, num_layers, budget, num_heads=num_heads)
+    return method(schedule, num_layers, budget)
 
 
 def policies_to_calibrate(policies: Sequence[str], options: Optional[dict] = None, *, budget_file=None,

@@ -241,7 +241,8 @@ class Policy:
     @classmethod
     def planning_stand_in(cls, schedule: ScaleSchedule, num_layers: int, budget) -> tuple[dict, str]:
         """Options that give this policy's memory plan without a calibration (``kvpolicy plan``
-        without weights), and a note saying what they stand in for."""
+        without weights), and a note saying what they stand in for. A head-wise policy may take a
+        keyword ``num_heads`` too: callers pass the model's head count when the method accepts it."""
         raise NotImplementedError(f"policy {cls.name!r} cannot be planned without a calibration")
 
     @classmethod

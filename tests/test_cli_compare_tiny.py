@@ -161,3 +161,15 @@ def test_bench_gpu_refuses_without_cuda_and_dry_runs_on_cpu(tmp_path, capsys, mo
         [("full", 2, False), ("scalekv", 2, False)]
     assert "| var-tiny-random | scalekv | ≥ 2 (cap) |" in out
     assert next(tmp_path.glob("bench_gpu_dryrun_*.md")).read_text().count("| var-tiny-random |") == 5
+
+
+def test_compare_refuses_a_window_above_the_budget_up_front_and_says_how_to_set_it(tmp_path, capsys):
+    """infinity-tiny's 10 % is 27 tokens, below SnapKV's default 32-token window: refused before
+    any model work (windows are never clipped), naming the option that fits and its flag."""
+    out = tmp_path / "run"
+    code = main(["compare", "--policies", "scalekv,adakv,head_aware,heatkv,amskv,snapkv", "--budgets", "10%,20%",
+                 "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "adakv: capacity 27" in err and "window_size <= 27" in err and "--option adakv.window_size=VALUE" in err
+    assert not out.exists() or not any(out.iterdir())

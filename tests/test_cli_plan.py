@@ -141,3 +141,77 @@ def test_var_plans_keys_in_the_value_dtype(capsys):
     _, out, _ = _run(capsys, "plan", "--model", "var-d16", "--policy", "snapkv", "--budget", "50%", "--json")
     d = json.loads(out)
     assert d["key_dtype"] == d["dtype"] == "bfloat16"
+
+
+# -- the field's head-aware / scale-aware policies, planned without weights ---------------------------
+
+@pytest.mark.parametrize("policy", ["adakv", "head_aware", "heatkv", "amskv"])
+def test_plan_prints_per_scale_and_per_head_capacities_of_the_field_policies_on_infinity_2b(capsys, policy):
+    """Infinity-2B's geometry (32 layers x 16 heads) on its 256^2 schedule (the 1024^2 one prints the
+    same tables, 5-40 s each on one CPU thread). The calibrated policies plan with a placeholder
+    and say so; head-wise ones print every head's kept tokens and capacities."""
+    code, out, err = _run(capsys, "plan", "--model", "infinity-2b", "--resolution", "256", "--policy", policy,
+                          "--budget", "20%", "--per-head")
+    assert code == 0, err
+    assert "32 layers x 16 heads" in out and f"policy {policy}, budget 20% = 53 tokens per layer" in out
+    rows = {int(m.group(1)): float(m.group(2)) for m in re.finditer(
+        r"^\s+(\d+)\s+\d+x\d+\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)$", out, re.M)}
+    assert sorted(rows) == list(range(7))  # 256^2: 7 scales, the mean kept tokens per layer after each
+    assert rows[2] == 21 and all(rows[s] <= 53 for s in range(4, 7))
+    if policy == "amskv":  # layer-wise: every head of a layer keeps the same tokens
+        assert "a layer-wise policy" in out
+        return
+    per_head = out.split("kept tokens per head after each scale (mean over layers; 16 heads):")[1]
+    kept = {int(line.split()[0]): [float(v) for v in line.split()[1:]]
+            for line in per_head.splitlines()[2:9]}  # scale -> 16 heads' kept tokens, mean over layers
+    assert sorted(kept) == list(range(7)) and all(len(v) == 16 for v in kept.values())
+    assert kept[2] == [21.0] * 16 and len(set(kept[5])) > 1  # heads differ once the budget binds
+    if policy == "adakv":  # data-dependent: no static per-head capacities to print
+        assert "per-head capacities of the plan" not in out
+        return
+    assert "per-head capacities of the plan:" in out and "note: no --calibration" in out
+    caps = [[int(v) for v in m.group(1).split()] for m in re.finditer(
+        r"^\s+5\s+\d+\s+[\d.]+\s+((?:\d+ ){15}\d+)\s+\(", out, re.M)]
+    assert len(caps) == 32 and sum(map(sum, caps)) <= 32 * 16 * 53  # the budget over layers and heads
+    if policy == "head_aware":  # placeholder kinds alternate: contextual heads get half the structural share
+        assert caps[0][:2] == [35, 71] and all(heads == caps[0] for heads in caps)
+    else:  # heatkv: whole scales dropped from some heads (the placeholder ranks heads equally)
+        assert len({c for heads in caps for c in heads}) > 1
+
+
+@pytest.mark.parametrize("policy", ["head_aware", "heatkv"])
+def test_plan_placeholder_heads_follow_the_models_head_count(capsys, policy):
+    # infinity-tiny has 4 heads per layer; the placeholder once assumed 16 and the simulation failed
+    code, out, err = _run(capsys, "plan", "--model", "infinity-tiny", "--policy", policy, "--budget", "20%", "--json")
+    assert code == 0, err
+    caps = json.loads(out)["head_capacities"]
+    assert all(len(heads) == 4 for row in caps for heads in row if heads is not None)
+
+
+def test_plan_field_policy_errors_say_what_is_needed(capsys):
+    # a window larger than a budget's capacities: refused (never clipped), with the largest window
+    # that fits and the command line's way to set it
+    code, _, err = _run(capsys, "plan", "--model", "infinity-tiny", "--policy", "adakv", "--budget", "10%")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "smaller than that scale's observation window (32 tokens" in err and "window_size <= 27" in err
+    assert "--option adakv.window_size=VALUE" in err
+    code, out, _ = _run(capsys, "plan", "--model", "infinity-tiny", "--policy", "adakv", "--budget", "10%",
+                        "--option", "adakv.window_size=27", "--json")
+    assert code == 0 and json.loads(out)["budget_tokens"] == 27
+    # HACK++'s prior allocation needs the calibrated attention: the message names the flag
+    code, _, err = _run(capsys, "plan", "--model", "infinity-2b", "--policy", "head_aware", "--budget", "10%",
+                        "--option", "head_aware.allocation=prior")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--calibration FILE" in err
+    # heatkv takes its released orders by name through --budget-file, and names them when a file is missing
+    code, _, err = _run(capsys, "plan", "--model", "infinity-2b", "--policy", "heatkv", "--budget", "10%",
+                        "--budget-file", "no-such-schedule.json")
+    assert code == 2 and "not a released ranking (shipped: infinity-2b, infinity-8b)" in err
+
+
+def test_heatkv_released_orders_by_name_through_the_budget_file_option():
+    from benchmarks.policy_spec import build_policy
+
+    policy = build_policy("heatkv", "10%", budget_file="infinity-2b")
+    schedule = kvpolicy.ScaleSchedule([1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64])
+    plan = policy.plan(schedule, 32)
+    assert plan.budget_tokens == 643 and len(plan.head_capacity(11, 0)) == 16

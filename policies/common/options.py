@@ -43,20 +43,28 @@ def check_square_window(instance, attribute, value):
 
 
 def check_window_fits(plan: CapacityPlan, schedule, window, name: str, window_size: int) -> CapacityPlan:
-    """Every capacity that can evict must hold the observation window (``window(scale)`` tokens)."""
+    """Every capacity that can evict must hold the observation window (``window(scale)`` tokens).
+
+    Nothing is clipped: a plan that breaks this is refused. A smaller ``window_size`` w' gives the
+    window min(w', window(scale)), so the largest w' that fits this plan is the smallest of the
+    refused capacities; the message names it."""
+    refused = []
     for scale, row in enumerate(plan.capacities):
         for layer, layer_capacity in enumerate(row):
             heads = plan.head_capacity(scale, layer)
             for head, capacity in enumerate((layer_capacity,) if heads is None else heads):
                 if capacity is None or capacity >= schedule.cumulative_length(scale) or capacity >= window(scale):
                     continue
-                where = f"scale {scale}, layer {layer}" + ("" if heads is None else f", head {head}")
-                raise ValueError(
-                    f"{name}: capacity {capacity} at {where} is smaller than that scale's "
-                    f"observation window ({window(scale)} tokens, window_size={window_size} capped by the map); "
-                    f"budgets of at least {window_size} tokens always fit, or choose a smaller window_size")
-    return plan
-
+                refused.append((scale, layer, None if heads is None else head, capacity))
+    if not refused:
+        return plan
+    scale, layer, head, capacity = refused[0]
+    where = f"scale {scale}, layer {layer}" + ("" if head is None else f", head {head}")
+    raise ValueError(
+        f"{name}: capacity {capacity} at {where} is smaller than that scale's observation window "
+        f"({window(scale)} tokens, window_size={window_size} capped by the map) and windows are never clipped; "
+        f"budgets of at least {window_size} tokens always fit, or choose window_size <= "
+        f"{min(c for *_, c in refused)} (the smallest capacity here that is below its window)")
 
 
 def mask_padding(scores, valid, pooling: str):

@@ -147,7 +147,9 @@ class HeatKV(SharedCalibration, Policy):
                 else:
                     from kvpolicy.attention_stats import load_statistics
 
-                    heat = schedule_from_statistics(load_statistics(self.calibration), schedule, self.protected_scales)
+                    stats = load_statistics(self.calibration)
+                    stats.check_geometry(num_layers, schedule.num_scales, self.name)
+                    heat = schedule_from_statistics(stats, schedule, self.protected_scales)
                 self._heat[key] = heat
         heat.check_schedule(schedule, num_layers)
         return heat
@@ -177,6 +179,17 @@ class HeatKV(SharedCalibration, Policy):
         return [f"heatkv: S-CAS ranks {heat.num_layers} x {heat.num_heads} heads per source scale "
                 f"{heat.protected_scales}..{schedule.num_scales - 2}; at {budget_tokens} tokens the heads dropping each "
                 f"source scale after scale t: {', '.join(dropping) or 'none'}"]
+
+    @classmethod
+    def resolve_plan_file(cls, value) -> str:
+        """An existing saved schedule as given; otherwise a released ranking by short name."""
+        text = str(value)
+        if text in RELEASED:
+            return text
+        if not Path(text).expanduser().is_file():
+            raise FileNotFoundError(f"heatkv schedule file {text!r} does not exist and is not a released ranking "
+                                    f"(shipped: {', '.join(RELEASED)})")
+        return str(Path(text).expanduser())
 
     def export_plan_file(self, schedule, num_layers, path):
         """The saved schedule (reads back with ``schedule_file=``)."""
