@@ -25,6 +25,34 @@ def test_amskv_keeps_exactly_the_condensed_and_recent_scales():
     assert len(kept) == capacity
 
 
+def test_amskv_policy_keeps_the_condensed_and_recent_scales_through_the_cache():
+    """The registered policy in a real KVCache, scale after scale: after every compression each
+    (row, head) holds exactly the condensed scales 0-1 plus the newest tokens in generation order
+    (independent reference: global token ids); with capacity condensed + tokens(s) + tokens(s - 1)
+    that is exactly the scales {0, 1, s - 1, s} after scale s = 7."""
+    schedule, s = VAR_256, 7
+    condensed = condensed_tokens(schedule, 2)
+    budget = condensed + schedule.tokens(s) + schedule.tokens(s - 1)
+    policy = kvpolicy.get_policy("amskv", budget=budget)
+    cache = kvpolicy.KVCache(1, schedule, policy)
+    g = torch.Generator().manual_seed(0)
+    held = [[[] for _ in range(2)] for _ in range(2)]  # [row][head] global ids
+    for scale in range(schedule.num_scales):
+        n, offset, end = schedule.tokens(scale), schedule.offsets[scale], schedule.cumulative[scale]
+        cache.append(0, scale, torch.randn(2, 2, n, 4, generator=g), torch.randn(2, 2, n, 4, generator=g))
+        result = cache.compress(0, scale)
+        expected = list(range(end)) if end <= budget else list(range(condensed)) + list(range(end - (budget - condensed), end))
+        for row in range(2):
+            for head in range(2):
+                own = held[row][head] + list(range(offset, end))
+                count = result.indices.shape[2] if result.lengths is None else int(result.lengths[row, head])
+                held[row][head] = [own[p] for p in result.indices[row, head, :count].tolist()]
+                assert held[row][head] == expected, (scale, row, head)
+        if scale == s:
+            assert {schedule.locate(t)[0] for t in held[0][0]} == {0, 1, s - 1, s}
+            assert len(held[0][0]) == budget
+
+
 def test_amskv_layer_split():
     assert demanding_layers([0.9, 0.2, 0.8, 0.1], 0.5) == [1, 3]
     caps = split_capacities(4, 100, [1, 3], 2.0, 10_000, 6)

@@ -153,6 +153,26 @@ def test_head_aware_classification_recovers_planted_heads():
     assert all(v > 0.99 for row, p in zip(locality, planted) for v, s in zip(row, p) if s)
 
 
+def test_head_aware_locality_mask_matches_a_loop_over_cells():
+    """Independent reference for what "local" means (the planted-heads test builds its structural
+    heads with this mask): key j is local to query i when, on j's own map, j's cell is within
+    ``radius`` rows and columns of the cell that contains the centre of i's cell."""
+    schedule = ScaleSchedule([(1, 1), (2, 3), (3, 4), (5, 6)])
+    for scale in range(schedule.num_scales):
+        h, w = schedule.shape(scale)
+        positions = torch.arange(h * w)
+        length = schedule.cumulative[scale]
+        for radius in (0, 1):
+            mask = locality_mask(schedule, scale, positions, length, radius)
+            for i in range(h * w):
+                centre_y, centre_x = (i // w + 0.5) / h, (i % w + 0.5) / w
+                for j in range(length):
+                    s, r, c = schedule.locate(j)
+                    kh, kw = schedule.shape(s)
+                    near = abs(r - math.floor(centre_y * kh)) <= radius and abs(c - math.floor(centre_x * kw)) <= radius
+                    assert bool(mask[i, j]) == near, (scale, radius, i, j)
+
+
 def test_otsu_split_and_fraction():
     assert 0.2 < otsu_split([0.1, 0.15, 0.2, 0.8, 0.9]) < 0.8
     assert classify_heads([[0.1, 0.5, 0.9]], contextual_fraction=1 / 3) == [[CONTEXTUAL, STRUCTURAL, STRUCTURAL]]
@@ -247,6 +267,42 @@ def test_heatkv_keeps_exactly_the_scheduled_scales_per_head(tmp_path):
     last = schedule.num_scales - 2
     total = sum(len(ids) for layer in range(2) for ids in held[(last, layer)][0])
     assert total <= 2 * 2 * budget
+
+
+def test_heatkv_calibrated_schedule_saved_and_reloaded_reproduces_the_plan_and_the_tokens(tmp_path):
+    """Calibrate once, reuse: a schedule derived from calibration statistics (attention of random
+    queries; head 1 of each layer planted to attend to the current map only, so its earlier scales
+    go first), exported with the policy's plan-file option and reloaded, gives the same plan and
+    keeps the same tokens as the calibrated policy."""
+    schedule = VAR_256
+    measures = kvpolicy.calibration_measures(schedule, ["heatkv"])
+    collector = kvpolicy.AttentionStatsCollector(2, schedule.num_scales, measures, seed=0)
+    g = torch.Generator().manual_seed(11)
+    u = torch.nn.functional.normalize(torch.randn(8, generator=g), dim=0)
+    for scale in range(schedule.num_scales):
+        start = schedule.offsets[scale]
+        keys = torch.nn.functional.normalize(torch.randn(1, 2, schedule.cumulative[scale], 8, generator=g), dim=-1)
+        keys[:, 1, :start], keys[:, 1, start:] = -u, u  # head 1: logits -8 on history, +8 on the map
+        for layer in range(2):
+            queries = 4 * torch.nn.functional.normalize(torch.randn(1, 2, schedule.tokens(scale), 8, generator=g),
+                                                        dim=-1)
+            queries[:, 1] = 8 * u
+            collector.observe(layer, scale, queries, keys, current_start=start)
+    stats = collector.statistics(source="planted")
+    calibrated = kvpolicy.get_policy("heatkv", budget="20%", calibration=stats)
+    path = tmp_path / "heat.json"
+    calibrated.export_plan_file(schedule, 2, path)
+    reloaded = kvpolicy.get_policy("heatkv", budget="20%", schedule_file=str(path))
+    plan = calibrated.plan(schedule, 2)
+    assert reloaded.plan(schedule, 2) == plan
+    caps = [plan.head_capacity(s, l) for s in range(schedule.num_scales) for l in range(2)]
+    assert any(c is not None and len(set(c)) > 1 for c in caps)  # heads differ: the schedule is not trivial
+    # the planted head 1 (no attention on history) loses its earlier scales before head 0
+    last = schedule.num_scales - 2
+    assert all(plan.head_capacity(last, l)[1] <= plan.head_capacity(last, l)[0] for l in range(2))
+    held_a, _ = follow(calibrated, schedule, layers=2, heads=2, seed=5)
+    held_b, _ = follow(reloaded, schedule, layers=2, heads=2, seed=5)
+    assert held_a == held_b
 
 
 def test_head_aware_structural_heads_keep_the_most_recent_tokens():
