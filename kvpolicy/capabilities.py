@@ -11,7 +11,8 @@ record:
   implements ``calibration_collector`` (the ``stats=`` object a generation feeds), and its
   ``calibration_option`` receives the result (or its JSON path). A harness that has none
   calibrates the model first, unless one of ``plan_sources`` is given (other options that fully
-  define the plan, e.g. an explicit role table).
+  define the plan, e.g. an explicit role table, or a flag that asks for the uncalibrated plan; a
+  source set to None or False is not given).
 - plan_file_option: the option that takes a plan/budget file (``--budget-file`` on the command
   line); such a file also defines the plan without calibration.
 """
@@ -38,7 +39,7 @@ class Capabilities:
 
     def plan_given(self, options: dict) -> bool:
         """Whether ``options`` already define the plan (a calibration, a plan file or a plan source)."""
-        given = {k for k, v in (options or {}).items() if v is not None}
+        given = {k for k, v in (options or {}).items() if v is not None and v is not False}
         return bool(given & {self.calibration_option, self.plan_file_option, *self.plan_sources} - {None})
 
     def calibration_needed(self, options: dict) -> bool:

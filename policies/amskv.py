@@ -33,10 +33,18 @@ Deviations, all ours where the paper is not specific: a token budget instead of 
 local scales per layer kind (so the policy runs at any budget, also below one full local scale,
 where it keeps the newest rows of the current map); the binary demanding/efficient split with a
 capacity ratio (defaults: a quarter of the layers, twice the capacity); keys only (the calibration
-hook sees keys, not values). Without a calibration every layer is treated as cache-efficient: one
-capacity for all layers (condensed scales + recent tokens), which is what ``kvpolicy plan`` shows
-for a model that was never calibrated. A capacity below the condensed tokens keeps only the first
+hook sees keys, not values). A capacity below the condensed tokens keeps only the first
 ``capacity`` of them (as StreamingLLM keeps only the first B sinks).
+
+Calibration and harnesses: the layer split is the paper's signal, so the policy declares
+``needs_calibration``: ``kvpolicy compare`` and ``bench-gpu`` calibrate the model first (as for
+ScaleKV) and ``kvpolicy calibrate`` records its statistic by default, unless the layer split is
+given: ``calibration=`` (a calibration or a plain per-layer similarity list) or
+``uniform_layers=True``, which asks for the uncalibrated split (every layer cache-efficient: one
+capacity for all layers, condensed scales + recent tokens). ``kvpolicy plan`` without a
+calibration plans with ``uniform_layers=True`` as a placeholder and says so. The Python API is
+unchanged: ``get_policy("amskv", budget=...)`` without either option is that uniform split too
+(``needs_calibration`` only tells harnesses to calibrate).
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ import torch
 
 from kvpolicy import CapacityPlan, Policy, ScaleSchedule, Selection, register_policy, scoring
 from kvpolicy.validators import check_int_at_least
+from policies.common.calibrated import SharedCalibration
 
 SIMILARITY = "amskv/key_similarity"
 
@@ -131,7 +140,7 @@ def _check_ratio(instance, attribute, value):
 
 @register_policy("amskv")
 @attrs.define(kw_only=True)
-class AMSKV(Policy):
+class AMSKV(SharedCalibration, Policy):
     """Condensed coarsest scales + most recent tokens; more cache for cache-demanding layers."""
 
     condensed_scales: int = attrs.field(default=2, validator=check_int_at_least(1))
@@ -139,15 +148,30 @@ class AMSKV(Policy):
     demanding_ratio: float = attrs.field(default=2.0, validator=_check_ratio)
     calibration: Any = attrs.field(default=None, converter=lambda v: None if v is None else
                                    (str(Path(v).expanduser().absolute()) if isinstance(v, (str, Path)) else v))
+    # the uncalibrated split asked for explicitly (every layer cache-efficient): harnesses then do not calibrate
+    uniform_layers: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     _similarity: Optional[tuple] = attrs.field(default=None, init=False, repr=False, eq=False)
     _made_for: str = attrs.field(default="", init=False, repr=False, eq=False)
 
-    needs_calibration = False  # runs uncalibrated (every layer cache-efficient); a calibration refines it
+    # harnesses calibrate it unless the split is given; the Python API without one stays the uniform split
+    needs_calibration = True
     calibration_option = "calibration"
+    plan_sources = ("uniform_layers",)
     check_option_values = {"condensed_scales": (1, 2, 3)}  # drawn by kvpolicy check
 
     def __attrs_post_init__(self):
+        if self.uniform_layers and self.calibration is not None:
+            raise ValueError("amskv takes one source of its layer split: calibration= (kvpolicy calibrate, or a "
+                             "per-layer similarity list) or uniform_layers=True (every layer cache-efficient), "
+                             "got both")
         self._similarity, self._made_for = _similarity_table(self.calibration)
+
+    @classmethod
+    def planning_stand_in(cls, schedule, num_layers, budget):
+        note = ("no --calibration: the layer split is a placeholder (every layer cache-efficient, one capacity "
+                "for all layers) until the model is calibrated; use --calibration (kvpolicy calibrate) for its "
+                "cache-demanding layers.")
+        return {"uniform_layers": True}, note
 
     @classmethod
     def calibration_measures(cls, schedule):

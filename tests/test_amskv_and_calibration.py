@@ -53,6 +53,31 @@ def test_amskv_policy_keeps_the_condensed_and_recent_scales_through_the_cache():
             assert len(held[0][0]) == budget
 
 
+def test_harnesses_calibrate_amskv_unless_its_layer_split_is_given():
+    """needs_calibration drives harnesses: amskv alone is calibrated; a calibration (file or plain
+    per-layer list) or uniform_layers=True (the uncalibrated split, asked for) is a plan source."""
+    from benchmarks.policy_spec import calibrated_policies, policies_to_calibrate
+
+    assert "amskv" in calibrated_policies()
+    assert policies_to_calibrate(["amskv", "snapkv"]) == ["amskv"]
+    assert policies_to_calibrate(["amskv"], {"amskv": {"uniform_layers": False}}) == ["amskv"]
+    assert policies_to_calibrate(["amskv"], {"amskv": {"uniform_layers": True}}) == []
+    assert policies_to_calibrate(["amskv"], {"amskv": {"calibration": [0.9, 0.1]}}) == []
+    assert policies_to_calibrate(["amskv"], calibration="calib.json") == []
+    with pytest.raises(ValueError, match="one source of its layer split"):
+        kvpolicy.get_policy("amskv", budget=20, uniform_layers=True, calibration=[0.9, 0.1])
+
+
+def test_amskv_python_api_without_calibration_is_still_the_uniform_split():
+    # users' code: get_policy("amskv", budget=...) builds and plans without a calibration, as before
+    plain = kvpolicy.get_policy("amskv", budget=20).plan(VAR_256, 4)
+    uniform = kvpolicy.get_policy("amskv", budget=20, uniform_layers=True).plan(VAR_256, 4)
+    assert plain.capacities == uniform.capacities and plain.roles is None
+    assert all(len(set(row)) == 1 for row in plain.capacities)  # one capacity for every layer
+    split = kvpolicy.get_policy("amskv", budget=20, calibration=[0.9, 0.1, 0.8, 0.7]).plan(VAR_256, 4)
+    assert split.capacities[-1][1] > split.capacities[-1][0]  # the calibrated split differs
+
+
 def test_amskv_layer_split():
     assert demanding_layers([0.9, 0.2, 0.8, 0.1], 0.5) == [1, 3]
     caps = split_capacities(4, 100, [1, 3], 2.0, 10_000, 6)
@@ -183,6 +208,8 @@ def test_kvpolicy_calibrate_writes_one_file_for_every_calibrated_policy(tmp_path
 
     calib = tmp_path / "calib.json"
     assert main(["calibrate", "--model", "var-tiny", "--labels", "1", "--out", str(calib)]) == 0
+    calibrated_for = capsys.readouterr().out.split(" for ")[1].split(":")[0].split(", ")
+    assert {"amskv", "head_aware", "heatkv", "scalekv"} <= set(calibrated_for)  # the default set
     data = json.loads(calib.read_text())
     assert data["kind"] == "kvpolicy-attention-statistics"
     assert {"current_ratio", "history_topk", "amskv/key_similarity"} <= set(data["means"])

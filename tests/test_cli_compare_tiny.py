@@ -110,6 +110,21 @@ def test_var_tiny_calibrate_then_compare_and_generate_with_scalekv(tmp_path, cap
     assert "peak (incl. one layer's current map" in out and "scalekv" in out
 
 
+def test_compare_calibrates_amskv_on_infinity_tiny_first(tmp_path, capsys):
+    """AMS-KV's layer split comes from a calibration: compare makes one (as for ScaleKV), hands it
+    to amskv and says so in the summary's notes."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube on a table\n")
+    out = tmp_path / "run"
+    code = main(["compare", "--model", "infinity-tiny-random", "--prompts", str(prompts), "--policies", "amskv",
+                 "--budgets", "20%", "--out", str(out), "--no-progress", "--no-learned-metrics"])
+    assert code == 0, capsys.readouterr().err
+    assert "- amskv: the plan comes from calibrating this model" in (out / "summary.md").read_text()
+    amskv = next(r for r in reports.read_rows(out / "results.jsonl") if r["policy"] == "amskv")
+    assert amskv["policy_config"]["calibration"] == str((out / "calibration.json").absolute())
+    assert "amskv/key_similarity" in json.loads((out / "calibration.json").read_text())["means"]
+
+
 def test_generate_infinity_tiny_writes_images_and_prints_the_report(tmp_path, capsys):
     code = main(["generate", "--model", "infinity-tiny-random", "--policy", "sliding_window", "--budget", "10%", "--prompt",
                  "a red cube", "--prompt", "a blue ball", "--out", str(tmp_path / "x.png")])

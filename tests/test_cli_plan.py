@@ -160,6 +160,7 @@ def test_plan_prints_per_scale_and_per_head_capacities_of_the_field_policies_on_
     assert rows[2] == 21 and all(rows[s] <= 53 for s in range(4, 7))
     if policy == "amskv":  # layer-wise: every head of a layer keeps the same tokens
         assert "a layer-wise policy" in out
+        assert "note: no --calibration: the layer split is a placeholder" in out  # until calibrated
         return
     per_head = out.split("kept tokens per head after each scale (mean over layers; 16 heads):")[1]
     kept = {int(line.split()[0]): [float(v) for v in line.split()[1:]]
@@ -177,6 +178,15 @@ def test_plan_prints_per_scale_and_per_head_capacities_of_the_field_policies_on_
         assert caps[0][:2] == [35, 71] and all(heads == caps[0] for heads in caps)
     else:  # heatkv: whole scales dropped from some heads (the placeholder ranks heads equally)
         assert len({c for heads in caps for c in heads}) > 1
+
+
+def test_plan_amskv_with_its_uniform_split_asked_for_prints_no_placeholder_note(capsys):
+    code, out, err = _run(capsys, "plan", "--model", "infinity-tiny", "--policy", "amskv", "--budget", "20%",
+                          "--option", "amskv.uniform_layers=true", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["note"] is None and d["policy"]["uniform_layers"] is True
+    assert all(len(set(row)) == 1 for row in d["capacities"])
 
 
 @pytest.mark.parametrize("policy", ["head_aware", "heatkv"])
