@@ -108,6 +108,44 @@ def test_teacher_forcing_cache_is_the_inference_cache_for_full_attention():
     logits = torch.cat([l.reshape(-1, 2) for l in run.logits])
     targets = torch.cat([b.reshape(-1).long() for b in run.bits])
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, targets), atol=1e-5)
+    # truncated to the first 3 scales (block-causal: the same logits there), and reweighted by scale
+    with torch.no_grad():
+        first = T.infinity_teacher_forced_loss(model.transformer, features, run.bits, torch.tensor([False]), scales=3)
+        weighted = T.infinity_teacher_forced_loss(model.transformer, features, run.bits, torch.tensor([False]),
+                                                  reweight=True)
+    n = sum(b.numel() for b in run.bits[:3])
+    assert torch.allclose(first, torch.nn.functional.cross_entropy(logits[:n], targets[:n]), atol=1e-5)
+    # Infinity's rule: every token of a (h, w) scale weighs sqrt(last area / (h w)), then normalised
+    areas = [b.shape[1] * b.shape[2] for b in run.bits]
+    token_weight = torch.cat([torch.full((b.numel(),), (areas[-1] / a) ** 0.5) for a, b in zip(areas, run.bits)])
+    each = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    assert torch.allclose(weighted, (each * token_weight).sum() / token_weight.sum(), atol=1e-5)
+
+
+def test_truncated_steps_train_the_coarse_scales_and_every_full_every_th_step_all():
+    settings = T.StageSettings(8, 2, 1e-3, coarse_scales=5, full_every=4)
+    assert [settings.scales_at(i) for i in range(8)] == [5, 5, 5, None, 5, 5, 5, None]
+    assert [T.StageSettings(3, 2, 1e-3).scales_at(i) for i in range(3)] == [None] * 3
+
+
+def test_two_jobs_train_the_same_weights_as_one_after_the_other(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    tiny = {name: T.StageSettings(2, 2, 1e-3, coarse_scales=3 if name in ("infinity", "var") else 0, full_every=2)
+            for name in ("bsq", "vq", "infinity", "var")}
+    tiny.update({"infinity+": None, "var+": None})
+    one = T.train_all(tmp_path / "one", seed=2, settings=tiny, progress=False, jobs=1)
+    two = T.train_all(tmp_path / "two", seed=2, settings=tiny, progress=False, jobs=2)
+    assert one["final_loss"] == two["final_loss"]
+    for file in ("infinity-tiny/transformer.safetensors", "infinity-tiny/text_encoder.safetensors",
+                 "var-tiny/var.safetensors", "var-tiny/vqvae.safetensors"):
+        a, b = (load_file(str(tmp_path / run / "weights" / file)) for run in ("one", "two"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+    rows = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["scales"] for r in rows if r["stage"] == "var"] == [3, 10]
+    with pytest.raises(ValueError, match="jobs must be 1 or 2"):
+        T.train_all(tmp_path / "three", settings=tiny, jobs=3)
 
 
 def test_train_tiny_command_refuses_bad_arguments(capsys):
