@@ -180,3 +180,25 @@ def test_trained_presets_load_offline_from_the_package_and_the_random_ones_keep_
     assert own.parent == ROOT / "infinity-tiny" and default_prompts("infinity-2b", "eval") == EVAL_PROMPTS
     held_out = [s.caption for s in (scenes.sample_scene(scenes.held_out_seed(0), i) for i in range(16))]
     assert [l for l in own.read_text().splitlines() if not l.startswith("#")] == held_out
+
+
+def test_self_correction_targets_correct_the_flipped_prefix():
+    """Bitwise self-correction: inputs are the targets with some bits flipped, and every scale's
+    target is the sign of the residual left by the flipped prefix (plain BSQ when nothing flips)."""
+    import torch.nn.functional as F
+
+    from adapters.infinity.bsq_vae import bits_to_codes, resize_codes
+
+    z = torch.randn(3, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    shapes = T.infinity_shapes()
+    _, plain, _ = T.bsq_quantize(z, shapes)
+    targets, inputs = T.self_correcting_bits(z, shapes, 0.0, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(plain, targets, inputs))
+    targets, inputs = T.self_correcting_bits(z, shapes, 0.3, torch.Generator().manual_seed(1))
+    flipped = [float((t != i).float().mean()) for t, i in zip(targets, inputs)]
+    assert max(flipped) > 0.05 and max(flipped) <= 0.3 + 0.1
+    summed = torch.zeros_like(z)
+    for shape, target, given in zip(shapes, targets, inputs):
+        residual = F.interpolate(z - summed, size=shape, mode="area") if shape != (16, 16) else z - summed
+        assert torch.equal(target, (residual > 0).permute(0, 2, 3, 1).to(torch.uint8))
+        summed = summed + resize_codes(bits_to_codes(given, 16), (16, 16))

@@ -13,9 +13,9 @@ def add_train_tiny_arguments(p) -> None:
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="multiply every stage's number of steps (the shipped weights: 1.0)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; the shipped weights: 1)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="1: train the two models one after the other; 2: side by side in two processes, each with "
-                        "--threads threads (the same weights; the shipped ones: 2 jobs x 1 thread)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="2 (default): train the two models side by side in two processes, each with --threads "
+                        "threads; 1: one after the other (the same weights either way)")
     p.add_argument("--install", action="store_true",
                    help="copy the trained weights into the package (adapters/tiny_weights), replacing the shipped ones")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
