@@ -202,3 +202,23 @@ def test_self_correction_targets_correct_the_flipped_prefix():
         residual = F.interpolate(z - summed, size=shape, mode="area") if shape != (16, 16) else z - summed
         assert torch.equal(target, (residual > 0).permute(0, 2, 3, 1).to(torch.uint8))
         summed = summed + resize_codes(bits_to_codes(given, 16), (16, 16))
+
+
+def test_selectivity_table_reads_both_calibration_file_formats():
+    """The README's selectivity tables: the core's attention-statistics files (per-head means) and
+    the older ScaleKV calibration files (per-layer tables) give the same kind of rows."""
+    from pathlib import Path
+
+    from adapters.tiny.evaluate import selectivity_markdown
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "tiny-models"
+    new, old = folder / "calibration_var-tiny.json", folder / "calibration_var-tiny-random.json"
+    text = selectivity_markdown({"trained": new, "random": old})
+    data = json.loads(new.read_text())
+    heads = np.array(data["means"]["current_ratio"], dtype=float)  # (layer, scale, head)
+    history = np.array(data["means"]["history_topk"], dtype=float)
+    row = "| 0 | " + " | ".join(f"{heads[0, k].mean():.2f} / {history[0, k].mean():.2f}" for k in range(1, 10)) + " |"
+    assert row in text.split("**random**")[0]
+    legacy = json.loads(old.read_text())
+    cell = f"{legacy['current_ratio'][0][1]:.2f} / {legacy['history_topk'][0][1]:.2f}"
+    assert ("| 0 | " + cell) in text.split("**random**")[1]

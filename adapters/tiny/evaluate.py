@@ -155,6 +155,14 @@ def selectivity_markdown(calibrations: dict) -> str:
     def load(path):  # the calibration JSON's tables, read directly (adapters do not import policies)
         data = json.loads(Path(path).read_text())
         data = data.get("calibration", data)
+        if "current_ratio" not in data:  # the core's attention-statistics file (`kvpolicy calibrate` today)
+            from kvpolicy.attention_stats import AttentionStatistics
+
+            stats = AttentionStatistics.from_dict(data)
+            return types.SimpleNamespace(num_layers=stats.num_layers, num_scales=stats.num_scales,
+                                         current_ratio=stats.layer_means("current_ratio"),
+                                         history_topk=stats.layer_means("history_topk"),
+                                         top_k=data.get("top_k", "16 (calibrate's default)"), source=stats.source)
         return types.SimpleNamespace(**{k: data[k] for k in ("num_layers", "num_scales", "current_ratio",
                                                               "history_topk", "top_k", "source")})
 

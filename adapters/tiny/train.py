@@ -597,7 +597,7 @@ def plot_log(rows: list[dict], path: Path) -> None:
         for count in sorted(set(trained.tolist()), reverse=True):
             pick = trained == count
             label = None if len(set(trained.tolist())) == 1 else (
-                "all scales" if count == trained.max() else f"first {count} scales")
+                "all scales" if count == trained.max() else f"first {int(count)} scales")
             line, = ax.plot(steps[pick], loss[pick], alpha=0.3, lw=0.8)
             window = max(1, pick.sum() // 25)
             if pick.sum() >= window:
