@@ -38,6 +38,18 @@ from .rows import ResultRow, jsonable
 from .runner import TimedRunner
 
 
+def calibration_note(policies: Sequence[str]) -> str:
+    """summary.md's line for the policies compare calibrated: it names only the flags that apply to
+    them (a plan file is taken by the policies that declare a ``plan_file_option``)."""
+    import kvpolicy
+
+    file_takers = [name for name in policies if kvpolicy.capabilities(name).plan_file_option]
+    other = f"; --budget-file FILE also sets the plan of {', '.join(file_takers)}" if file_takers else ""
+    return (f"{', '.join(policies)}: the plan comes from calibrating this model on the shipped calibration "
+            "conditions (calibration.json) before evaluating, as the paper protocol does; pass "
+            f"--calibration FILE to use another calibration{other}.")
+
+
 class Comparison:
     """Runs (or resumes) a comparison. ``model`` may be injected (tests count its calls)."""
 
@@ -264,9 +276,7 @@ class Comparison:
         self._note_reasons()
         notes = []
         if self.to_calibrate:
-            notes.append(f"{', '.join(self.to_calibrate)}: the plan comes from calibrating this model on the "
-                         "shipped calibration conditions (calibration.json) before evaluating, as the paper "
-                         "protocol does; pass --calibration or --budget-file to use others.")
+            notes.append(calibration_note(self.to_calibrate))
         return write_reports(self.s, configs, out=self.out, results=self.results, metrics=self.metrics,
                              image_path=self.image_path, notes=notes)
 

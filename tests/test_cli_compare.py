@@ -427,3 +427,12 @@ def test_default_output_is_a_stable_named_folder_under_kvpolicy_runs(tmp_path, m
     assert len((out / "results.jsonl").read_text().splitlines()) == 2 and (out / "summary.md").is_file()
     second, _ = _run(build_parser().parse_args(argv))
     assert first.generate_calls > 0 and second.generate_calls == 0
+
+
+def test_the_calibration_note_names_only_flags_the_calibrated_policies_take():
+    from benchmarks.compare import calibration_note
+
+    alone = calibration_note(["amskv"])  # amskv takes a calibration, no plan file
+    assert "--calibration FILE" in alone and "--budget-file" not in alone
+    mixed = calibration_note(["scalekv", "amskv"])
+    assert mixed.startswith("scalekv, amskv: ") and "--budget-file FILE also sets the plan of scalekv." in mixed
