@@ -60,9 +60,9 @@ def test_a_complete_last_row_without_newline_counts_as_torn(tmp_path):
     assert quarantine_torn_lines(path) == 1
 
 
-def _writer(path, worker, count):
+def _writer(path, worker, count, pad=500):
     for i in range(count):
-        append_jsonl(path, [{"key": f"{worker}-{i}", "pad": "y" * (500 + 37 * worker)}], fsync=False)
+        append_jsonl(path, [{"key": f"{worker}-{i}", "pad": "y" * (pad + 37 * worker)}], fsync=False)
 
 
 def test_concurrent_writers_never_interleave_inside_a_line(tmp_path):
@@ -76,6 +76,21 @@ def test_concurrent_writers_never_interleave_inside_a_line(tmp_path):
     lines = path.read_text().splitlines()
     assert len(lines) == 450 and all(json.loads(l)["key"] for l in lines)
     assert {json.loads(l)["key"] for l in lines} == {f"{w}-{i}" for w in range(3) for i in range(150)}
+
+
+def test_concurrent_writers_never_mistake_each_other_for_a_crash(tmp_path):
+    """Rows spanning several pages take long to copy: a writer checking the last byte for a crash
+    fragment must not see another's half-copied row (it then added a blank line)."""
+    path = tmp_path / "shared.jsonl"
+    context = multiprocessing.get_context("fork")
+    procs = [context.Process(target=_writer, args=(path, w, 60, 40_000)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    text = path.read_text()
+    assert "\n\n" not in text and not text.startswith("\n")
+    assert len(text.splitlines()) == 240 and quarantine_torn_lines(path) == 0
 
 
 def test_nan_never_reaches_the_file(tmp_path):
