@@ -60,6 +60,23 @@ def test_checks_pass_rendered_scenes_and_fail_swapped_or_noisy_ones():
     assert scenes.check_single(grey, 0) == (False, False)
 
 
+def test_the_background_check_reads_every_kind_off_rendered_scenes_at_both_sizes():
+    for side in (32, 64):
+        images, scene_list = scenes.batch(12, 0, 80, "pair", side=side)
+        assert {s.background for s in scene_list} == set(scenes.BACKGROUNDS)
+        assert all(scenes.background_kind(im) == s.background for im, s in zip(images, scene_list))
+        # judged against another background, the same images fail
+        wrong = [scenes.Scene(s.shapes, scenes.BACKGROUNDS[(scenes.BACKGROUNDS.index(s.background) + 1) % 4],
+                              s.relation, s.caption, None) for s in scene_list]
+        assert not any(scenes.check_background(im, s) for im, s in zip(images, wrong))
+    assert scenes.background_kind(np.full((32, 32, 3), 128, np.uint8)) == "plain"
+    red = np.zeros((32, 32, 3), np.uint8)
+    red[..., 0] = 220
+    assert scenes.background_kind(red) is None  # no grey pixels: no background to read
+    noise = np.random.default_rng(1).integers(0, 256, size=(40, 32, 32, 3)).astype(np.uint8)
+    assert sum(scenes.background_kind(im) is not None for im in noise) < 10  # noise is mostly coloured
+
+
 def _falls(rows, stage, term):
     losses = [r[term] for r in rows if r["stage"] == stage]
     return np.mean(losses[-2:]) < np.mean(losses[:2]), losses

@@ -6,7 +6,8 @@ conditions (scenes of a stream the training never saw) and applies the checks of
 
 - text-to-image (``infinity-tiny``): for each caption "a <size> <colour> <kind> <relation> a ...",
   does the first shape's colour dominate the half of the image where the caption puts it, and the
-  second shape's colour the other half? Chance is about 1/6 per shape (6 palette colours).
+  second shape's colour the other half? Chance is about 1/6 per shape (6 palette colours). And does
+  the image show the background the caption names (chance 1/4)?
 - class-conditional (``var-tiny``): does the class's colour dominate the image (chance 1/6), and does
   the dominant colour's mask read as the class's shape kind (chance ~1/3)?
 
@@ -51,9 +52,10 @@ def evaluate_text_to_image(model, scene_list: Sequence[scenes.Scene], *, seed: i
         images = model.generate([s.caption for s in scene_list], seed=seed, batch_size=batch_size,
                                 progress=False).images.numpy()
     checks = np.array([scenes.check_pair(image, scene) for image, scene in zip(images, scene_list)])
+    backgrounds = [scenes.check_background(image, scene) for image, scene in zip(images, scene_list)]
     return {"conditions": len(scene_list), "first_shape_colour": _rate(checks[:, 0]),
             "second_shape_colour": _rate(checks[:, 1]), "both": _rate(checks.all(axis=1)),
-            "per_shape": _rate(checks.ravel())}, images
+            "per_shape": _rate(checks.ravel()), "background": _rate(backgrounds)}, images
 
 
 def evaluate_class_conditional(model, labels: Sequence[int], *, seed: int = 0, batch_size: int = 18,
@@ -127,14 +129,17 @@ def run(out: Path, *, pairs: int = 96, singles: int = 72, seed: int = 0, models:
 
 def markdown(results: dict, example_scenes=()) -> str:
     lines = [f"Held-out conditions (stream {results['held_out_stream']}), full cache, default sampling.", "",
-             "| model | conditions | first shape's colour in its half | second shape's colour in its half | both |",
-             "|---|---|---|---|---|"]
+             "| model | conditions | first shape's colour in its half | second shape's colour in its half | both "
+             "| caption's background |",
+             "|---|---|---|---|---|---|"]
     gt = results["ground_truth"]
     rows = [(name, m) for name, m in results["models"].items() if name.startswith("infinity")]
     for name, m in rows + [("rendered ground truth", gt["text_to_image"])]:
+        background = f"{m['background']:.1%}" if "background" in m else "–"
         lines.append(f"| {name} | {m['conditions']} | {m['first_shape_colour']:.1%} | {m['second_shape_colour']:.1%} "
-                     f"| {m['both']:.1%} |")
-    lines += ["", "Chance: 1/6 = 16.7 % per shape (6 palette colours), 1/30 = 3.3 % for both.", "",
+                     f"| {m['both']:.1%} | {background} |")
+    lines += ["", "Chance: 1/6 = 16.7 % per shape (6 palette colours), 1/30 = 3.3 % for both, 1/4 = 25 % for the "
+              "background (plain, striped, checkered, dotted).", "",
               "| model | conditions | class colour dominates | shape kind read off the mask | both |",
               "|---|---|---|---|---|"]
     rows = [(name, m) for name, m in results["models"].items() if name.startswith("var")]

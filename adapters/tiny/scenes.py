@@ -202,6 +202,46 @@ def check_pair(image: np.ndarray, scene: Scene) -> tuple[bool, bool]:
     return out[0], out[1]
 
 
+def _pattern_templates(side: int) -> dict:
+    """The patterned backgrounds' light/dark layouts as ``_background`` draws them (both stripe
+    orientations)."""
+    yy, xx = np.mgrid[0:side, 0:side]
+    period = max(4, side // 4)
+    striped = ((yy // (period // 2)) % 2 == 0).astype(float)
+    checkered = (((yy // period) + (xx // period)) % 2 == 0).astype(float)
+    cy, cx = (yy % period) - period / 2 + 0.5, (xx % period) - period / 2 + 0.5
+    dotted = (cy * cy + cx * cx <= (period / 4) ** 2).astype(float)
+    return {"striped": (striped, striped.T), "checkered": (checkered,), "dotted": (dotted,)}
+
+
+def background_kind(image: np.ndarray) -> Optional[str]:
+    """Which of BACKGROUNDS an image's grey pixels show: 'plain' when they barely vary, else the
+    pattern whose layout correlates best with them (shape pixels, which are coloured, are left out);
+    None when fewer than a quarter of the pixels are grey."""
+    pixels = image.astype(float)
+    side = pixels.shape[0]
+    grey = pixels.mean(axis=2)
+    background = (pixels.max(axis=2) - pixels.min(axis=2)) < 40
+    if background.sum() < side * side // 4:
+        return None
+    values = grey[background] - grey[background].mean()
+    if values.std() < 12:
+        return "plain"
+    best, kind = -1.0, None
+    for name, layouts in _pattern_templates(side).items():
+        for layout in layouts:
+            t = layout[background] - layout[background].mean()
+            corr = abs((values * t).sum()) / (np.sqrt((values * values).sum() * (t * t).sum()) + 1e-9)
+            if corr > best:
+                best, kind = corr, name
+    return kind
+
+
+def check_background(image: np.ndarray, scene: Scene) -> bool:
+    """The image shows the background its caption names."""
+    return background_kind(image) == scene.background
+
+
 def read_kind(mask: np.ndarray) -> Optional[str]:
     """The kind whose ideal bounding-box fill is nearest to the mask's (None for an empty mask)."""
     ys, xs = np.nonzero(mask)
