@@ -114,9 +114,10 @@ def _all_finite(tensor: torch.Tensor) -> torch.Tensor:
 
 def _finite(keys, queries, raw_queries) -> torch.Tensor:
     """A device bool: keys and queries hold no NaN/inf (fused into the index check's one device
-    sync); a Ragged is checked on its packed data."""
-    data = keys.data if isinstance(keys, Ragged) else keys
-    finite = _all_finite(data)
+    sync); a Ragged is checked on its packed data; ``keys=None`` checks the queries only."""
+    finite = torch.ones((), dtype=torch.bool)
+    if keys is not None:
+        finite = _all_finite(keys.data if isinstance(keys, Ragged) else keys)
     for query in (queries, raw_queries):
         if query is not None:
             finite = finite & _all_finite(query)
@@ -191,13 +192,27 @@ def compress(policy: Policy, keys: torch.Tensor, values: torch.Tensor, *, schedu
                              capacity=capacity, length=length, queries=queries, raw_queries=raw_queries, state=state,
                              head_capacities=None if head_caps is None else torch.tensor(head_caps, device=keys.device),
                              lengths=view_lengths)
-    finite = _finite(keys, queries, raw_queries)
     if ragged_in:  # the policy sees a transient left-padded view (never stored)
         selection = policy.select(keys.padded(length), values.padded(length), ctx)
     else:
         selection = policy.select(keys, values, ctx)
-    if selection.indices is None:
+    proof = selection.keys_finite
+    if proof is not None and not (isinstance(proof, torch.Tensor) and proof.numel() == 1
+                                  and proof.dtype == torch.bool):
+        raise RuntimeError(f"policy {policy.name!r} returned keys_finite={proof!r}; need a one-element bool tensor")
+    # Keys the policy proved finite while scoring are not read again (one pass over the cache saved).
+    finite = _finite(keys, queries, raw_queries) if proof is None else (
+        _finite(None, queries, raw_queries).to(proof.device) & proof.reshape(()))
+
+    def confirm_finite(finite):
+        """On a failing check only: a proof that failed proves nothing (finite keys whose products
+        overflow), so read the keys before calling them non-finite."""
+        if proof is not None and not bool(finite):
+            finite = _finite(keys, queries, raw_queries)
         _check_finite(finite, policy, scale, layer)
+
+    if selection.indices is None:
+        confirm_finite(finite)
         if not fits():
             raise RuntimeError(f"policy {policy.name!r} kept all {length} tokens over capacity "
                                f"{capacity if head_caps is None else list(head_caps)}")
@@ -214,18 +229,22 @@ def compress(policy: Policy, keys: torch.Tensor, values: torch.Tensor, *, schedu
         # One device->host sync per call (this runs once per layer and scale): ascending rows lie in
         # range iff their first index is >= 0 and their last < length.
         if not kept:
-            _check_finite(finite, policy, scale, layer)
-        if kept and not bool(finite & (indices[..., 1:] > indices[..., :-1]).all() & (indices[..., 0] >= 0).all()
-                             & (indices[..., -1] < length).all()):
-            _check_finite(finite, policy, scale, layer)
-            raise RuntimeError(f"policy {policy.name!r} returned indices that are not unique, ascending and in 0..{length - 1}")
+            confirm_finite(finite)
+        if kept:
+            index_ok = ((indices[..., 1:] > indices[..., :-1]).all() & (indices[..., 0] >= 0).all()
+                        & (indices[..., -1] < length).all())
+            if not bool(finite & index_ok):
+                confirm_finite(finite)
+                if not bool(index_ok):
+                    raise RuntimeError(f"policy {policy.name!r} returned indices that are not unique, ascending and "
+                                       f"in 0..{length - 1}")
         return CompressionResult(gather_tokens(keys, indices), gather_tokens(values, indices), indices,
                                  selection.state, capacity, torch.full((batch, heads), kept, dtype=torch.long,
                                                                        device=keys.device), head_caps)
-    return _ragged_result(policy, keys, values, ctx, selection, head_caps, finite)
+    return _ragged_result(policy, keys, values, ctx, selection, head_caps, finite, confirm_finite)
 
 
-def _ragged_result(policy, keys, values, ctx, selection, head_caps, finite) -> CompressionResult:
+def _ragged_result(policy, keys, values, ctx, selection, head_caps, finite, confirm_finite) -> CompressionResult:
     """Check a per-(row, head) selection and keep it: dense when every (row, head) keeps the same
     count, a Ragged otherwise."""
     indices = selection.indices
@@ -245,10 +264,12 @@ def _ragged_result(policy, keys, values, ctx, selection, head_caps, finite) -> C
     ascending = (indices[..., 1:] > indices[..., :-1]) | ~real[..., 1:]
     in_range = ((indices >= low) & (indices < ctx.length)) | ~real
     host = lengths.tolist()  # the one device->host sync of this path
-    if not bool(ascending.all() & in_range.all() & finite):
-        _check_finite(finite, policy, ctx.scale, ctx.layer)
-        raise RuntimeError(f"policy {policy.name!r} returned indices that are not unique, ascending and in range "
-                           f"(each (row, head)'s real positions of 0..{ctx.length - 1})")
+    index_ok = ascending.all() & in_range.all()
+    if not bool(index_ok & finite):
+        confirm_finite(finite)
+        if not bool(index_ok):
+            raise RuntimeError(f"policy {policy.name!r} returned indices that are not unique, ascending and in range "
+                               f"(each (row, head)'s real positions of 0..{ctx.length - 1})")
     flat = [v for row in host for v in row]
     if min(flat) < 0 or max(flat) > kept:
         raise RuntimeError(f"policy {policy.name!r} returned lengths outside 0..{kept} (the indices' last dim)")

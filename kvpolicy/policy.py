@@ -103,11 +103,17 @@ class Selection:
 
     ``lengths`` (B, H) int64, optional: (row, head) keeps only ``indices[b, h, :lengths[b, h]]``
     (ascending); the rest of its row is padding and ignored. Without it every (row, head) keeps k.
+
+    ``keys_finite``, optional: a 0-d bool tensor the policy computed while scoring, True only if it
+    proved every key finite (a score that reads every key gets this almost for free: a NaN or ±inf
+    key makes its dot products NaN or ±inf). ``compress`` then skips its own read of the keys
+    (one pass over the cache); False proves nothing and ``compress`` reads the keys itself.
     """
 
     indices: Optional[torch.Tensor]
     state: Any = None
     lengths: Optional[torch.Tensor] = None
+    keys_finite: Optional[torch.Tensor] = attrs.field(default=None, kw_only=True)
 
 
 @attrs.define(kw_only=True)

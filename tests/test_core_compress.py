@@ -213,3 +213,37 @@ def test_non_finite_keys_of_a_ragged_cache_are_refused():
     keys[1, 0, 0, 1] = 0.0
     kept = compress(policy, gather_ragged(keys, indices, lengths), ragged_values, **KW)
     assert tuple(kept.indices.shape[:2]) == (2, 2)
+
+
+@attrs.define(kw_only=True)
+class Proves(Policy):
+    """Keeps the last 10 tokens and hands compress a keys_finite proof (unregistered)."""
+
+    proof: object = None
+
+    def select(self, keys, values, ctx):
+        indices = torch.arange(ctx.length - 10, ctx.length).expand(keys.shape[0], keys.shape[1], 10)
+        return Selection(indices, ctx.state, keys_finite=self.proof)
+
+
+def test_a_failed_keys_finite_proof_proves_nothing():
+    """keys_finite=False (e.g. finite keys whose products overflowed) makes compress read the keys
+    itself: finite keys are kept, NaN keys are still refused."""
+    keys, values = tensors()
+    result = compress(Proves(budget=10, proof=torch.tensor(False)), keys, values, **KW)
+    assert torch.equal(result.keys, keys[:, :, -10:])
+    broken = keys.clone()
+    broken[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="hold NaN or infinite values"):
+        compress(Proves(budget=10, proof=torch.tensor(False)), broken, values, **KW)
+    # a proven cache is not read again, but the queries still are
+    queries = torch.randn(2, 2, 36, 4)
+    queries[1, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="hold NaN or infinite values"):
+        compress(Proves(budget=10, proof=torch.tensor(True)), keys, values, raw_queries=queries, **KW)
+
+
+def test_a_malformed_keys_finite_proof_is_a_policy_error():
+    keys, values = tensors()
+    with pytest.raises(RuntimeError, match=r"policy '' returned keys_finite=True; need a one-element bool tensor"):
+        compress(Proves(budget=10, proof=True), keys, values, **KW)

@@ -183,3 +183,68 @@ def test_blocked_cast_product_equals_whole_cache_cast(length, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         whole = torch.matmul(q, keys.transpose(2, 3))
     assert torch.equal(released_scores._cast_blocked_matmul(q, keys, torch.bfloat16), whole)
+
+
+def _small_case(flow, seed=5):
+    key_dtype, query_dtype = FLOWS[flow]
+    scale = 9  # 32x32 map, L = 2521
+    length, n = SCHEDULE.cumulative[scale], SCHEDULE.tokens(scale)
+    keys, values, raw = _inputs(seed, 2, 4, length, n, 32, key_dtype, query_dtype)
+    window = patch_window.observation_window_positions(32, 32, 16, length - n)
+    return scale, keys, values, raw, window
+
+
+@pytest.mark.parametrize("flow", list(FLOWS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["history", "window"])
+def test_non_finite_keys_are_refused_without_a_second_read(flow, bad, where):
+    """Reference mode proves the keys finite from its own scores (compress then skips its read of
+    the cache): a NaN or ±inf anywhere, a window key included, still gets the one-line error, also
+    where every window query is exactly 0 in the bad key's dimension (IEEE: inf · 0 = NaN)."""
+    scale, keys, values, raw, window = _small_case(flow)
+    position = int(window[3]) if where == "window" else 17
+    broken = keys.clone()
+    broken[1, 2, position, 5] = bad
+    zeroed = raw.clone()
+    zeroed[..., 5] = 0
+    policy = get_policy("uniform", mode="reference", budget=300)
+    for queries in (raw, zeroed):
+        with pytest.raises(ValueError, match=r"keys or queries at scale 9, layer 0 hold NaN or infinite values"):
+            compress(policy, broken, values, schedule=SCHEDULE, scale=scale, layer=0, num_layers=2, raw_queries=queries)
+
+
+@pytest.mark.parametrize("flow", ["float32", "mixed"])
+def test_finite_keys_whose_products_overflow_are_kept(flow):
+    """Finite keys whose window logits overflow fail the proof; compress reads them, finds them
+    finite and keeps the selection (the release would keep a window token twice: unique tokens)."""
+    scale, keys, values, raw, window = _small_case(flow)
+    keys = keys * 3e38  # |k| <= 3e38: finite in float32, products with the queries overflow
+    assert torch.isfinite(keys).all()
+    from policies.common.released_scores import released_window_scores
+    assert not released_window_scores(raw[:, :, window - (keys.shape[2] - raw.shape[2])], keys, window)[1]
+    policy = get_policy("uniform", mode="reference", budget=300)
+    result = compress(policy, keys, values, schedule=SCHEDULE, scale=scale, layer=0, num_layers=2, raw_queries=raw)
+    assert result.indices.shape == (2, 4, 300)
+    assert bool((result.indices[..., 1:] > result.indices[..., :-1]).all())
+    assert bool(torch.isin(window, result.indices[0, 0]).all())
+
+
+@pytest.mark.parametrize("keep", [3, 200, 2300])
+def test_ascending_union_equals_appending_and_sorting(keep, monkeypatch):
+    """The mask read-back that replaces the sort where most of the cache is kept gives the sorted
+    union; where the top-k overlaps the window (scores whose window was not at −∞) released_topk
+    falls back to the sort, duplicates and all."""
+    from policies.common import released_scores
+    g = torch.Generator().manual_seed(keep)
+    length = 2521
+    scores = torch.randn(3, 5, length, generator=g)
+    window = patch_window.observation_window_positions(32, 32, 16, length - 1024)
+    masked = scores.clone().index_fill_(-1, window, float("-inf"))
+    top = masked.topk(keep, dim=-1, sorted=False).indices
+    expected = torch.cat([top, window.expand(3, 5, -1)], -1).sort(-1).values
+    assert torch.equal(released_scores._ascending_union(top, window, length), expected)
+    monkeypatch.setattr(released_scores, "_MASK_KEEP_FRACTION", 10 ** 9)  # always the mask path
+    assert torch.equal(released_scores.released_topk(masked, window, keep + 16), expected)
+    unmasked = scores.topk(keep, dim=-1, sorted=False).indices  # may hold window positions
+    overlap = torch.cat([unmasked, window.expand(3, 5, -1)], -1).sort(-1).values
+    assert torch.equal(released_scores.released_topk(scores, window, keep + 16), overlap)

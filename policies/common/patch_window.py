@@ -18,7 +18,7 @@ from kvpolicy import CapacityPlan, ScoredPolicy, Selection
 from kvpolicy.scoring import _check_forced, attention_scores, group_queries, pool_scores, topk_per_head, topk_with_forced
 from kvpolicy.validators import check_choice
 
-from .released_scores import released_pooled_scores, released_topk, released_window_logits
+from .released_scores import released_pooled_scores_checked, released_topk, released_window_logits
 from .options import (PATCH_WINDOW_MODES, check_odd_kernel, check_square_window, check_window_fits, mask_padding,
                       pooling_option)
 
@@ -139,6 +139,13 @@ def observation_window_scores(keys: torch.Tensor, ctx, *, raw: bool, window_size
     window positions). See ``observation_window_select`` for the two rules. Over a ragged view
     (``ctx.lengths``) padding gets no attention and pools like the 'same' padding (each (row, head)
     as if alone)."""
+    return _observation_window_scores(keys, ctx, raw=raw, window_size=window_size, kernel_size=kernel_size,
+                                      pooling=pooling)[:2]
+
+
+def _observation_window_scores(keys, ctx, *, raw, window_size, kernel_size, pooling):
+    """``observation_window_scores`` plus, where the released arithmetic proved it while scoring, a
+    device bool that is True only if every key is finite (else None)."""
     h, w = ctx.current_shape
     window = observation_window_positions(h, w, window_size, ctx.current_start, length=ctx.length,
                                           device=keys.device)
@@ -146,7 +153,9 @@ def observation_window_scores(keys: torch.Tensor, ctx, *, raw: bool, window_size
     if raw:
         q = window_queries(ctx.raw_queries, window, ctx.current_start)
         if valid is None:  # the released arithmetic, operation for operation
-            return released_pooled_scores(q, keys, window, kernel_size=kernel_size, pooling=pooling), window
+            pooled, keys_finite = released_pooled_scores_checked(q, keys, window, kernel_size=kernel_size,
+                                                                 pooling=pooling)
+            return pooled, window, keys_finite
         scores = released_window_logits(q, keys, window)
     else:
         q = window_queries(ctx.queries, window, ctx.current_start)
@@ -154,7 +163,7 @@ def observation_window_scores(keys: torch.Tensor, ctx, *, raw: bool, window_size
     if valid is not None:
         scores = mask_padding(scores, valid, pooling)
     # pool_scores returns a fresh tensor (or the fresh scores themselves): mask it in place.
-    return pool_scores(scores, kernel_size, pooling).index_fill_(-1, window, float("-inf")), window
+    return pool_scores(scores, kernel_size, pooling).index_fill_(-1, window, float("-inf")), window, None
 
 
 def observation_window_select(keys: torch.Tensor, ctx, *, raw: bool, window_size: int = 16,
@@ -209,8 +218,8 @@ class PatchWindowSelector(ScoredPolicy):
         return check_window_fits(plan, schedule, lambda s: self.window_size, self.name, self.window_size)
 
     def _scores(self, keys, ctx):
-        return observation_window_scores(keys, ctx, raw=self.mode == "reference", window_size=self.window_size,
-                                         kernel_size=self.kernel_size, pooling=self.effective_pooling)
+        return _observation_window_scores(keys, ctx, raw=self.mode == "reference", window_size=self.window_size,
+                                          kernel_size=self.kernel_size, pooling=self.effective_pooling)
 
     def forced_positions(self, ctx):
         h, w = ctx.current_shape
@@ -222,13 +231,13 @@ class PatchWindowSelector(ScoredPolicy):
     def select(self, keys, values, ctx):
         if ctx.capacity is None or (ctx.length <= ctx.capacity and ctx.head_capacities is None):
             return Selection(None, ctx.state)
-        pooled, window = self._scores(keys, ctx)
+        pooled, window, keys_finite = self._scores(keys, ctx)
         budgets = self.head_budgets(pooled, window, ctx)
         if budgets is None:  # layer-wise: the released tie-for-tie top-k
             pick = released_topk if self.mode == "reference" else topk_plus_forced_exact
-            return Selection(pick(pooled, window, ctx.capacity), ctx.state)
+            return Selection(pick(pooled, window, ctx.capacity), ctx.state, keys_finite=keys_finite)
         indices, lengths = topk_per_head(pooled, budgets, forced=window, valid=ctx.valid_mask())
-        return Selection(indices, ctx.state, lengths)
+        return Selection(indices, ctx.state, lengths, keys_finite=keys_finite)
 
 
 PatchWindowPolicy = PatchWindowSelector  # the name the selector had in kvpolicy.windowed

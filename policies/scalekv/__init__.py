@@ -42,8 +42,8 @@ always kept; every other token is scored by the window queries, pooled along the
   keep the same tokens as the release, ties on pooling plateaus included, in float32, bfloat16
   and the mixed flow (tests/test_scalekv_reference_exact.py; ``python -m benchmarks.bench_scalekv
   --release DIR`` checks it against the released code itself). Only the work around that
-  arithmetic is vectorised differently (window positions once for all rows and heads, in-place
-  masks of the 16 window columns).
+  arithmetic is vectorised differently (window positions once for all rows and heads, the window
+  columns masked in the summed scores, the keys proved finite by those scores).
 
 Deviations from the released code, all outside its 1:1 '1M' path: the window uses the real map
 shape (h, w) instead of a hard-coded 1:1 token count; window positions in the history (small-map
