@@ -20,6 +20,15 @@ element_size``; for a Ragged exactly the kept tokens):
   Temporary copies made by ``torch.cat`` itself, and the transient padded view a policy scores on a
   ragged cache, are not counted (on a GPU, read the allocator).
 
+``KVCache(..., compaction="in_place")`` moves a layer's kept tokens to the front of its own memory
+instead of copying them into a new allocation, where that keeps little dead memory: only when the
+layer's capacity evicts at most 1/8 of its tokens (drafter layers) and the layer's memory is the
+cache's own (made by its ``torch.cat``). On CPU a new allocation is mostly page faults, so this
+writes the kept tokens several times faster (``scripts/bench_scalekv.py``); the old allocation
+stays alive until the layer's next append, and the ledger counts it whole (a layer's bytes are
+then its storage's, the evicted tail included). A GPU's caching allocator reuses freed memory
+anyway: keep the default ``"copy"`` there.
+
 Timing is not the cache's business: adapters time their scales (``adapters.base.ScaleTimer``) and
 put the seconds into the report.
 """
@@ -122,13 +131,15 @@ class LayerCache:
     """One layer's storage: keys and values (dense (B, H, L, D) tensors, or ``Ragged`` when its
     (row, head)s hold different numbers of tokens), the policy state, and the last scale appended."""
 
-    __slots__ = ("keys", "values", "state", "scale")
+    __slots__ = ("keys", "values", "state", "scale", "owned", "compacted")
 
     def __init__(self):
         self.keys: Any = None
         self.values: Any = None
         self.state: Any = None
         self.scale = -1
+        self.owned = False  # keys and values are memory this cache allocated (may be compacted in place)
+        self.compacted = False  # they are views at the front of a larger allocation (in-place compaction)
 
     @property
     def ragged(self) -> bool:
@@ -152,12 +163,16 @@ class LayerCache:
 
     @property
     def nbytes(self) -> int:
+        if self.compacted:  # the whole allocation stays alive, evicted tail included
+            return sum(t.untyped_storage().nbytes() for t in (self.keys, self.values))
         return sum(0 if t is None else (t.nbytes if isinstance(t, Ragged) else t.numel() * t.element_size())
                    for t in (self.keys, self.values))
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
+        self.compacted = False
         if self.keys is None:
             self.keys, self.values = keys.contiguous(), values.contiguous()
+            self.owned = self.keys is not keys and self.values is not values  # copies, not the caller's tensors
             return self.keys, self.values
         held_shape = (self.keys.batch, self.keys.heads) if self.ragged else tuple(self.keys.shape[:2])
         for name, new, held in (("keys", keys, self.keys), ("values", values, self.values)):
@@ -175,6 +190,7 @@ class LayerCache:
         else:
             self.keys = torch.cat([self.keys, keys], dim=2)
             self.values = torch.cat([self.values, values], dim=2)
+        self.owned = not self.ragged
         return self.keys, self.values
 
 
@@ -213,21 +229,28 @@ class KVCache:
     state never leaks between generations.
 
     ``replicas`` lets a caller account one held tensor as that many identical copies (used by
-    ``simulate`` to plan large geometries on a small probe).
+    ``simulate`` to plan large geometries on a small probe). ``compaction``: ``"copy"`` (default)
+    writes each layer's kept tokens into a new allocation; ``"in_place"`` moves them to the front of
+    the layer's own memory where the capacity evicts at most 1/8 of its tokens (module docstring).
     """
 
+    COMPACTIONS = ("copy", "in_place")
+
     def __init__(self, num_layers: int, schedule: ScaleSchedule, policy: Policy | None = None, *,
-                 replicas: int = 1):
+                 replicas: int = 1, compaction: str = "copy"):
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
         if not isinstance(schedule, ScaleSchedule):
             raise TypeError(f"schedule must be a ScaleSchedule, got {type(schedule).__name__}")
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(f"policy must be a Policy (see kvpolicy.get_policy) or None, got {type(policy).__name__}")
+        if compaction not in self.COMPACTIONS:
+            raise ValueError(f"compaction must be one of {', '.join(map(repr, self.COMPACTIONS))}, got {compaction!r}")
         self.num_layers = num_layers
         self.schedule = schedule
         self.policy = policy
         self.replicas = replicas
+        self.compaction = compaction
         if policy is not None:
             policy.plan(schedule, num_layers)  # fail early on a bad budget
         self.reset()
@@ -299,12 +322,27 @@ class KVCache:
             raise RuntimeError(f"compress(layer={layer}, scale={scale}) before append at that scale")
         if self.policy is None:
             return None
+        in_place = self.compaction == "in_place" and store.owned and self._evicts_little(layer, scale, store.length)
         result = compress(self.policy, store.keys, store.values, schedule=self.schedule, scale=scale, layer=layer,
-                          num_layers=self.num_layers, queries=queries, raw_queries=raw_queries, state=store.state)
+                          num_layers=self.num_layers, queries=queries, raw_queries=raw_queries, state=store.state,
+                          in_place=in_place)
+        store.compacted = in_place and not result.ragged
+        store.owned = store.owned if result.keys is store.keys else not result.ragged  # a copy is ours too
         store.keys, store.values, store.state = result.keys, result.values, result.state
         self.ledger.on_compress(layer, scale, store.nbytes)
         self._kept_at[scale][layer] = store.head_lengths()
         return result
+
+    # In-place compaction keeps the evicted tail allocated until the next append: only where the
+    # capacity evicts at most this fraction of the layer's tokens.
+    IN_PLACE_MAX_EVICTED = 1 / 8
+
+    def _evicts_little(self, layer: int, scale: int, length: int) -> bool:
+        plan = self.policy.plan(self.schedule, self.num_layers)
+        capacity = plan.capacity(scale, layer)
+        if capacity is None or plan.head_capacity(scale, layer) is not None:
+            return False
+        return length - min(capacity, length) <= self.IN_PLACE_MAX_EVICTED * length
 
     def _check_layer(self, layer) -> None:
         # Python's negative indexing would silently address the last layers.

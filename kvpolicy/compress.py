@@ -138,19 +138,69 @@ def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(batch * heads * length, dim).index_select(0, rows).view(batch, heads, kept, dim)
 
 
+# Rows staged per step of an in-place compaction: 4 MiB of float32 rows of D = 128, which stay in
+# the CPU's cache between being read and written back.
+_COMPACT_ROWS = 8192
+
+
+def compact_tokens_(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """In place: (B, H, L, D) contiguous ``tensor``'s rows at ``indices`` (B, H, k), ascending in
+    every (row, head), moved to the front of its own memory -> a (B, H, k, D) view of it. The same
+    values as ``gather_tokens``, written into memory that is already mapped (a fresh allocation on
+    CPU is mostly page faults: 100 vs 15-19 ms for 204,320 float32 rows of 128, one thread); the
+    memory after the first B·H·k rows stays allocated until the tensor is freed, and ``tensor``
+    itself no longer holds its old contents.
+
+    Flattened, kept row r (= (b·H + h)·k + j) comes from source row s(r) = (b·H + h)·L + indices[b,
+    h, j] >= r, and s grows with r; so copying the rows in chunks in order of r never overwrites a
+    row that a later chunk still reads. A chunk whose first source lies past its own rows is read
+    straight into place; one that overlaps its sources goes through a small buffer.
+    """
+    batch, heads, length, dim = tensor.shape
+    if not tensor.is_contiguous():
+        raise ValueError("compact_tokens_ needs a contiguous tensor (it reuses the tensor's own memory)")
+    kept = indices.shape[2]
+    flat = tensor.view(batch * heads * length, dim)
+    row_starts = torch.arange(batch * heads, device=indices.device).view(batch, heads, 1) * length
+    sources = (indices + row_starts).reshape(-1)
+    total = sources.numel()
+    step = max(1, min(_COMPACT_ROWS, total))
+    stage = None
+    for start, first in zip(range(0, total, step), sources[::step].tolist()):  # one device->host read
+        stop = min(total, start + step)
+        chunk = sources[start:stop]
+        if first >= stop:  # the sources lie after the rows written: index_select sees disjoint memory
+            torch.index_select(flat[stop:], 0, chunk - stop, out=flat[start:stop])
+            continue
+        if stage is None:
+            stage = torch.empty(step, dim, dtype=tensor.dtype, device=tensor.device)
+        part = stage[:stop - start]
+        torch.index_select(flat, 0, chunk, out=part)
+        flat[start:stop].copy_(part)
+    return flat[:total].view(batch, heads, kept, dim)
+
+
 def compress(policy: Policy, keys: torch.Tensor, values: torch.Tensor, *, schedule: ScaleSchedule,
              scale: int, layer: int, num_layers: int, queries: torch.Tensor | None = None,
-             raw_queries: torch.Tensor | None = None, state: Any = None) -> CompressionResult:
+             raw_queries: torch.Tensor | None = None, state: Any = None, in_place: bool = False) -> CompressionResult:
     """Reduce one layer's cache after its self-attention at ``scale``.
 
     keys/values hold every cached token of scales 0..scale in generation order (the kept history
     followed by the current map). Queries are the current map's attention queries, such that
     ``queries @ keys^T`` are the model's attention logits (softmax scale folded in); raw queries
     are the bare projection ``x @ W_q^T``. Pass what the policy declares it needs.
+
+    ``in_place=True`` hands keys and values over to be overwritten: where every (row, head) keeps
+    the same tokens of a dense contiguous cache, the kept tokens are moved to the front of their
+    own memory (``compact_tokens_``) and the result's keys/values are views of it, which keep the
+    whole old allocation alive (a caller counting memory counts their storage); anything else is
+    copied as usual. Do not use keys/values afterwards.
     """
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a Policy (see kvpolicy.get_policy), got {type(policy).__name__}")
     validate_inputs(keys, values, schedule, scale, layer, num_layers, queries, raw_queries)
+    if not isinstance(in_place, bool):
+        raise TypeError(f"in_place must be True or False, got {in_place!r}")
     if policy.needs_queries and queries is None:
         raise ValueError(f"policy {policy.name!r} needs queries= (the current map's attention queries)")
     if policy.needs_raw_queries and raw_queries is None:
@@ -238,7 +288,8 @@ def compress(policy: Policy, keys: torch.Tensor, values: torch.Tensor, *, schedu
                 if not bool(index_ok):
                     raise RuntimeError(f"policy {policy.name!r} returned indices that are not unique, ascending and "
                                        f"in 0..{length - 1}")
-        return CompressionResult(gather_tokens(keys, indices), gather_tokens(values, indices), indices,
+        keep = compact_tokens_ if in_place and keys.is_contiguous() and values.is_contiguous() else gather_tokens
+        return CompressionResult(keep(keys, indices), keep(values, indices), indices,
                                  selection.state, capacity, torch.full((batch, heads), kept, dtype=torch.long,
                                                                        device=keys.device), head_caps)
     return _ragged_result(policy, keys, values, ctx, selection, head_caps, finite, confirm_finite)

@@ -13,6 +13,10 @@ warm-up:
   the release's steps written here (``restated_update_kv``) stands in, and the table says so.
 - ``ours``: ``kvpolicy.compress`` with ``get_policy("scalekv", mode="reference")`` (selection and
   the kept K/V copied out).
+- ``in place`` (drafters): the same call with ``in_place=True``, as ``KVCache(compaction="in_place")``
+  makes it for a layer that evicts at most 1/8 of its tokens: the kept K/V moved to the front of
+  the cache's own memory instead of a new allocation (inputs restored before each call, untimed);
+  checked identical too.
 - floors measured in the same run: for a refiner, one read of K (``keys.sum(-1)``) plus the top-k
   on (B, H, L) scores; for a drafter, writing the kept K and V (``gather_tokens`` of both).
 - ``product``: the one batched product of the 16 window queries with every key in the release's
@@ -111,13 +115,19 @@ def cache_sizes_from_plan(plan, num_scales: int):
     return sizes
 
 
-def _median_interleaved(fns: dict, repeats: int, synchronize) -> dict:
-    for fn in fns.values():  # warm-up
+def _median_interleaved(fns: dict, repeats: int, synchronize, setups: dict | None = None) -> dict:
+    """Median seconds of each function, called in turn after a warm-up; ``setups[name]`` (untimed)
+    runs before each call of ``name``."""
+    setups = setups or {}
+    for name, fn in fns.items():  # warm-up
+        setups.get(name, lambda: None)()
         fn()
     synchronize()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            setups.get(name, lambda: None)()
+            synchronize()
             t0 = time.perf_counter()
             fn()
             synchronize()
@@ -180,13 +190,35 @@ def run_case(*, batch, scale, layer, flow, repeats, device, release_cls, policy,
         return _cast_blocked_matmul(window_q, keys, compute)
 
     fns = {"release": release, "ours": ours, "product": product}
+    setups = {}
+    in_place_identical = None
     if drafter:
         fns["floor"] = lambda: (gather_tokens(keys, mine.indices), gather_tokens(values, mine.indices))
+        # What KVCache(compaction="in_place") does for a drafter: the kept tokens moved to the front of
+        # the cache's own (already written) memory; each call gets a fresh copy of the inputs, untimed.
+        work_keys, work_values = keys.clone(), values.clone()
+
+        def restore():
+            work_keys.copy_(keys)
+            work_values.copy_(values)
+
+        def ours_in_place():
+            return compress(policy, work_keys, work_values, schedule=schedule, scale=scale, layer=layer,
+                            num_layers=32, raw_queries=raw, in_place=True)
+
+        restore()
+        compacted = ours_in_place()
+        in_place_identical = torch.equal(compacted.keys, theirs_k) and torch.equal(compacted.values, theirs_v)
+        identical = identical and in_place_identical
+        if not in_place_identical:
+            detail = (detail + "; " if detail else "") + "in-place compaction differs"
+        fns["in_place"] = ours_in_place
+        setups["in_place"] = restore
     else:
         fns["floor_read"] = lambda: keys.sum(dim=-1)
         fns["floor_topk"] = lambda: scores.topk(capacity - 16, dim=-1)
     sync = torch.cuda.synchronize if keys.device.type == "cuda" else (lambda: None)
-    t = _median_interleaved(fns, repeats, sync)
+    t = _median_interleaved(fns, repeats, sync, setups)
     floor = t["floor"] if drafter else t["floor_read"] + t["floor_topk"]
     return {
         "B": batch, "L": length, "scale": scale, "layer": layer, "role": "drafter" if drafter else "refiner",
@@ -196,19 +228,28 @@ def run_case(*, batch, scale, layer, flow, repeats, device, release_cls, policy,
         "floor_kind": "write kept K/V" if drafter else "read K + top-k",
         "product_ms": t["product"] * 1e3, "product_over_floor": t["product"] / floor,
         "ours_over_product": t["ours"] / t["product"],
+        "in_place_ms": t["in_place"] * 1e3 if drafter else None,
+        "speedup_in_place": t["release"] / t["in_place"] if drafter else None,
+        "in_place_over_floor": t["in_place"] / floor if drafter else None,
     }
 
 
 def table(rows, source: str) -> str:
     lines = [f"release = {source}", "",
              "| B | L | role | cap | flow | identical | release ms | ours ms | floor ms | release/ours | ours/floor "
-             "| product ms | product/floor | ours/product |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| product ms | product/floor | ours/product | in place ms | release/in place | in place/floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def optional(value, form):
+        return "-" if value is None else form.format(value)
+
     for r in rows:
         lines.append(f"| {r['B']} | {r['L']} | {r['role']} (layer {r['layer']}) | {r['capacity']} | {r['flow']} | "
                      f"{'yes' if r['identical'] else 'NO: ' + r['detail']} | {r['release_ms']:.1f} | {r['ours_ms']:.1f} | "
                      f"{r['floor_ms']:.1f} ({r['floor_kind']}) | {r['speedup']:.2f}x | {r['ours_over_floor']:.2f}x | "
-                     f"{r['product_ms']:.1f} | {r['product_over_floor']:.2f}x | {r['ours_over_product']:.2f}x |")
+                     f"{r['product_ms']:.1f} | {r['product_over_floor']:.2f}x | {r['ours_over_product']:.2f}x | "
+                     f"{optional(r.get('in_place_ms'), '{:.1f}')} | {optional(r.get('speedup_in_place'), '{:.2f}x')} | "
+                     f"{optional(r.get('in_place_over_floor'), '{:.2f}x')} |")
     return "\n".join(lines)
 
 

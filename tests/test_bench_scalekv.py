@@ -19,14 +19,18 @@ _SPEC.loader.exec_module(bench_scalekv)
 
 
 @pytest.mark.parametrize("flow", list(bench_scalekv.FLOWS))
-def test_restated_release_and_reference_mode_agree(flow):
+@pytest.mark.parametrize("layer", [5, 0], ids=["refiner", "drafter"])
+def test_restated_release_and_reference_mode_agree(flow, layer):
     torch.manual_seed(0)
     policy = get_policy("scalekv", mode="reference", budget_file=str(released_budget_file("infinity-2b-10%")))
     plan = policy.plan(infinity_schedule(1024), 32)
-    row = bench_scalekv.run_case(batch=1, scale=9, layer=5, flow=flow, repeats=1, device="cpu",
+    row = bench_scalekv.run_case(batch=1, scale=9, layer=layer, flow=flow, repeats=1, device="cpu",
                                  release_cls=None, policy=policy, plan=plan)
     assert row["identical"], row["detail"]
-    assert row["role"] == "refiner" and row["capacity"] == plan.capacity(9, 5) and row["L"] == 2521
+    assert row["capacity"] == plan.capacity(9, layer) and row["L"] == 2521
+    assert row["role"] == ("refiner" if layer else "drafter")
+    assert (row["in_place_ms"] is None) == bool(layer)  # in-place compaction is measured for drafters
+    assert "| yes |" in bench_scalekv.table([row], "x")
 
 
 def test_release_folder_without_the_code_is_refused(tmp_path):

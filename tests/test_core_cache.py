@@ -1,10 +1,13 @@
-"""KVCache: compact storage and byte accounting (per scale, full, peak) against hand-computed numbers."""
+"""KVCache: compact storage and byte accounting (per scale, full, peak) against hand-computed numbers;
+in-place compaction."""
 
+import attrs
 import pytest
 import torch
 
 import kvpolicy
-from kvpolicy import KVCache, ScaleSchedule
+from kvpolicy import CapacityPlan, KVCache, Policy, ScaleSchedule, Selection
+from kvpolicy.compress import compact_tokens_, gather_tokens
 
 SCHEDULE = ScaleSchedule([1, 2, 3])  # 1, 4, 9 tokens; cumulative 1, 5, 14
 ROWS, HEADS, DIM = 2, 3, 4
@@ -109,3 +112,84 @@ def test_declared_needs():
     assert KVCache(1, SCHEDULE, kvpolicy.get_policy("snapkv", budget=40)).needs_queries
     assert not KVCache(1, SCHEDULE, kvpolicy.get_policy("sliding_window", budget=4)).needs_queries
     assert not KVCache(1, SCHEDULE).needs_raw_queries
+
+
+LONG = ScaleSchedule([1, 2, 4, 6])  # cumulative 1, 5, 21, 57
+
+
+@attrs.define(kw_only=True)
+class LargestKeys(Policy):
+    """Keeps each (row, head)'s tokens with the largest first key element; layer 0 evicts 7 of 57
+    tokens at the last scale (at most 1/8: compacted in place), layer 1 keeps 10 (copied)."""
+
+    requires_budget = False
+
+    def make_plan(self, schedule, num_layers, budget_tokens):
+        return CapacityPlan(capacities=[[None, None]] * 3 + [[50, 10]], policy="largest_keys")
+
+    def select(self, keys, values, ctx):
+        if ctx.capacity is None or ctx.length <= ctx.capacity:
+            return Selection(None, ctx.state)
+        return Selection(keys[..., 0].topk(ctx.capacity, dim=-1).indices.sort(dim=-1).values, ctx.state)
+
+
+def _drive(compaction, dtype):
+    cache = KVCache(2, LONG, LargestKeys(), compaction=compaction)
+    g = torch.Generator().manual_seed(1)
+    given, kept, held = [], [], []
+    for scale in range(LONG.num_scales):
+        for layer in range(2):
+            n = LONG.tokens(scale)
+            k, v = torch.randn(2, 3, n, 8, generator=g).to(dtype), torch.randn(2, 3, n, 8, generator=g).to(dtype)
+            given.append((k, k.clone()))
+            cache.append(layer, scale, k, v)
+            before = cache.layers[layer].nbytes
+            cache.compress(layer, scale)
+            kept.append((cache.layers[layer].keys.clone(), cache.layers[layer].values.clone()))
+            held.append((before, cache.layers[layer].nbytes))
+    return cache, given, kept, held
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_compaction_keeps_the_same_tokens_and_counts_the_whole_allocation(dtype):
+    copy, _, kept_copy, held_copy = _drive("copy", dtype)
+    in_place, given, kept_in_place, held_in_place = _drive("in_place", dtype)
+    for (k1, v1), (k2, v2) in zip(kept_copy, kept_in_place):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    # layer 0 at the last scale: compacted in place, its whole allocation (57 tokens) still counted
+    token = 2 * 3 * 8 * (4 if dtype == torch.float32 else 2) * 2  # K and V of one token
+    assert held_copy[-2] == (57 * token, 50 * token) and held_in_place[-2] == (57 * token, 57 * token)
+    assert cache_layer_shares_memory(in_place.layers[0])
+    assert held_in_place[-1] == held_copy[-1] == (57 * token, 10 * token)  # layer 1 evicts 47: copied
+    assert in_place.report().kv_bytes[-1] == copy.report().kv_bytes[-1] + 7 * token
+    for original, pristine in given:  # the caller's tensors are never overwritten
+        assert torch.equal(original, pristine)
+
+
+def cache_layer_shares_memory(layer):
+    return layer.compacted and layer.keys.untyped_storage().nbytes() > layer.keys.numel() * layer.keys.element_size()
+
+
+@pytest.mark.parametrize("rows_per_step", [1, 5, 7, 64, 8192])
+@pytest.mark.parametrize("kept", [0, 1, 13, 37, 40])
+def test_compact_tokens_in_place_equals_gather(rows_per_step, kept, monkeypatch):
+    """Chunks that overlap their sources (few evicted) go through the buffer, the others straight
+    into place; both give gather_tokens' rows, for every chunk size, including k = L and k = 0."""
+    import importlib
+    monkeypatch.setattr(importlib.import_module("kvpolicy.compress"), "_COMPACT_ROWS", rows_per_step)
+    g = torch.Generator().manual_seed(kept)
+    tensor = torch.randn(3, 4, 40, 6, generator=g)
+    indices = torch.rand(3, 4, 40, generator=g).topk(kept, dim=-1).indices.sort(dim=-1).values
+    expected = gather_tokens(tensor, indices)
+    work = tensor.clone()
+    out = compact_tokens_(work, indices)
+    assert torch.equal(out, expected) and out.untyped_storage().data_ptr() == work.untyped_storage().data_ptr()
+
+
+def test_compaction_option_is_checked():
+    with pytest.raises(ValueError, match=r"compaction must be one of 'copy', 'in_place', got 'fast'"):
+        KVCache(2, SCHEDULE, compaction="fast")
+    keys, values = torch.randn(2, 2, 14, 4), torch.randn(2, 2, 14, 4)
+    with pytest.raises(TypeError, match="in_place must be True or False, got 'yes'"):
+        kvpolicy.compress(kvpolicy.get_policy("sliding_window", budget=4), keys, values, schedule=SCHEDULE, scale=2,
+                          layer=0, num_layers=1, in_place="yes")
