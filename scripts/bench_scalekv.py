@@ -19,11 +19,13 @@ warm-up:
   checked identical too.
 - floors measured in the same run: for a refiner, one read of K (``keys.sum(-1)``) plus the top-k
   on (B, H, L) scores; for a drafter, writing the kept K and V (``gather_tokens`` of both).
-- ``product``: the one batched product of the 16 window queries with every key in the release's
-  compute dtype (``released_window_logits``' matmul alone, the float32 -> bf16 cast included in the
-  mixed flow). Exactness pins this operation (each logit's rounding decides ties), so no exact
-  implementation can take less; ``product/floor`` says how far the floor is out of reach for exact
-  selection, ``ours/product`` how much ours spends around it.
+- ``product``: the release's one batched product of the 16 window queries with every key in its
+  compute dtype (one ``matmul`` into a new (B, H, 16, L) tensor; the float32 -> bf16 cast, block by
+  block, included in the mixed flow). Exactness pins these 16 dot products per key in that dtype
+  (each logit's rounding decides ties), not the way the release forms them: ours computes the
+  same products block by block of positions, each block divided and summed while in cache, so
+  ``ours/product`` may fall below 1 where the new tensor's page faults and passes dominate;
+  ``product/floor`` says how far the floor is out of reach for the release's form of the product.
 
 Each case checks that both keep identical indices and identical K/V, and the script exits with an
 error if any case differs. Results go to stdout and, with ``--out``, a Markdown table + JSON.

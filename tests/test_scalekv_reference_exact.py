@@ -248,3 +248,20 @@ def test_ascending_union_equals_appending_and_sorting(keep, monkeypatch):
     unmasked = scores.topk(keep, dim=-1, sorted=False).indices  # may hold window positions
     overlap = torch.cat([unmasked, window.expand(3, 5, -1)], -1).sort(-1).values
     assert torch.equal(released_scores.released_topk(scores, window, keep + 16), overlap)
+
+
+@pytest.mark.parametrize("flow", list(FLOWS))
+@pytest.mark.parametrize("block_elements", [1, 3000, 1 << 30])  # 32 positions, 93-187, the whole cache
+@pytest.mark.parametrize("length", [300, 2521])
+def test_blocked_window_sums_equal_the_whole_product(flow, block_elements, length, monkeypatch):
+    """On CPU the window logits are formed, divided and summed block by block of positions (last
+    block partial); the sums are the whole product's (as the release forms it) bit for bit."""
+    from policies.common import released_scores
+    monkeypatch.setattr(released_scores, "_SUM_BLOCK_ELEMENTS", block_elements)
+    key_dtype, query_dtype = FLOWS[flow]
+    keys, _, q = _inputs(length, 2, 4, length, 16, 64, key_dtype, query_dtype)
+    compute = released_compute_dtype(query_dtype, key_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=key_dtype != query_dtype):
+        whole = (torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(64)).sum(dim=2)
+    assert whole.dtype == compute
+    assert torch.equal(released_scores._blocked_window_sums(q.to(compute), keys, compute), whole)
