@@ -56,6 +56,13 @@ def _fits(ctx) -> bool:
     return ctx.capacity is None or (ctx.length <= ctx.capacity and ctx.head_capacities is None)
 
 
+def _head_budgets(keys, ctx):
+    """(batch, heads, budgets): budgets are the (B, H) capacities of head-wise plans or a ragged cache,
+    None in the layer-wise case (one capacity for every row and head)."""
+    batch, heads = keys.shape[:2]
+    return batch, heads, ctx.capacities_per_head(batch, heads)
+
+
 @attrs.define(kw_only=True, slots=False)
 class SlidingWindowSelector(Policy):
     """The last ``capacity`` tokens in generation order."""
@@ -67,8 +74,7 @@ class SlidingWindowSelector(Policy):
     def select(self, keys, values, ctx):
         if _fits(ctx):
             return Selection(None, ctx.state)
-        batch, heads = keys.shape[:2]
-        budgets = ctx.capacities_per_head(batch, heads)
+        batch, heads, budgets = _head_budgets(keys, ctx)
         if budgets is None:
             kept = torch.arange(ctx.length - ctx.capacity, ctx.length, device=keys.device)
             return Selection(kept.expand(batch, heads, -1).clone(), ctx.state)
@@ -94,8 +100,7 @@ class SinksRecentSelector(Policy):
     def select(self, keys, values, ctx):
         if _fits(ctx):
             return Selection(None, ctx.state)
-        batch, heads = keys.shape[:2]
-        budgets = ctx.capacities_per_head(batch, heads)
+        batch, heads, budgets = _head_budgets(keys, ctx)
         if budgets is None:
             sinks = min(self.num_sinks, ctx.capacity)
             recent = ctx.capacity - sinks
@@ -161,8 +166,7 @@ class HeavyHitterSelector(Policy):
         totals = self.accumulate(keys, ctx)
         if _fits(ctx):
             return Selection(None, totals)
-        batch, heads = keys.shape[:2]
-        budgets = ctx.capacities_per_head(batch, heads)
+        batch, heads, budgets = _head_budgets(keys, ctx)
         if budgets is None:
             _, recent = self.split(ctx.capacity)
             # scoring.recent_positions(length, 0) is empty (no "-0:" slice that would select everything).
