@@ -63,6 +63,14 @@ class PolicySpec:
         return self.cls(**merged)
 
 
+def _spec_and_checker(policy, case, enabled=None, ignored=()) -> tuple[PolicySpec, Checker]:
+    """What is checked (a name, a Policy object or a ``PolicySpec``) and a checker labelled with its name."""
+    spec = policy if isinstance(policy, PolicySpec) else PolicySpec.of(policy)
+    checker = Checker(None, case, enabled, ignored)
+    checker.policy_label = spec.name
+    return spec, checker
+
+
 def build_for(spec: PolicySpec, case: Case, checker: Optional[Checker] = None) -> Policy:
     """The policy of a case, planned for its geometry; ``Refused`` if it rightly refuses them."""
     try:
@@ -85,9 +93,7 @@ def check_case(policy, case: Case, *, enabled=None, ignored=()) -> set[str]:
     if the policy refuses the case's budget or options; ``Blocked`` if an invariant neither enabled
     nor ``ignored`` fails). Generations only some invariants need run when those are enabled.
     """
-    spec = policy if isinstance(policy, PolicySpec) else PolicySpec.of(policy)
-    checker = Checker(None, case, enabled, ignored)
-    checker.policy_label = spec.name
+    spec, checker = _spec_and_checker(policy, case, enabled, ignored)
     full_length = case.budget is not None and spec.takes_budget and case.budget_tokens >= case.schedule.total
     try:
         first_policy = build_for(spec, case, checker)
@@ -193,9 +199,7 @@ class PlanCase:
 
 def check_plan(policy, case: PlanCase, *, enabled=None, ignored=()) -> set[str]:
     """Plan-level capacity and budget: mean kept (layers, heads) <= budget at every scale."""
-    spec = policy if isinstance(policy, PolicySpec) else PolicySpec.of(policy)
-    checker = Checker(None, case, enabled, ignored)
-    checker.policy_label = spec.name
+    spec, checker = _spec_and_checker(policy, case, enabled, ignored)
     try:
         built = spec.build(case.budget, case.options)
         plan = built.plan(case.schedule, case.num_layers)
@@ -254,9 +258,7 @@ def plan_kept_lengths(plan, schedule: ScaleSchedule) -> list[list[tuple[int, ...
 
 def check_config(policy, case: Case, *, enabled=None, ignored=()) -> set[str]:
     """to_config() is JSON-friendly and from_config() rebuilds an equal policy with the same config."""
-    spec = policy if isinstance(policy, PolicySpec) else PolicySpec.of(policy)
-    checker = Checker(None, case, enabled, ignored)
-    checker.policy_label = spec.name
+    spec, checker = _spec_and_checker(policy, case, enabled, ignored)
     try:
         built = spec.build(case.budget, case.options)
     except (ValueError, TypeError) as exc:
@@ -308,9 +310,7 @@ def bad_option_probes(spec: PolicySpec) -> list[tuple[str, dict]]:
 
 def check_bad_options(policy, *, enabled=None) -> set[str]:
     """Bad options and budgets raise ValueError/TypeError at construction, naming the option or value."""
-    spec = policy if isinstance(policy, PolicySpec) else PolicySpec.of(policy)
-    checker = Checker(None, None, enabled)
-    checker.policy_label = spec.name
+    spec, checker = _spec_and_checker(policy, None, enabled)
     checker.exercised.add("bad_options")
     for description, kwargs in bad_option_probes(spec):
         checker.case = f"{spec.cls.__name__}(**{kwargs!r})"
