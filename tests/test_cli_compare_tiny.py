@@ -11,20 +11,9 @@ import torch
 from PIL import Image
 
 from adapters import geometry, load_model
-from benchmarks import compare as compare_mod
 from benchmarks import reports
-from benchmarks.cli import build_parser, main
-
-
-class CountingModel:
-    """Wraps a real model and counts its generate calls (resume must not redo finished rows)."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, 0
-
-    def generate(self, *args, **kwargs):
-        self.calls += 1
-        return self.model.generate(*args, **kwargs)
+from benchmarks.cli import main
+from in_process_compare import compare_counting
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +24,9 @@ def infinity_tiny():
 def _compare(tmp_path, model, out="run", *extra):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube on a table\na lighthouse at sunset\n")
-    args = build_parser().parse_args(["compare", "--model", "infinity-tiny-random", "--prompts", str(prompts), "--policies",
-                                      "streamingllm,snapkv", "--budgets", "20%,40%", "--out", str(tmp_path / out),
-                                      "--no-progress", "--no-learned-metrics", *extra])
-    counting = CountingModel(model)
-    comparison = compare_mod.Comparison(compare_mod.settings_from_args(args), model=counting, log=lambda m: None)
-    return comparison.run(), counting
+    return compare_counting(["--model", "infinity-tiny-random", "--prompts", str(prompts), "--policies",
+                             "streamingllm,snapkv", "--budgets", "20%,40%", "--out", str(tmp_path / out),
+                             "--no-progress", "--no-learned-metrics", *extra], model)
 
 
 def test_infinity_tiny_compare_end_to_end_resume_and_reproducibility(tmp_path, infinity_tiny):

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from adapters import load_model
-from benchmarks import compare as compare_mod
 from benchmarks import distributed, reports
-from benchmarks.cli import build_parser, main
+from benchmarks.cli import main
+from in_process_compare import CountingModel, compare_counting
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = "a red cube on a table\na lighthouse at sunset\n"
@@ -28,15 +28,6 @@ TIMING_FIELDS = {"seconds_per_image", "seconds_per_call_repeats", "scale_seconds
                  "device_peak_bytes"}
 COMPARE_ARGS = ["--model", "infinity-tiny", "--policies", "streamingllm,scalekv", "--budgets", "40%", "--no-progress",
                 "--no-learned-metrics"]
-
-
-class CountingModel:
-    def __init__(self, model):
-        self.model, self.calls = model, 0
-
-    def generate(self, *args, **kwargs):
-        self.calls += 1
-        return self.model.generate(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +51,7 @@ def single_run(workdir, infinity_tiny):
 
 
 def _compare_in_process(workdir: Path, out: Path, model) -> CountingModel:
-    args = build_parser().parse_args(["compare", *COMPARE_ARGS, "--prompts", str(workdir / "prompts.txt"),
-                                      "--out", str(out)])
-    counting = CountingModel(model)
-    compare_mod.Comparison(compare_mod.settings_from_args(args), model=counting, log=lambda m: None).run()
+    _, counting = compare_counting([*COMPARE_ARGS, "--prompts", str(workdir / "prompts.txt"), "--out", str(out)], model)
     return counting
 
 
