@@ -42,6 +42,8 @@ from typing import Callable, Mapping, Optional, Sequence
 import attrs
 import torch
 
+from .json_file import read_json
+
 Measure = Callable[[torch.Tensor, int], Mapping[str, Optional[torch.Tensor]]]
 
 # Attention entries materialised at once while observing (per block of sampled queries).
@@ -344,14 +346,7 @@ class AttentionStatistics:
 
     @classmethod
     def load(cls, path: str | Path) -> "AttentionStatistics":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration file {str(path)!r} does not exist (make one with kvpolicy calibrate)")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"calibration file {str(path)!r} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "calibration file", " (make one with kvpolicy calibrate)"))
 
 
 def load_statistics(value) -> AttentionStatistics:

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from kvpolicy import ScaleSchedule, get_policy
+from kvpolicy.attention_stats import AttentionStatistics
+from policies.heatkv.schedule import HeatSchedule
 from policies.scalekv.budget_file import BudgetFile
 from policies.scalekv.calibration import CalibrationResult, ScaleKVStatsCollector
 
@@ -228,3 +230,22 @@ def test_a_calibration_for_another_model_is_refused_naming_where_it_came_from(tm
         kvpolicy.get_policy("scalekv", budget=40, calibration=path).plan(kvpolicy.ScaleSchedule([1, 2, 4, 6, 8, 12, 16]), 3)
     with pytest.raises(ValueError, match=r"calibration has 3 layers \(made for var-tiny-random.*\), the model 5"):
         kvpolicy.get_policy("scalekv", budget=3, calibration=path).plan(kvpolicy.ScaleSchedule([1, 2, 3, 4]), 5)
+
+
+@pytest.mark.parametrize("load,what,hint", [
+    (AttentionStatistics.load, "calibration file", " (make one with kvpolicy calibrate)"),
+    (CalibrationResult.load, "calibration file", ""),
+    (BudgetFile.load, "ScaleKV budget file", ""),
+    (HeatSchedule.load, "HeatKV schedule", ""),
+], ids=["statistics", "scalekv_calibration", "budget_file", "heatkv_schedule"])
+def test_every_json_file_a_user_names_fails_in_one_line_naming_it(tmp_path, load, what, hint):
+    missing = tmp_path / "missing.json"
+    with pytest.raises(FileNotFoundError) as info:
+        load(missing)
+    assert str(info.value) == f"{what} {str(missing)!r} does not exist{hint}"
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError) as info:
+        load(broken)
+    assert str(info.value).startswith(f"{what} {str(broken)!r} is not valid JSON: Expecting property name")
+    assert "\n" not in str(info.value)

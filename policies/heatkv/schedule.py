@@ -40,6 +40,7 @@ from typing import Mapping, Optional, Sequence
 import attrs
 
 from kvpolicy import CapacityPlan, ScaleSchedule
+from kvpolicy.json_file import read_json
 
 KIND = "heatkv-schedule"
 
@@ -266,14 +267,7 @@ class HeatSchedule:
 
     @classmethod
     def load(cls, path: str | Path) -> "HeatSchedule":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"HeatKV schedule {str(path)!r} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"HeatKV schedule {str(path)!r} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "HeatKV schedule"))
 
 
 def source_mass_measure(schedule: ScaleSchedule):

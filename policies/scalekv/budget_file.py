@@ -11,18 +11,9 @@ from typing import Optional
 import attrs
 
 from kvpolicy import CapacityPlan, ScaleSchedule
+from kvpolicy.json_file import read_json  # also importable from here (kvpolicy.calibration's migration note)
 
 from .allocation import DRAFTER, REFINER, compression_start
-
-def read_json(path: str | Path, what: str):
-    """A JSON file's content; a missing file or invalid JSON fails naming ``what`` and the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {exc}") from None
 
 
 # -- the released budget-file format -----------------------------------------------------------

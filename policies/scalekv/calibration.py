@@ -19,10 +19,11 @@ import torch
 
 from kvpolicy import CapacityPlan, ScaleSchedule
 from kvpolicy.attention_stats import AttentionStatsCollector
+from kvpolicy.json_file import read_json
 from kvpolicy.validators import check_choice, check_int_at_least
 
 from .allocation import _check_int, allocate, decision_scales, window_refiner_floor
-from .budget_file import BudgetFile, plan_to_budget_file, read_json
+from .budget_file import BudgetFile, plan_to_budget_file
 
 OPERATORS = ("multiplicative", "additive")
 
