@@ -35,6 +35,7 @@ nodes); this is checked before any work.
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import pickle
 import uuid
@@ -53,6 +54,13 @@ TEST_EXIT_ENV = "KVPOLICY_TEST_EXIT_AFTER_JOBS"
 TEST_EXIT_STATUS = 17
 
 T = TypeVar("T")
+
+# torch modules whose functions take ``torch.distributed.group.WORLD`` as a default argument value,
+# read when the module is imported. Imported after init_process_group (transformers imports them
+# when a model loads), they keep the process group alive after destroy_process_group: its gloo
+# threads then run into interpreter exit, which now and then aborts a rank with "terminate called
+# without an active exception". Imported before joining, they hold None.
+WORLD_AT_IMPORT = ("torch.distributed.nn", "torch.distributed.optim", "torch.distributed.fsdp")
 
 
 def launched_by_torchrun(environ: Mapping[str, str] = os.environ) -> bool:
@@ -281,6 +289,11 @@ def setup(device: str, backend: Optional[str] = None, timeout_minutes: Optional[
     hook = ExitHook(rank, environ)
     timeout = datetime.timedelta(minutes=timeout_minutes or DEFAULT_TIMEOUT_MINUTES)
     if not torch.distributed.is_initialized():
+        for name in WORLD_AT_IMPORT:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # not in this torch build: nothing can import it later either
+                pass
         torch.distributed.init_process_group(chosen, timeout=timeout)
     return Distributed(rank=rank, world_size=world, local_rank=local_rank, backend=chosen, exit_hook=hook)
 

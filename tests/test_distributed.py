@@ -156,6 +156,42 @@ def test_torchrun_calibrate_equals_one_process(workdir, capsys):
     assert json.loads((workdir / "sharded.json").read_text()) == single  # bit-identical statistics
 
 
+LEAVE_GROUP_WORKER = """
+import json, os, sys
+from benchmarks import distributed
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+    return sorted(name for name in names if "gloo" in name)
+
+dist = distributed.setup("cpu")
+from adapters import load_model
+load_model("infinity-tiny")  # as the commands do after joining (it imports transformers)
+joined = gloo_threads()
+dist.close()
+left = gloo_threads()
+with open(os.path.join(sys.argv[1], f"rank{dist.rank}.json"), "w") as report:  # one stdout holds both ranks
+    json.dump({"joined": joined, "left": left}, report)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the threads from /proc (Linux)")
+def test_leaving_the_group_after_loading_a_model_stops_gloo(workdir):
+    """A rank that loaded a model and left the group holds no gloo thread any more: a process group
+    kept alive past destroy_process_group (transformers' imports pinned it) ran its gloo threads into
+    interpreter exit and aborted a rank now and then ("terminate called without an active exception")."""
+    worker = workdir / "leave_group.py"
+    worker.write_text(LEAVE_GROUP_WORKER)
+    out = workdir / "leave_group"
+    out.mkdir()
+    run = _torchrun([str(out)], program=(str(worker),), timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["rank0.json", "rank1.json"]
+    for report in (json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)):
+        assert report["joined"], report  # the group's threads are there to be stopped (the check sees them)
+        assert report["left"] == [], report
+
+
 def test_an_error_on_rank_0_stops_every_rank_with_its_message(workdir):
     """Rank 0 prepares the output alone; the others must fail with its message, not wait forever."""
     blocker = workdir / "a-file"
