@@ -16,7 +16,8 @@ warm-up:
 - ``in place`` (drafters): the same call with ``in_place=True``, as ``KVCache(compaction="in_place")``
   makes it for a layer that evicts at most 1/8 of its tokens: the kept K/V moved to the front of
   the cache's own memory instead of a new allocation (inputs restored before each call, untimed);
-  checked identical too.
+  checked identical too. Where the layer evicts more (L = 10521) the cache copies instead, and the
+  table says so.
 - floors measured in the same run: for a refiner, one read of K (``keys.sum(-1)``) plus the top-k
   on (B, H, L) scores; for a drafter, writing the kept K and V (``gather_tokens`` of both).
 - ``product``: the release's one batched product of the 16 window queries with every key in its
@@ -37,7 +38,10 @@ On CPU, writing the kept K/V into fresh memory is mostly page faults: glibc serv
 above its mmap threshold (at most 32 MiB by default) with fresh pages that the kernel zeroes on
 first touch, and returns them on free. ``--keep-freed-memory`` raises glibc's mmap and trim
 thresholds (``mallopt``) so freed blocks are reused, as a caching allocator (CUDA's, jemalloc)
-would; every contender and floor benefits alike.
+would; every contender and floor benefits alike. Then each timed call follows an untimed call of
+the same function: otherwise a contender's large blocks often find the heap as the previous
+contender left it and are new memory again (measured: reference mode at B=16, L=6425, float32
+took 875-957 ms right after a release call, 302 ms after its own).
 """
 
 from __future__ import annotations
@@ -117,9 +121,12 @@ def cache_sizes_from_plan(plan, num_scales: int):
     return sizes
 
 
-def _median_interleaved(fns: dict, repeats: int, synchronize, setups: dict | None = None) -> dict:
+def _median_interleaved(fns: dict, repeats: int, synchronize, setups: dict | None = None,
+                        settle: bool = False) -> dict:
     """Median seconds of each function, called in turn after a warm-up; ``setups[name]`` (untimed)
-    runs before each call of ``name``."""
+    runs before each call of ``name``. ``settle``: each timed call follows an untimed call of the
+    same function, so that with freed memory kept it reuses its own freed blocks (a caching
+    allocator's steady state) rather than whatever the previous contender left."""
     setups = setups or {}
     for name, fn in fns.items():  # warm-up
         setups.get(name, lambda: None)()
@@ -128,6 +135,9 @@ def _median_interleaved(fns: dict, repeats: int, synchronize, setups: dict | Non
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if settle:
+                setups.get(name, lambda: None)()
+                fn()
             setups.get(name, lambda: None)()
             synchronize()
             t0 = time.perf_counter()
@@ -147,7 +157,7 @@ def keep_freed_memory() -> None:
         raise SystemExit("error: --keep-freed-memory: glibc refused mallopt")
 
 
-def run_case(*, batch, scale, layer, flow, repeats, device, release_cls, policy, plan):
+def run_case(*, batch, scale, layer, flow, repeats, device, release_cls, policy, plan, settle=False):
     schedule = infinity_schedule(1024)
     key_dtype, value_dtype, query_dtype, autocast = FLOWS[flow]
     length, n = schedule.cumulative[scale], schedule.tokens(scale)
@@ -220,7 +230,7 @@ def run_case(*, batch, scale, layer, flow, repeats, device, release_cls, policy,
         fns["floor_read"] = lambda: keys.sum(dim=-1)
         fns["floor_topk"] = lambda: scores.topk(capacity - 16, dim=-1)
     sync = torch.cuda.synchronize if keys.device.type == "cuda" else (lambda: None)
-    t = _median_interleaved(fns, repeats, sync, setups)
+    t = _median_interleaved(fns, repeats, sync, setups, settle)
     floor = t["floor"] if drafter else t["floor_read"] + t["floor_topk"]
     return {
         "B": batch, "L": length, "scale": scale, "layer": layer, "role": "drafter" if drafter else "refiner",
@@ -245,12 +255,17 @@ def table(rows, source: str) -> str:
     def optional(value, form):
         return "-" if value is None else form.format(value)
 
+    def cache_copies(r):  # KVCache(compaction="in_place") compacts only layers that evict <= 1/8
+        evicted = r["L"] - r["capacity"]
+        return f" (the cache copies: evicts {evicted / r['L']:.0%})" if r.get("in_place_ms") and evicted * 8 > r["L"] else ""
+
     for r in rows:
         lines.append(f"| {r['B']} | {r['L']} | {r['role']} (layer {r['layer']}) | {r['capacity']} | {r['flow']} | "
                      f"{'yes' if r['identical'] else 'NO: ' + r['detail']} | {r['release_ms']:.1f} | {r['ours_ms']:.1f} | "
                      f"{r['floor_ms']:.1f} ({r['floor_kind']}) | {r['speedup']:.2f}x | {r['ours_over_floor']:.2f}x | "
                      f"{r['product_ms']:.1f} | {r['product_over_floor']:.2f}x | {r['ours_over_product']:.2f}x | "
-                     f"{optional(r.get('in_place_ms'), '{:.1f}')} | {optional(r.get('speedup_in_place'), '{:.2f}x')} | "
+                     f"{optional(r.get('in_place_ms'), '{:.1f}')}{cache_copies(r)} | "
+                     f"{optional(r.get('speedup_in_place'), '{:.2f}x')} | "
                      f"{optional(r.get('in_place_over_floor'), '{:.2f}x')} |")
     return "\n".join(lines)
 
@@ -293,7 +308,8 @@ def main(argv=None):
             for batch in args.batches:
                 for flow in args.flows:
                     row = run_case(batch=batch, scale=scale, layer=layer, flow=flow, repeats=args.repeats,
-                                   device=args.device, release_cls=release_cls, policy=policy, plan=plan)
+                                   device=args.device, release_cls=release_cls, policy=policy, plan=plan,
+                                   settle=args.keep_freed_memory)
                     rows.append(row)
                     print(table([row], source).splitlines()[-1], flush=True)
     text = table(rows, source)

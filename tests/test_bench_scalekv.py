@@ -25,7 +25,7 @@ def test_restated_release_and_reference_mode_agree(flow, layer):
     policy = get_policy("scalekv", mode="reference", budget_file=str(released_budget_file("infinity-2b-10%")))
     plan = policy.plan(infinity_schedule(1024), 32)
     row = bench_scalekv.run_case(batch=1, scale=9, layer=layer, flow=flow, repeats=1, device="cpu",
-                                 release_cls=None, policy=policy, plan=plan)
+                                 release_cls=None, policy=policy, plan=plan, settle=layer == 0)
     assert row["identical"], row["detail"]
     assert row["capacity"] == plan.capacity(9, layer) and row["L"] == 2521
     assert row["role"] == ("refiner" if layer else "drafter")

@@ -40,7 +40,7 @@ always kept; every other token is scored by the window queries, pooled along the
   columns −∞, summed over the window rows, max pooling (or "avg" as released), window −∞ again, a
   sorted ``torch.topk`` on the (B, H, L) scores. The same operations on the same dtypes and layout
   keep the same tokens as the release, ties on pooling plateaus included, in float32, bfloat16
-  and the mixed flow (tests/test_scalekv_reference_exact.py; ``python -m benchmarks.bench_scalekv
+  and the mixed flow (tests/test_scalekv_reference_exact.py; ``python scripts/bench_scalekv.py
   --release DIR`` checks it against the released code itself). Only the work around that
   arithmetic is vectorised differently (window positions once for all rows and heads, the window
   columns masked in the summed scores, the keys proved finite by those scores).
