@@ -143,7 +143,15 @@ def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 _COMPACT_ROWS = 8192
 
 
-def compact_tokens_(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def _compaction_sources(indices: torch.Tensor, length: int) -> tuple[torch.Tensor, int]:
+    """``compact_tokens_``'s flattened source rows (B·H·k,) and its chunk size."""
+    batch, heads, _ = indices.shape
+    row_starts = torch.arange(batch * heads, device=indices.device).view(batch, heads, 1) * length
+    sources = (indices + row_starts).reshape(-1)
+    return sources, max(1, min(_COMPACT_ROWS, sources.numel()))
+
+
+def compact_tokens_(tensor: torch.Tensor, indices: torch.Tensor, *, chunk_firsts: list | None = None) -> torch.Tensor:
     """In place: (B, H, L, D) contiguous ``tensor``'s rows at ``indices`` (B, H, k), ascending in
     every (row, head), moved to the front of its own memory -> a (B, H, k, D) view of it. The same
     values as ``gather_tokens``, written into memory that is already mapped (a fresh allocation on
@@ -154,19 +162,21 @@ def compact_tokens_(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor
     Flattened, kept row r (= (b·H + h)·k + j) comes from source row s(r) = (b·H + h)·L + indices[b,
     h, j] >= r, and s grows with r; so copying the rows in chunks in order of r never overwrites a
     row that a later chunk still reads. A chunk whose first source lies past its own rows is read
-    straight into place; one that overlaps its sources goes through a small buffer.
+    straight into place; one that overlaps its sources goes through a small buffer. Which is which
+    takes one device->host read of every chunk's first source, unless the caller read them already
+    (``chunk_firsts``: ``compress`` reads them with its checks, for keys and values at once).
     """
     batch, heads, length, dim = tensor.shape
     if not tensor.is_contiguous():
         raise ValueError("compact_tokens_ needs a contiguous tensor (it reuses the tensor's own memory)")
     kept = indices.shape[2]
     flat = tensor.view(batch * heads * length, dim)
-    row_starts = torch.arange(batch * heads, device=indices.device).view(batch, heads, 1) * length
-    sources = (indices + row_starts).reshape(-1)
+    sources, step = _compaction_sources(indices, length)
     total = sources.numel()
-    step = max(1, min(_COMPACT_ROWS, total))
+    if chunk_firsts is None:
+        chunk_firsts = sources[::step].tolist()
     stage = None
-    for start, first in zip(range(0, total, step), sources[::step].tolist()):  # one device->host read
+    for start, first in zip(range(0, total, step), chunk_firsts):
         stop = min(total, start + step)
         chunk = sources[start:stop]
         if first >= stop:  # the sources lie after the rows written: index_select sees disjoint memory
@@ -246,13 +256,49 @@ def compress(policy: Policy, keys: torch.Tensor, values: torch.Tensor, *, schedu
         selection = policy.select(keys.padded(length), values.padded(length), ctx)
     else:
         selection = policy.select(keys, values, ctx)
+    return _use_selection(policy, keys, values, ctx, selection, head_caps=head_caps, fits=fits, keep_all=keep_all,
+                          in_place=in_place)
+
+
+def _one_bool(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.bool
+
+
+def _use_selection(policy, keys, values, ctx, selection, *, head_caps, fits, keep_all, in_place) -> CompressionResult:
+    """Check ``selection`` and keep it. Every device value the checks need (finite inputs, valid
+    indices, the policy's ``redo_if``) is read in ONE device->host sync per call; only when that
+    read fails do the checks read again to say which failed (and ``redo()`` replaces the selection)."""
+    batch, heads, length, _ = _shape(keys)
+    capacity, queries, raw_queries = ctx.capacity, ctx.queries, ctx.raw_queries
+    scale, layer = ctx.scale, ctx.layer
+    ragged_in = isinstance(keys, Ragged)
     proof = selection.keys_finite
-    if proof is not None and not (isinstance(proof, torch.Tensor) and proof.numel() == 1
-                                  and proof.dtype == torch.bool):
+    if proof is not None and not _one_bool(proof):
         raise RuntimeError(f"policy {policy.name!r} returned keys_finite={proof!r}; need a one-element bool tensor")
+    redo_if = selection.redo_if
+    if (redo_if is None) != (selection.redo is None) or (redo_if is not None and not (
+            _one_bool(redo_if) and callable(selection.redo))):
+        raise RuntimeError(f"policy {policy.name!r} returned redo_if={redo_if!r} and redo={selection.redo!r}; need "
+                           "both or neither: a one-element bool tensor and a callable returning a Selection")
     # Keys the policy proved finite while scoring are not read again (one pass over the cache saved).
     finite = _finite(keys, queries, raw_queries) if proof is None else (
         _finite(None, queries, raw_queries).to(proof.device) & proof.reshape(()))
+    if redo_if is not None:
+        redo_if = redo_if.reshape(()).to(finite.device)
+
+    def passed(*flags) -> torch.Tensor:
+        """The flags and-ed with ``finite`` and "no redo": the one value read on the common path."""
+        ok = finite
+        for flag in flags:
+            ok = ok & flag.to(finite.device)
+        return ok if redo_if is None else ok & ~redo_if
+
+    def redone():
+        """On a failing read only: the policy's replacement selection when it asked for one, else None."""
+        if redo_if is not None and bool(redo_if):
+            return _use_selection(policy, keys, values, ctx, selection.redo(), head_caps=head_caps, fits=fits,
+                                  keep_all=keep_all, in_place=in_place)
+        return None
 
     def confirm_finite(finite):
         """On a failing check only: a proof that failed proves nothing (finite keys whose products
@@ -262,7 +308,11 @@ def compress(policy: Policy, keys: torch.Tensor, values: torch.Tensor, *, schedu
         _check_finite(finite, policy, scale, layer)
 
     if selection.indices is None:
-        confirm_finite(finite)
+        if not bool(passed()):
+            result = redone()
+            if result is not None:
+                return result
+            confirm_finite(finite)
         if not fits():
             raise RuntimeError(f"policy {policy.name!r} kept all {length} tokens over capacity "
                                f"{capacity if head_caps is None else list(head_caps)}")
@@ -278,24 +328,36 @@ def compress(policy: Policy, keys: torch.Tensor, values: torch.Tensor, *, schedu
             raise RuntimeError(f"policy {policy.name!r} kept {kept} tokens over capacity {capacity}")
         # One device->host sync per call (this runs once per layer and scale): ascending rows lie in
         # range iff their first index is >= 0 and their last < length.
-        if not kept:
+        index_ok = ((indices[..., 1:] > indices[..., :-1]).all() & (indices[..., 0] >= 0).all()
+                    & (indices[..., -1] < length).all()) if kept else None
+        ok = passed() if index_ok is None else passed(index_ok)
+        compact = in_place and keys.is_contiguous() and values.is_contiguous()
+        if compact:  # the in-place move's chunk starts come back in the same read
+            sources, step = _compaction_sources(indices, length)
+            ok, *firsts = torch.cat([ok.to(sources.device).reshape(1), sources[::step]]).tolist()
+        else:
+            ok = bool(ok)
+        if not ok:
+            result = redone()
+            if result is not None:
+                return result
             confirm_finite(finite)
-        if kept:
-            index_ok = ((indices[..., 1:] > indices[..., :-1]).all() & (indices[..., 0] >= 0).all()
-                        & (indices[..., -1] < length).all())
-            if not bool(finite & index_ok):
-                confirm_finite(finite)
-                if not bool(index_ok):
-                    raise RuntimeError(f"policy {policy.name!r} returned indices that are not unique, ascending and "
-                                       f"in 0..{length - 1}")
-        keep = compact_tokens_ if in_place and keys.is_contiguous() and values.is_contiguous() else gather_tokens
-        return CompressionResult(keep(keys, indices), keep(values, indices), indices,
+            if index_ok is not None and not bool(index_ok):
+                raise RuntimeError(f"policy {policy.name!r} returned indices that are not unique, ascending and "
+                                   f"in 0..{length - 1}")
+        if compact:
+            moved_keys = compact_tokens_(keys, indices, chunk_firsts=firsts)
+            moved_values = compact_tokens_(values, indices, chunk_firsts=firsts)
+        else:
+            moved_keys, moved_values = gather_tokens(keys, indices), gather_tokens(values, indices)
+        return CompressionResult(moved_keys, moved_values, indices,
                                  selection.state, capacity, torch.full((batch, heads), kept, dtype=torch.long,
                                                                        device=keys.device), head_caps)
-    return _ragged_result(policy, keys, values, ctx, selection, head_caps, finite, confirm_finite)
+    return _ragged_result(policy, keys, values, ctx, selection, head_caps, finite, confirm_finite, passed, redone)
 
 
-def _ragged_result(policy, keys, values, ctx, selection, head_caps, finite, confirm_finite) -> CompressionResult:
+def _ragged_result(policy, keys, values, ctx, selection, head_caps, finite, confirm_finite, passed,
+                   redone) -> CompressionResult:
     """Check a per-(row, head) selection and keep it: dense when every (row, head) keeps the same
     count, a Ragged otherwise."""
     indices = selection.indices
@@ -314,9 +376,14 @@ def _ragged_result(policy, keys, values, ctx, selection, head_caps, finite, conf
     real = torch.arange(kept, device=device) < lengths.unsqueeze(-1)
     ascending = (indices[..., 1:] > indices[..., :-1]) | ~real[..., 1:]
     in_range = ((indices >= low) & (indices < ctx.length)) | ~real
-    host = lengths.tolist()  # the one device->host sync of this path
     index_ok = ascending.all() & in_range.all()
-    if not bool(index_ok & finite):
+    # The one device->host sync of this path: the lengths and the checks' flag in one read.
+    *host, ok = torch.cat([lengths.reshape(-1), passed(index_ok).to(lengths.device).reshape(1)]).tolist()
+    host = [host[b * heads:(b + 1) * heads] for b in range(batch)]
+    if not ok:
+        result = redone()
+        if result is not None:
+            return result
         confirm_finite(finite)
         if not bool(index_ok):
             raise RuntimeError(f"policy {policy.name!r} returned indices that are not unique, ascending and in range "

@@ -20,7 +20,7 @@ which resets it for every generation.
 from __future__ import annotations
 
 import pathlib
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import attrs
 import torch
@@ -108,12 +108,20 @@ class Selection:
     proved every key finite (a score that reads every key gets this almost for free: a NaN or ±inf
     key makes its dot products NaN or ±inf). ``compress`` then skips its own read of the keys
     (one pass over the cache); False proves nothing and ``compress`` reads the keys itself.
+
+    ``redo_if`` and ``redo``, optional, together: a check the policy leaves to ``compress``'s one
+    device->host read (instead of reading a device value itself, a host sync each): ``redo_if`` a
+    one-element bool tensor, True where this selection must not be used, and ``redo()`` returning
+    the ``Selection`` to use then (it may read the device; it runs only on that rare path, before
+    ``compress``'s own checks of the result).
     """
 
     indices: Optional[torch.Tensor]
     state: Any = None
     lengths: Optional[torch.Tensor] = None
     keys_finite: Optional[torch.Tensor] = attrs.field(default=None, kw_only=True)
+    redo_if: Optional[torch.Tensor] = attrs.field(default=None, kw_only=True)
+    redo: Optional[Callable[[], "Selection"]] = attrs.field(default=None, kw_only=True)
 
 
 @attrs.define(kw_only=True)

@@ -184,7 +184,7 @@ class Ragged:
         shift = self.offsets[:-1].view(self.heads, self.batch, 1)
         if padding is not None:
             shift = shift - padding.t().unsqueeze(-1)
-        source = (flat + shift)[keep]
+        source = _kept(flat + shift, keep, host_lengths)
         return Ragged(self.data.index_select(0, source), lengths, host_lengths)
 
 
@@ -196,8 +196,17 @@ def gather_ragged(dense: torch.Tensor, indices: torch.Tensor, lengths: torch.Ten
     keep = torch.arange(flat.shape[2], device=dense.device) < lengths.t().unsqueeze(-1)
     base = (torch.arange(batch, device=dense.device) * heads).view(1, batch, 1) \
         + torch.arange(heads, device=dense.device).view(heads, 1, 1)  # (b * H + h) in the (B, H) layout
-    source = (flat + base * length)[keep]
+    source = _kept(flat + base * length, keep, host_lengths)
     return Ragged(dense.reshape(-1, dim).index_select(0, source), lengths, host_lengths)
+
+
+def _kept(positions: torch.Tensor, keep: torch.Tensor, host_lengths: Optional[list]) -> torch.Tensor:
+    """``positions[keep]`` in order; with the lengths known on the host its size is too, and
+    ``nonzero_static`` finds the kept entries without a device->host sync (boolean indexing syncs)."""
+    if host_lengths is None:
+        return positions[keep]
+    total = sum(sum(map(int, row)) for row in host_lengths)
+    return positions.reshape(-1).index_select(0, torch.nonzero_static(keep.reshape(-1), size=total).squeeze(1))
 
 
 def ragged_attention(queries: torch.Tensor, keys: Ragged, values: Ragged, *, scale: float = 1.0,

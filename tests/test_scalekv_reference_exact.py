@@ -242,7 +242,10 @@ def test_ascending_union_equals_appending_and_sorting(keep, monkeypatch):
     masked = scores.clone().index_fill_(-1, window, float("-inf"))
     top = masked.topk(keep, dim=-1, sorted=False).indices
     expected = torch.cat([top, window.expand(3, 5, -1)], -1).sort(-1).values
-    assert torch.equal(released_scores._ascending_union(top, window, length), expected)
+    union, overlap = released_scores._ascending_union(top, window, length)
+    assert torch.equal(union, expected) and not bool(overlap)
+    assert bool(released_scores._ascending_union(top[..., :-1].clone().index_fill_(-1, torch.tensor([0]), int(window[0])),
+                                                 window, length)[1])  # a window position in the top-k: overlap
     monkeypatch.setattr(released_scores, "_MASK_KEEP_FRACTION", 10 ** 9)  # always the mask path
     assert torch.equal(released_scores.released_topk(masked, window, keep + 16), expected)
     unmasked = scores.topk(keep, dim=-1, sorted=False).indices  # may hold window positions

@@ -18,7 +18,8 @@ from kvpolicy import CapacityPlan, ScoredPolicy, Selection
 from kvpolicy.scoring import _check_forced, attention_scores, group_queries, pool_scores, topk_per_head, topk_with_forced
 from kvpolicy.validators import check_choice
 
-from .released_scores import released_pooled_scores_checked, released_topk, released_window_logits
+from .released_scores import (released_pooled_scores_checked, released_topk, released_topk_deferred,
+                              released_window_logits)
 from .options import (PATCH_WINDOW_MODES, check_odd_kernel, check_square_window, check_window_fits, mask_padding,
                       pooling_option)
 
@@ -58,6 +59,25 @@ def window_queries(queries: torch.Tensor, window: torch.Tensor, current_start: i
         raise ValueError(f"window position {int(local.max()) + current_start} is past the current map "
                          f"({queries.shape[2]} queries from position {current_start})")
     return queries.index_select(2, local.to(queries.device))
+
+
+def _window_query_rows(h: int, w: int, size: int, start: int, length: int, n_queries: int, device) -> torch.Tensor:
+    """``window_queries``' rows (window positions in the current map, minus ``start``) from the
+    window's geometry alone: no read of the window tensor (a device->host sync each on a GPU). Grid
+    centres always lie in the map; the small-map fallback window is the last ``size`` positions
+    before ``length``."""
+    grid = math.isqrt(size)
+    if h >= grid and w >= grid:
+        rows = observation_window_positions(h, w, size, 0, device=device)
+        last = ((grid - 1) * (h // grid) + (h // grid - 1) // 2) * w + (grid - 1) * (w // grid) + (w // grid - 1) // 2
+    else:
+        first = max(length - min(size, length), start)
+        rows = torch.arange(first - start, length - start, device=device)
+        last = length - 1 - start
+    if rows.numel() and last >= n_queries:
+        raise ValueError(f"window position {last + start} is past the current map "
+                         f"({n_queries} queries from position {start})")
+    return rows
 
 
 def summed_window_logits(window_q: torch.Tensor, keys: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
@@ -120,17 +140,25 @@ def topk_plus_forced_exact(scores: torch.Tensor, forced: torch.Tensor, capacity:
     into −inf scores (fewer finite candidates than slots, where the reference would return a forced
     position twice), it falls back to ``topk_with_forced``.
     """
+    indices, redo_if, redo = topk_plus_forced_exact_deferred(scores, forced, capacity)
+    return redo() if bool(redo_if) else indices
+
+
+def topk_plus_forced_exact_deferred(scores: torch.Tensor, forced: torch.Tensor, capacity: int):
+    """``topk_plus_forced_exact`` without reading the device: (indices, ``redo_if``, ``redo``),
+    ``redo_if`` a 0-d bool tensor, True when the top-k reached into −∞/NaN scores and ``redo()``
+    (``topk_with_forced``) gives the selection (``Selection.redo_if``/``redo``)."""
     batch, heads, length = scores.shape
+    no_redo = torch.zeros((), dtype=torch.bool, device=scores.device)
     n_forced = _check_forced(scores, forced, capacity)
     if n_forced is None:
-        return torch.arange(length, device=scores.device).expand(batch, heads, length).clone()
+        return torch.arange(length, device=scores.device).expand(batch, heads, length).clone(), no_redo, None
     keep = min(capacity - n_forced, length - n_forced)
     # Unsorted: torch.topk picks its set before ordering it (ties included), and we sort indices anyway.
     top = scores.topk(keep, dim=-1, sorted=False)
-    if keep and bool(torch.isneginf(top.values).any() | torch.isnan(top.values).any()):
-        return topk_with_forced(scores, forced, capacity)
+    redo_if = (torch.isneginf(top.values).any() | torch.isnan(top.values).any()).reshape(()) if keep else no_redo
     chosen = torch.cat([top.indices, forced.to(scores.device).view(1, 1, -1).expand(batch, heads, -1)], dim=-1)
-    return chosen.sort(dim=-1).values
+    return chosen.sort(dim=-1).values, redo_if, lambda: topk_with_forced(scores, forced, capacity)
 
 
 def observation_window_scores(keys: torch.Tensor, ctx, *, raw: bool, window_size: int = 16, kernel_size: int = 5,
@@ -150,15 +178,16 @@ def _observation_window_scores(keys, ctx, *, raw, window_size, kernel_size, pool
     window = observation_window_positions(h, w, window_size, ctx.current_start, length=ctx.length,
                                           device=keys.device)
     valid = ctx.valid_mask()
+    rows = _window_query_rows(h, w, window_size, ctx.current_start, ctx.length, ctx.n_current, keys.device)
     if raw:
-        q = window_queries(ctx.raw_queries, window, ctx.current_start)
+        q = ctx.raw_queries.index_select(2, rows)
         if valid is None:  # the released arithmetic, operation for operation
             pooled, keys_finite = released_pooled_scores_checked(q, keys, window, kernel_size=kernel_size,
                                                                  pooling=pooling)
             return pooled, window, keys_finite
         scores = released_window_logits(q, keys, window)
     else:
-        q = window_queries(ctx.queries, window, ctx.current_start)
+        q = ctx.queries.index_select(2, rows)
         scores = attention_scores(q, keys, softmax=True, valid=valid)
     if valid is not None:
         scores = mask_padding(scores, valid, pooling)
@@ -233,9 +262,11 @@ class PatchWindowSelector(ScoredPolicy):
             return Selection(None, ctx.state)
         pooled, window, keys_finite = self._scores(keys, ctx)
         budgets = self.head_budgets(pooled, window, ctx)
-        if budgets is None:  # layer-wise: the released tie-for-tie top-k
-            pick = released_topk if self.mode == "reference" else topk_plus_forced_exact
-            return Selection(pick(pooled, window, ctx.capacity), ctx.state, keys_finite=keys_finite)
+        if budgets is None:  # layer-wise: the released tie-for-tie top-k, its check left to compress's one read
+            pick = released_topk_deferred if self.mode == "reference" else topk_plus_forced_exact_deferred
+            indices, redo_if, redo = pick(pooled, window, ctx.capacity)
+            return Selection(indices, ctx.state, keys_finite=keys_finite, redo_if=redo_if if redo else None,
+                             redo=redo and (lambda: Selection(redo(), ctx.state, keys_finite=keys_finite)))
         indices, lengths = topk_per_head(pooled, budgets, forced=window, valid=ctx.valid_mask())
         return Selection(indices, ctx.state, lengths, keys_finite=keys_finite)
 

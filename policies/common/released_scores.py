@@ -191,19 +191,40 @@ def released_topk(scores: torch.Tensor, window: torch.Tensor, capacity: int) -> 
     skips a sort that took 59 of 60 ms for a drafter (k = 6369 of 6425, B = 2, H = 16, one thread).
     Other devices keep the released sorted call: their top-k algorithms were not checked here.
     """
+    indices, redo_if, redo = released_topk_deferred(scores, window, capacity)
+    return redo() if bool(redo_if) else indices
+
+
+def released_topk_deferred(scores: torch.Tensor, window: torch.Tensor, capacity: int):
+    """``released_topk`` without reading the device: (indices, ``redo_if``, ``redo``), where
+    ``redo_if`` is a 0-d bool tensor, True when ``indices`` must be replaced by ``redo()`` (the
+    top-k reached into −∞/NaN scores, or a top-k position is also a window position) — what
+    ``Selection.redo_if``/``redo`` hand to ``compress``'s one device->host read."""
     batch, heads, length = scores.shape
     keep = min(capacity - window.numel(), length - window.numel())
     top = scores.topk(keep, dim=-1, sorted=scores.device.type != "cpu")
-    if keep and bool(torch.isneginf(top.values).any() | torch.isnan(top.values).any()):
-        # Fewer finite candidates than slots (average pooling spreads the window's −∞ to its
-        # neighbours on small maps): the release would keep a window token twice; keep unique tokens.
-        return topk_with_forced(scores, window.to(scores.device), capacity)
     window = window.to(scores.device)
+    if keep:
+        not_finite = (torch.isneginf(top.values).any() | torch.isnan(top.values).any()).reshape(())
+    else:
+        not_finite = torch.zeros((), dtype=torch.bool, device=scores.device)
+
+    def fallback():
+        if bool(not_finite):
+            # Fewer finite candidates than slots (average pooling spreads the window's −∞ to its
+            # neighbours on small maps): the release would keep a window token twice; keep unique tokens.
+            return topk_with_forced(scores, window, capacity)
+        return _appended_and_sorted(top.indices, window)
+
     if scores.device.type == "cpu" and keep * _MASK_KEEP_FRACTION >= length:
-        union = _ascending_union(top.indices, window, length)
-        if union is not None:
-            return union
-    chosen = torch.cat([top.indices, window.view(1, 1, -1).expand(batch, heads, -1)], dim=-1)
+        union, overlap = _ascending_union(top.indices, window, length)
+        return union, not_finite | overlap, fallback
+    return _appended_and_sorted(top.indices, window), not_finite, fallback
+
+
+def _appended_and_sorted(top: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    batch, heads, _ = top.shape
+    chosen = torch.cat([top, window.view(1, 1, -1).expand(batch, heads, -1)], dim=-1)
     return chosen.sort(dim=-1).values
 
 
@@ -212,17 +233,21 @@ def released_topk(scores: torch.Tensor, window: torch.Tensor, capacity: int) -> 
 _MASK_KEEP_FRACTION = 8
 
 
-def _ascending_union(top: torch.Tensor, window: torch.Tensor, length: int) -> torch.Tensor:
-    """(B, H, k) unique positions plus the window -> (B, H, k + |window|) ascending, by marking them
-    in a (B·H·L) bool mask and reading its set positions in order; None where they overlap (scores
-    whose window was not at −∞: the caller's sort then keeps the duplicates, as the release would)."""
+def _ascending_union(top: torch.Tensor, window: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, k) unique positions plus the window -> ((B, H, k + |window|) ascending, a 0-d bool
+    that is True where they overlap), by marking them in a (B·H·L) bool mask and reading its set
+    positions in order into a tensor of the size they have without overlap (``nonzero_static``: no
+    device read). Where they overlap (scores whose window was not at −∞) the positions are wrong
+    and the caller appends and sorts instead (keeping the duplicates, as the release would)."""
     batch, heads, _ = top.shape
     mask = torch.zeros(batch, heads, length, dtype=torch.bool, device=top.device)
     mask.scatter_(2, top, True)
     if window.numel():
         mask.index_fill_(-1, window, True)
-    flat = mask.view(-1).nonzero()
-    if flat.shape[0] != batch * heads * (top.shape[2] + window.numel()):
-        return None
+    expected = batch * heads * (top.shape[2] + window.numel())
+    flat = torch.nonzero_static(mask.view(-1), size=expected, fill_value=-1)
+    # Fewer marked positions than expected (an overlap) leave the fill value at the end.
+    overlap = (flat[-1, 0] < 0) if expected else torch.zeros((), dtype=torch.bool, device=top.device)
     flat = flat.view(batch, heads, -1)
-    return flat.sub_(torch.arange(0, batch * heads * length, length, device=top.device).view(batch, heads, 1))
+    union = flat.sub_(torch.arange(0, batch * heads * length, length, device=top.device).view(batch, heads, 1))
+    return union, overlap
