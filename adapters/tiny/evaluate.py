@@ -95,11 +95,27 @@ def save_grid(images, path: Path, columns: int = 8, side: int = 64) -> None:
     grid.save(path)
 
 
-def run(out: Path, *, pairs: int = 96, singles: int = 72, seed: int = 0, models: Optional[Sequence[str]] = None,
-        threads: int = 1, random_conditions: int = 36) -> dict:
-    import torch
-
+def load_trained(name: str, weights_dir: Optional[Path] = None):
+    """A trained tiny preset, from the package or from a ``kvpolicy train-tiny`` weights folder
+    (``OUT/weights``, holding ``<preset>/`` subfolders)."""
     from adapters import load_model
+
+    if weights_dir is None or name.endswith("-random"):
+        return load_model(name)
+    folder = Path(weights_dir) / name
+    if name == "infinity-tiny":
+        from adapters.infinity.config import TRAINED_TINY_CONFIG as c
+        from adapters.infinity.text import trained_text_encoder
+
+        text = trained_text_encoder(folder / "text_encoder.safetensors", c.text_channels, max_length=c.text_maxlen)
+        return load_model(name, weights=str(folder / "transformer.safetensors"),
+                          vae_weights=str(folder / "vae.safetensors"), text_encoder=text)
+    return load_model(name, weights=str(folder / "var.safetensors"), vae_weights=str(folder / "vqvae.safetensors"))
+
+
+def run(out: Path, *, pairs: int = 96, singles: int = 72, seed: int = 0, models: Optional[Sequence[str]] = None,
+        threads: int = 1, random_conditions: int = 36, weights_dir: Optional[Path] = None) -> dict:
+    import torch
 
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +127,7 @@ def run(out: Path, *, pairs: int = 96, singles: int = 72, seed: int = 0, models:
     results["ground_truth"] = {"text_to_image": gt_pairs, "class_conditional": gt_singles}
     for name in models:
         started = time.perf_counter()
-        model = load_model(name)
+        model = load_trained(name, weights_dir)
         # the random presets decode 256x256 images (slow on a CPU) and only need to show chance level
         limit = random_conditions if name.endswith("-random") else None
         if name.startswith("infinity"):
@@ -204,6 +220,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--random-conditions", type=int, default=36,
                         help="conditions for the *-tiny-random presets (the first ones of the same lists)")
+    parser.add_argument("--weights-dir", default=None, metavar="DIR",
+                        help="read the trained presets from a `kvpolicy train-tiny` run (its OUT/weights folder) "
+                             "instead of the package")
     parser.add_argument("--calibrations", default=None, metavar="NAME=PATH,...",
                         help="also write selectivity.md from these `kvpolicy calibrate` files")
     args = parser.parse_args(argv)
@@ -219,8 +238,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.models == "none":
             return 0
     models = args.models.split(",") if args.models else None
+    if args.weights_dir is not None:
+        wanted = [m for m in (models or INFINITY_MODELS + VAR_MODELS) if not m.endswith("-random")]
+        missing = [m for m in wanted if not (Path(args.weights_dir) / m).is_dir()]
+        if missing:
+            parser.error(f"--weights-dir {args.weights_dir!r} has no {', '.join(missing)} folder (expected a "
+                         "`kvpolicy train-tiny` OUT/weights folder); pick --models accordingly")
     results = run(Path(args.out), pairs=args.pairs, singles=args.singles, seed=args.seed, models=models,
-                  threads=args.threads, random_conditions=args.random_conditions)
+                  threads=args.threads, random_conditions=args.random_conditions,
+                  weights_dir=None if args.weights_dir is None else Path(args.weights_dir))
     print(markdown(results))
     return 0
 
