@@ -70,7 +70,7 @@ def diagnose(model, encoder, pairs, scales: int = 5) -> dict:
     out = {"scales": [f"{h}x{w}" for h, w in shapes]}
     predicted = {}
     for name, prompts in (("true", features), ("shuffled", model.encode(shuffled)), ("unconditional", uncond)):
-        logits = model.teacher_forced_logits(prompts, bits, cfg=1.0)
+        logits = model.teacher_forced_logits(prompts, bits, cfg=1.0, aspect_ratio=1.0)
         pred = [l.argmax(-1).view(b.shape).to(torch.uint8) for l, b in zip(logits, bits)]
         out[f"bit_accuracy_{name}"] = [float((p == b).float().mean()) for p, b in zip(pred, bits)]
         predicted[name] = (pred, logits)

@@ -219,6 +219,14 @@ def test_self_correction_targets_correct_the_flipped_prefix():
         residual = F.interpolate(z - summed, size=shape, mode="area") if shape != (16, 16) else z - summed
         assert torch.equal(target, (residual > 0).permute(0, 2, 3, 1).to(torch.uint8))
         summed = summed + resize_codes(bits_to_codes(given, 16), (16, 16))
+    # one strength per scale (missing scales: none): only the 2x2 and 4x4 inputs are flipped, and the
+    # rates are drawn per image
+    z = torch.randn(64, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+    targets, inputs = T.self_correcting_bits(z, shapes, (0.0, 0.5, 0.2), torch.Generator().manual_seed(1))
+    flipped = [(t != i).float().flatten(1).mean(1) for t, i in zip(targets, inputs)]
+    assert float(flipped[0].max()) == 0 and all(float(f.max()) == 0 for f in flipped[3:])
+    assert 0.3 < float(flipped[1].max()) <= 0.5 + 0.15 and float(flipped[2].max()) <= 0.2 + 0.1
+    assert float(flipped[1].std()) > 0.05  # per-image rates, not one rate for the batch
 
 
 def test_selectivity_table_reads_both_calibration_file_formats():
@@ -239,3 +247,37 @@ def test_selectivity_table_reads_both_calibration_file_formats():
     legacy = json.loads(old.read_text())
     cell = f"{legacy['current_ratio'][0][1]:.2f} / {legacy['history_topk'][0][1]:.2f}"
     assert ("| 0 | " + cell) in text.split("**random**")[1]
+
+
+def test_caption_places_mark_each_colour_word_with_where_its_caption_puts_the_shape():
+    tokenizer = T.caption_tokenizer()
+    scene_list = [scenes.sample_scene(0, i) for i in range(40)]
+    places = T.caption_places(tokenizer, scene_list, 20)
+    assert {s.relation for s in scene_list} == set(scenes.RELATIONS)
+    for scene, row in zip(scene_list, places.tolist()):
+        words = scene.caption.split()
+        marked = {i: T.PLACES[p] for i, p in enumerate(row) if p != -100}
+        first, second = scene.shapes
+        assert sorted(marked) == [words.index(first.colour), words.index(second.colour)]
+        # independent reading: the shape's centre lies in the named half
+        for shape in scene.shapes:
+            place = marked[words.index(shape.colour)]
+            coordinate = shape.cx if place in ("left", "right") else shape.cy
+            assert (coordinate < 0.5) == (place in ("left", "top"))
+
+
+def test_the_text_encoder_starts_position_aware_and_cross_attention_starts_selective():
+    encoder = T.new_text_encoder(3)
+    biases = [m.relative_attention_bias.weight for m in encoder.modules()
+              if getattr(m, "has_relative_attention_bias", False)]
+    assert biases and all(1.5 < float(b.detach().std()) < 2.5 for b in biases)
+    from adapters.infinity.model import InfinityTransformer
+
+    model = InfinityTransformer(T.TRAINED_TINY_CONFIG)
+    T.init_transformer(model, T.TRAINED_TINY_CONFIG.depth)
+    T.init_text_routing(model)
+    routed = {n: p for n, p in model.named_parameters() if n.endswith(T.TEXT_ROUTING)}
+    assert len(routed) == 2 * T.TRAINED_TINY_CONFIG.depth + 2 + 1  # per block q and kv, the text MLP, the pool's kv
+    for name, param in routed.items():
+        assert abs(float(param.detach().std()) - param.shape[1] ** -0.5) < 0.25 * param.shape[1] ** -0.5, name
+    assert float(model.block_chunks[0].module[0].sa.mat_qkv.weight.detach().std()) < 0.03  # the rest keeps GPT init

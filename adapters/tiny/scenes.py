@@ -8,7 +8,12 @@ Two kinds of scene:
 
 - ``pair`` (text-to-image, Infinity): two shapes of different colours in a spatial relation, and a
   caption that says so: "a small red circle left of a large blue square on a striped background".
-  The relation decides which half of the image each shape's centre lies in.
+  The relation decides which half of the image each shape's centre lies in (centres 0.2-0.4 of
+  the side from the edge along the relation's axis, in the middle 40 % across it; large shapes may
+  overlap across the middle line). Pair shapes are larger than single ones (radius 0.13-0.16 /
+  0.20-0.24 of the side vs 0.09-0.12 / 0.17-0.21), so each fills much of its half and the coarse
+  token maps carry its colour: with the earlier single-scene sizes and free positions the tiny
+  text-to-image model never learned where to put the colours.
 - ``single`` (class-conditional, VAR): one shape; the class label is ``colour * 3 + kind``
   (6 colours x 3 kinds = 18 classes), e.g. class 4 = "green square".
 
@@ -43,6 +48,8 @@ SIZES = ("small", "large")
 BACKGROUNDS = ("plain", "striped", "checkered", "dotted")
 RELATIONS = ("left of", "right of", "above", "below")
 NUM_CLASSES = len(COLOURS) * len(KINDS)
+# Every word a caption uses (the trained text encoder's word tokenizer gives each one id).
+VOCABULARY = ("a", "on", "background", "of", "left", "right", "above", "below") + SIZES + COLOURS + KINDS + BACKGROUNDS
 # Fill of the bounding box per kind (ideal shapes), for reading a kind off a colour mask.
 KIND_FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
 
@@ -81,6 +88,12 @@ def _radius(size: str, rng: np.random.Generator) -> float:
     return float(rng.uniform(0.09, 0.12) if size == "small" else rng.uniform(0.17, 0.21))
 
 
+def _pair_radius(size: str, rng: np.random.Generator) -> float:
+    """Pair scenes draw larger shapes than single ones: each shape then fills much of its half, so the
+    coarse 2x2 and 4x4 token maps (where a next-scale model decides the layout) carry its colour."""
+    return float(rng.uniform(0.13, 0.16) if size == "small" else rng.uniform(0.2, 0.24))
+
+
 def sample_scene(seed: int, index: int, kind: str = "pair") -> Scene:
     """The scene number ``index`` of the stream ``seed`` (independent of every other index)."""
     if kind not in ("pair", "single"):
@@ -99,13 +112,14 @@ def sample_scene(seed: int, index: int, kind: str = "pair") -> Scene:
     shapes = []
     for i in range(2):
         size, shape_kind = SIZES[rng.integers(2)], KINDS[rng.integers(3)]
-        r = _radius(size, rng)
+        r = _pair_radius(size, rng)
         # first shape: on the relation's side; the second on the other. Centres stay in their half
-        # along the relation's axis (possibly overlapping across the middle line), free on the other.
+        # along the relation's axis (large shapes may overlap across the middle line) and in the
+        # middle 40 % across it.
         first_side = relation in ("left of", "above")
         low_half = first_side if i == 0 else not first_side
-        along = rng.uniform(0.12, 0.45) if low_half else rng.uniform(0.55, 0.88)
-        across = rng.uniform(r + 0.02, 1 - r - 0.02)
+        along = rng.uniform(0.2, 0.4) if low_half else rng.uniform(0.6, 0.8)
+        across = rng.uniform(0.3, 0.7)
         cy, cx = (along, across) if relation in ("above", "below") else (across, along)
         shapes.append(Shape(shape_kind, COLOURS[colours[i]], size, float(cy), float(cx), r))
     a, b = shapes
