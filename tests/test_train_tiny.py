@@ -281,3 +281,21 @@ def test_the_text_encoder_starts_position_aware_and_cross_attention_starts_selec
     for name, param in routed.items():
         assert abs(float(param.detach().std()) - param.shape[1] ** -0.5) < 0.25 * param.shape[1] ** -0.5, name
     assert float(model.block_chunks[0].module[0].sa.mat_qkv.weight.detach().std()) < 0.03  # the rest keeps GPT init
+
+
+def test_the_free_pair_layout_is_the_first_one_so_var_tiny_still_reproduces():
+    """Values drawn by scenes.py before the "halves" layout existed (main at 392203d): the VQ
+    tokenizer of var-tiny trained on these scenes, so train-tiny must still draw them for it."""
+    first = {0: ("a small blue triangle left of a large purple circle on a striped background",
+                 [(0.749477, 0.259698, 0.099355), (0.646032, 0.559095, 0.191984)]),
+             7: ("a large green triangle above a small yellow square on a dotted background",
+                 [(0.207329, 0.427505, 0.204869), (0.624843, 0.661361, 0.114368)])}
+    for index, (caption, centres) in first.items():
+        scene = scenes.sample_scene(1, index, "pair", "free")
+        assert scene.caption == caption
+        assert [(round(s.cy, 6), round(s.cx, 6), round(s.radius, 6)) for s in scene.shapes] == centres
+        assert scenes.sample_scene(1, index).caption == caption  # the layouts draw the same captions
+    image = scenes.render(scenes.sample_scene(1, 7, "pair", "free"), 32, 5)
+    assert int(image.sum()) == 255708 and int(image[10, 20].sum()) == 642
+    with pytest.raises(ValueError, match="pair layout must be one of"):
+        scenes.sample_scene(1, 0, "pair", "tidy")

@@ -94,10 +94,19 @@ def _pair_radius(size: str, rng: np.random.Generator) -> float:
     return float(rng.uniform(0.13, 0.16) if size == "small" else rng.uniform(0.2, 0.24))
 
 
-def sample_scene(seed: int, index: int, kind: str = "pair") -> Scene:
-    """The scene number ``index`` of the stream ``seed`` (independent of every other index)."""
+# How pair scenes place their shapes: "halves" (the default, see the module docstring) or "free", the
+# first layout (single-scene sizes, centres 0.12-0.45 of the side along the axis, anywhere across it),
+# kept because var-tiny's VQ tokenizer trained on it: ``kvpolicy train-tiny`` still reproduces it.
+PAIR_LAYOUTS = ("halves", "free")
+
+
+def sample_scene(seed: int, index: int, kind: str = "pair", layout: str = "halves") -> Scene:
+    """The scene number ``index`` of the stream ``seed`` (independent of every other index); ``layout``:
+    one of ``PAIR_LAYOUTS`` (pair scenes; both draw the same captions)."""
     if kind not in ("pair", "single"):
         raise ValueError(f"scene kind must be 'pair' or 'single', got {kind!r}")
+    if layout not in PAIR_LAYOUTS:
+        raise ValueError(f"pair layout must be one of {PAIR_LAYOUTS}, got {layout!r}")
     rng = np.random.default_rng([int(seed), int(index), 0 if kind == "pair" else 1])
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     if kind == "single":
@@ -112,14 +121,18 @@ def sample_scene(seed: int, index: int, kind: str = "pair") -> Scene:
     shapes = []
     for i in range(2):
         size, shape_kind = SIZES[rng.integers(2)], KINDS[rng.integers(3)]
-        r = _pair_radius(size, rng)
+        r = _pair_radius(size, rng) if layout == "halves" else _radius(size, rng)
         # first shape: on the relation's side; the second on the other. Centres stay in their half
-        # along the relation's axis (large shapes may overlap across the middle line) and in the
-        # middle 40 % across it.
+        # along the relation's axis (large shapes may overlap across the middle line) and, in the
+        # "halves" layout, in the middle 40 % across it.
         first_side = relation in ("left of", "above")
         low_half = first_side if i == 0 else not first_side
-        along = rng.uniform(0.2, 0.4) if low_half else rng.uniform(0.6, 0.8)
-        across = rng.uniform(0.3, 0.7)
+        if layout == "halves":
+            along = rng.uniform(0.2, 0.4) if low_half else rng.uniform(0.6, 0.8)
+            across = rng.uniform(0.3, 0.7)
+        else:
+            along = rng.uniform(0.12, 0.45) if low_half else rng.uniform(0.55, 0.88)
+            across = rng.uniform(r + 0.02, 1 - r - 0.02)
         cy, cx = (along, across) if relation in ("above", "below") else (across, along)
         shapes.append(Shape(shape_kind, COLOURS[colours[i]], size, float(cy), float(cx), r))
     a, b = shapes
@@ -170,9 +183,9 @@ def render(scene: Scene, side: int = 64, seed: int = 0) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def batch(seed: int, start: int, count: int, kind: str = "pair", side: int = 64):
+def batch(seed: int, start: int, count: int, kind: str = "pair", side: int = 64, layout: str = "halves"):
     """Scenes ``start .. start+count-1`` of stream ``seed``: (images (N, side, side, 3) uint8, scenes)."""
-    scenes = [sample_scene(seed, i, kind) for i in range(start, start + count)]
+    scenes = [sample_scene(seed, i, kind, layout) for i in range(start, start + count)]
     images = np.stack([render(s, side, seed * 1_000_003 + i) for s, i in zip(scenes, range(start, start + count))])
     return images, scenes
 

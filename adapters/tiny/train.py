@@ -130,9 +130,9 @@ DEFAULT_SETTINGS = {
 
 # -- data ---------------------------------------------------------------------------------------------
 
-def scene_batch(seed: int, step: int, size: int, kind: str):
+def scene_batch(seed: int, step: int, size: int, kind: str, layout: str = "halves"):
     """Training batch ``step`` of stream ``seed``: images in [-1, 1] (B, 3, 32, 32) and the scenes."""
-    images, scene_list = scenes.batch(seed, step * size, size, kind, IMAGE_SIDE)
+    images, scene_list = scenes.batch(seed, step * size, size, kind, IMAGE_SIDE, layout)
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     return tensor, scene_list
 
@@ -476,7 +476,8 @@ def train_vq(seed: int, settings: StageSettings, log: TrainingLog, progress: boo
 
     def step_fn(step):
         nonlocal hits
-        images, _ = scene_batch(seed + 1, step, settings.batch, "single" if step % 2 == 0 else "pair")
+        # the pair scenes' first layout, on which the shipped VQ tokenizer trained (scenes.PAIR_LAYOUTS)
+        images, _ = scene_batch(seed + 1, step, settings.batch, "single" if step % 2 == 0 else "pair", "free")
         f = quant_conv(encoder(images))
         f_hat, _, vq_loss, seen = vq_quantize(vqvae, f, patch_nums)
         out = vqvae.decoder(vqvae.post_quant_conv(f_hat))
