@@ -119,6 +119,7 @@ def _cast_blocked_matmul(q: torch.Tensor, keys: torch.Tensor, compute: torch.dty
 # Elements of the (B, H, rows, block) product block in _blocked_window_sums: 1 MiB of float32, which
 # stays in the CPU's cache from the product through the division and the sum.
 _SUM_BLOCK_ELEMENTS = 1 << 18
+_SUM_BLOCK_ALIGN = 64
 
 
 def _blocked_window_sums(q: torch.Tensor, keys: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
@@ -135,7 +136,11 @@ def _blocked_window_sums(q: torch.Tensor, keys: torch.Tensor, compute: torch.dty
     batch, heads, length, dim = keys.shape
     rows = q.shape[2]
     scores = torch.empty(batch, heads, length, dtype=compute, device=keys.device)
-    step = max(1, min(length, max(32, _SUM_BLOCK_ELEMENTS // max(1, batch * heads * rows))))
+    # Blocks start at multiples of _SUM_BLOCK_ALIGN positions: MKL's float32 product computes a
+    # block's last columns off its kernel's panel width with another rounding than the whole
+    # product's same columns (B=3 at the 2B geometry, 341-position blocks: 12539 sums differed).
+    step = _SUM_BLOCK_ELEMENTS // max(1, batch * heads * rows) // _SUM_BLOCK_ALIGN * _SUM_BLOCK_ALIGN
+    step = max(1, min(length, max(_SUM_BLOCK_ALIGN, step)))
     staged = keys.dtype != compute or keys.dtype in _HALF
     key_buffer = torch.empty(batch, heads, step, dim, dtype=compute, device=keys.device) if staged else None
     product = torch.empty(batch, heads, rows, step, dtype=compute, device=keys.device)
