@@ -253,8 +253,9 @@ def test_ascending_union_equals_appending_and_sorting(keep, monkeypatch):
     assert torch.equal(released_scores.released_topk(scores, window, keep + 16), overlap)
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # 2: one block (fewer parallel regions), the release's form
 @pytest.mark.parametrize("batch", [3, 5, 6])
-def test_blocked_window_sums_are_exact_at_any_batch(batch):
+def test_blocked_window_sums_are_exact_at_any_batch(batch, threads):
     """The default blocks at the 2B geometry (H=16, D=128, L=6425) for batches whose block is not a
     power of two (B=3: 2^18 / (3·16·16) = 341 positions): MKL's float32 product rounds the columns of
     a block that ends off its kernel's panel width differently from the whole product's same columns
@@ -264,7 +265,12 @@ def test_blocked_window_sums_are_exact_at_any_batch(batch):
     keys = torch.randn(batch, 16, 6425, 128, generator=g)
     q = torch.randn(batch, 16, 16, 128, generator=g)
     whole = (torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(128)).sum(dim=2)
-    assert torch.equal(released_scores._blocked_window_sums(q, keys, torch.float32), whole)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.equal(released_scores._blocked_window_sums(q, keys, torch.float32), whole)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("flow", list(FLOWS))
