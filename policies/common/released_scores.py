@@ -148,7 +148,8 @@ def _blocked_window_sums(q: torch.Tensor, keys: torch.Tensor, compute: torch.dty
         # blocked sums at B=2, L=6425 took 660-820 ms against 17 ms at 1 thread): one block, the
         # release's own three ops.
         step = length
-    staged = keys.dtype != compute or keys.dtype in _HALF
+    # (One block of half-precision keys is the cache itself: nothing to stage.)
+    staged = keys.dtype != compute or (keys.dtype in _HALF and step < length)
     key_buffer = torch.empty(batch, heads, step, dim, dtype=compute, device=keys.device) if staged else None
     product = torch.empty(batch, heads, rows, step, dtype=compute, device=keys.device)
     root = math.sqrt(dim)
