@@ -146,7 +146,7 @@ def _blocked_window_sums(q: torch.Tensor, keys: torch.Tensor, compute: torch.dty
         # a machine whose cores are busy each region waits for a core (measured on the shared 2-core
         # machine, 2 threads: 8 ms per op on a (2, 16, 16, 512) block vs 0.03-1.4 ms at 1 thread; the
         # blocked sums at B=2, L=6425 took 660-820 ms against 17 ms at 1 thread): one block, the
-        # release's own three ops.
+        # release's own three ops (and its transient (B, H, rows, L) product).
         step = length
     # (One block of half-precision keys is the cache itself: nothing to stage.)
     staged = keys.dtype != compute or (keys.dtype in _HALF and step < length)
