@@ -362,15 +362,92 @@ def load_statistics(value) -> AttentionStatistics:
     raise TypeError(f"a calibration is an AttentionStatistics, its dict or a JSON path, got {type(value).__name__}")
 
 
+# Descriptive statistics every calibration records, whatever the policies: how structured a
+# model's attention is (issue 17: trained tiny models against random weights). No policy reads them.
+ENTROPY = "structure/entropy"
+HISTORY_LOCALITY = "structure/history_locality"
+
+
+def entropy_measure():
+    """A measure: each query's attention entropy over all L keys divided by log L (1 = uniform
+    attention, 0 = all mass on one key); not defined where the cache holds a single key."""
+
+    def measure(probs: torch.Tensor, current_start: int) -> dict:
+        length = probs.shape[-1]
+        if length < 2:
+            return {ENTROPY: None}
+        entropy = -torch.special.xlogy(probs, probs).sum(dim=-1, dtype=torch.float64)
+        return {ENTROPY: entropy / math.log(length)}
+
+    measure.__name__ = "structure.entropy_measure"
+    return measure
+
+
+def history_neighbourhood(schedule, scale: int, query_positions: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """(q, offsets[scale]) bool: history key j (an earlier map's token) is in query i's neighbourhood
+    when, on key j's own map, it lies within ``radius`` cells (Chebyshev) of the cell under query
+    i's centre (query i: position ``query_positions[i]`` of scale ``scale``'s map, row-major)."""
+    h, w = schedule.shape(scale)
+    device = query_positions.device
+    centre_y = (torch.div(query_positions, w, rounding_mode="floor").double() + 0.5) / h
+    centre_x = ((query_positions % w).double() + 0.5) / w
+    key_scale, key_row, key_col = schedule.locate_tensor(torch.arange(schedule.offset(scale), device=device))
+    heights = torch.tensor([s[0] for s in schedule.shapes], dtype=torch.double, device=device)[key_scale]
+    widths = torch.tensor([s[1] for s in schedule.shapes], dtype=torch.double, device=device)[key_scale]
+    row = torch.floor(centre_y[:, None] * heights[None, :]).long()
+    col = torch.floor(centre_x[:, None] * widths[None, :]).long()
+    return ((key_row[None, :] - row).abs() <= radius) & ((key_col[None, :] - col).abs() <= radius)
+
+
+def history_locality_measure(schedule, *, radius: int = 1):
+    """A measure: the share of each query's history attention (its attention on earlier maps,
+    renormalised to 1) that falls on history keys in its spatial neighbourhood
+    (``history_neighbourhood``); not defined at the first scale (no history). Attention spread
+    evenly over the history scores the neighbourhood's share of the history tokens
+    (``uniform_history_locality``)."""
+    _check_int("radius", radius, 0)
+    offsets = schedule.offsets
+
+    def measure(probs: torch.Tensor, current_start: int, *, positions: torch.Tensor, scale: int, **context) -> dict:
+        if current_start == 0:
+            return {HISTORY_LOCALITY: None}
+        if offsets[scale] != current_start:
+            raise ValueError(f"history locality needs an uncompressed calibration cache (scale {scale} starts at "
+                             f"{offsets[scale]}, the cache's current map at {current_start})")
+        near = history_neighbourhood(schedule, scale, positions, radius).to(probs.dtype)
+        history = probs[..., :current_start]
+        local = torch.einsum("bhgql,ql->bhgq", history, near).double()
+        return {HISTORY_LOCALITY: local / history.sum(dim=-1, dtype=torch.float64)}
+
+    measure.takes_context = True
+    measure.__name__ = f"structure.history_locality_measure(radius={radius})"
+    return measure
+
+
+def uniform_history_locality(schedule, scale: int, radius: int = 1) -> float:
+    """What ``history_locality_measure`` gives for attention spread evenly over the history: the
+    mean, over the map's queries, of the share of history tokens in a query's neighbourhood."""
+    if scale < 1:
+        raise ValueError(f"scale {scale!r} has no history (scales >= 1 do)")
+    positions = torch.arange(schedule.tokens(scale))
+    return float(history_neighbourhood(schedule, scale, positions, radius).double().mean())
+
+
+def structure_measures(schedule, *, radius: int = 1) -> list:
+    """The descriptive measures every shared calibration records (``ENTROPY``, ``HISTORY_LOCALITY``)."""
+    return [entropy_measure(), history_locality_measure(schedule, radius=radius)]
+
+
 def shared_collector(num_layers: int, num_scales: int, schedule, *, seed: int = 0, max_queries: int = 256,
                      names: Sequence[str] | None = None) -> AttentionStatsCollector:
     """The collector one calibration run feeds for every registered policy (or those named): the
-    union of their ``calibration_measures``; its ``statistics()`` is the file they all read."""
+    union of their ``calibration_measures``, plus the descriptive ``structure_measures``; its
+    ``statistics()`` is the file they all read."""
     if schedule is None or schedule.num_scales != num_scales:
         raise ValueError(f"the shared calibration collector needs the model's schedule ({num_scales} scales), got "
                          f"{schedule!r}")
-    return AttentionStatsCollector(num_layers, num_scales, calibration_measures(schedule, names), seed=seed,
-                                   max_queries=max_queries)
+    measures = calibration_measures(schedule, names) + structure_measures(schedule)
+    return AttentionStatsCollector(num_layers, num_scales, measures, seed=seed, max_queries=max_queries)
 
 
 def calibration_measures(schedule, names: Sequence[str] | None = None) -> list:
