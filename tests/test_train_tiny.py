@@ -236,24 +236,36 @@ def test_self_correction_targets_correct_the_flipped_prefix():
     assert float(flipped[1].std()) > 0.05  # per-image rates, not one rate for the batch
 
 
-def test_selectivity_table_reads_both_calibration_file_formats():
+def test_selectivity_table_reads_both_calibration_file_formats(tmp_path):
     """The README's selectivity tables: the core's attention-statistics files (per-head means) and
-    the older ScaleKV calibration files (per-layer tables) give the same kind of rows."""
+    the older ScaleKV calibration files (per-layer tables) give the same kind of rows; the core's
+    files also give the structure table (entropy / history locality, and the uniform-attention row)."""
     from pathlib import Path
 
     from adapters.tiny.evaluate import selectivity_markdown
+    from kvpolicy import ScaleSchedule
+    from kvpolicy.attention_stats import uniform_history_locality
 
     folder = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "tiny-models"
-    new, old = folder / "calibration_var-tiny.json", folder / "calibration_var-tiny-random.json"
-    text = selectivity_markdown({"trained": new, "random": old})
+    new = folder / "calibration_var-tiny.json"
     data = json.loads(new.read_text())
+    old = tmp_path / "legacy.json"  # the fields a ScaleKV calibration file of an earlier version had
+    old.write_text(json.dumps({"num_layers": 2, "num_scales": 3, "top_k": 16, "source": "legacy toy",
+                               "current_ratio": [[1.0, 0.25, 0.5], [1.0, 0.75, 0.625]],
+                               "history_topk": [[None, 0.75, 0.5], [None, 0.25, 0.375]]}))
+    text = selectivity_markdown({"trained": new, "random": old})
+    trained, legacy = text.split("**random**")[0], text.split("**random**")[1]
     heads = np.array(data["means"]["current_ratio"], dtype=float)  # (layer, scale, head)
     history = np.array(data["means"]["history_topk"], dtype=float)
     row = "| 0 | " + " | ".join(f"{heads[0, k].mean():.2f} / {history[0, k].mean():.2f}" for k in range(1, 10)) + " |"
-    assert row in text.split("**random**")[0]
-    legacy = json.loads(old.read_text())
-    cell = f"{legacy['current_ratio'][0][1]:.2f} / {legacy['history_topk'][0][1]:.2f}"
-    assert ("| 0 | " + cell) in text.split("**random**")[1]
+    assert row in trained
+    entropy = np.array(data["means"]["structure/entropy"], dtype=float)
+    locality = np.array(data["means"]["structure/history_locality"], dtype=float)
+    row = "| 2 | " + " | ".join(f"{entropy[2, k].mean():.2f} / {locality[2, k].mean():.2f}" for k in range(1, 10)) + " |"
+    assert row in trained
+    schedule = ScaleSchedule([1, 2, 3, 4, 5, 6, 8, 10, 13, 16])
+    assert f"1.00 / {uniform_history_locality(schedule, 9):.2f} |" in trained.split("uniform attention")[1]
+    assert "| 0 | 0.25 / 0.75 | 0.50 / 0.50 |" in legacy and "entropy" not in legacy
 
 
 def test_caption_places_mark_each_colour_word_with_where_its_caption_puts_the_shape():

@@ -27,6 +27,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from kvpolicy.attention_stats import ENTROPY, HISTORY_LOCALITY
+
 from . import scenes
 
 INFINITY_MODELS = ("infinity-tiny", "infinity-tiny-random")
@@ -180,12 +182,14 @@ def selectivity_markdown(calibrations: dict) -> str:
             from kvpolicy.attention_stats import AttentionStatistics
 
             stats = AttentionStatistics.from_dict(data)
+            structure = {name: stats.layer_means(name) for name in (ENTROPY, HISTORY_LOCALITY) if name in stats.names}
             return types.SimpleNamespace(num_layers=stats.num_layers, num_scales=stats.num_scales,
                                          current_ratio=stats.layer_means("current_ratio"),
                                          history_topk=stats.layer_means("history_topk"),
-                                         top_k=data.get("top_k", "16 (calibrate's default)"), source=stats.source)
+                                         top_k=data.get("top_k", "16 (calibrate's default)"), source=stats.source,
+                                         structure=structure)
         return types.SimpleNamespace(**{k: data[k] for k in ("num_layers", "num_scales", "current_ratio",
-                                                              "history_topk", "top_k", "source")})
+                                                              "history_topk", "top_k", "source")}, structure={})
 
     lines = []
     for name, path in calibrations.items():
@@ -207,7 +211,51 @@ def selectivity_markdown(calibrations: dict) -> str:
                       if result.current_ratio[l][k] is not None]
             spread.append(f"{np.std(values):.3f}" if values else "–")
         lines += ["| std over layers (current share) | " + " | ".join(spread) + " |", ""]
+        if len(result.structure) == 2:
+            lines += _structure_table(name, result, scales)
     return "\n".join(lines)
+
+
+def _structure_table(name: str, result, scales) -> list[str]:
+    """The descriptive structure measures of a calibration (``kvpolicy.attention_stats``): normalised
+    entropy of each query's attention over all keys, and the share of its history attention on
+    history tokens within one cell of its position (with what attention spread evenly over the
+    history would score)."""
+    from kvpolicy.attention_stats import uniform_history_locality
+    from kvpolicy.schedule import ScaleSchedule
+
+    entropy, locality = result.structure[ENTROPY], result.structure[HISTORY_LOCALITY]
+
+    def cell(table, layer, k):
+        return "–" if table[layer][k] is None else f"{table[layer][k]:.2f}"
+
+    def mean(table, k):
+        values = [table[l][k] for l in range(result.num_layers) if table[l][k] is not None]
+        return f"{np.mean(values):.2f}" if values else "–"
+
+    lines = [f"**{name}**: attention entropy over all keys / log(keys) (1 = uniform) and the share of history "
+             "attention within one cell of the query (radius 1, mapped onto each earlier map), per layer and scale", "",
+             "| layer | " + " | ".join(f"scale {k}" for k in scales) + " |", "|---|" + "---|" * len(scales)]
+    for layer in range(result.num_layers):
+        lines.append(f"| {layer} | " + " | ".join(f"{cell(entropy, layer, k)} / {cell(locality, layer, k)}"
+                                                  for k in scales) + " |")
+    lines.append("| mean over layers | " + " | ".join(f"{mean(entropy, k)} / {mean(locality, k)}" for k in scales) + " |")
+    shapes = _schedule_shapes(result.source)
+    if shapes is not None and len(shapes) == result.num_scales:
+        schedule = ScaleSchedule(shapes)
+        lines.append("| uniform attention | " + " | ".join(f"1.00 / {uniform_history_locality(schedule, k):.2f}"
+                                                            for k in scales) + " |")
+    return lines + [""]
+
+
+def _schedule_shapes(source: str):
+    """The token-map shapes named in a calibration's source ("..., schedule 1x1 2x2 ... (N tokens)")."""
+    import re
+
+    found = re.search(r"schedule ((?:\d+x\d+ ?)+)", source)
+    if not found:
+        return None
+    return [tuple(int(v) for v in item.split("x")) for item in found.group(1).split()]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
