@@ -124,6 +124,17 @@ def _finite(keys, queries, raw_queries) -> torch.Tensor:
     return finite
 
 
+def _proven_finite(keys, queries, raw_queries, keys_proof, queries_proof) -> torch.Tensor:
+    """``_finite`` where a policy's proofs (0-d device bools, or None) stand in for reading the keys
+    and the queries respectively."""
+    finite = _finite(None if keys_proof is not None else keys,
+                     *((queries, raw_queries) if queries_proof is None else (None, None)))
+    for p in (keys_proof, queries_proof):
+        if p is not None:
+            finite = finite.to(p.device) & p.reshape(())
+    return finite
+
+
 def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """(B, H, L, D) gathered at (B, H, k) -> a new compact (B, H, k, D) tensor.
 
@@ -272,17 +283,18 @@ def _use_selection(policy, keys, values, ctx, selection, *, head_caps, fits, kee
     capacity, queries, raw_queries = ctx.capacity, ctx.queries, ctx.raw_queries
     scale, layer = ctx.scale, ctx.layer
     ragged_in = isinstance(keys, Ragged)
-    proof = selection.keys_finite
-    if proof is not None and not _one_bool(proof):
-        raise RuntimeError(f"policy {policy.name!r} returned keys_finite={proof!r}; need a one-element bool tensor")
+    proof, query_proof = selection.keys_finite, selection.queries_finite
+    for field, value in (("keys_finite", proof), ("queries_finite", query_proof)):
+        if value is not None and not _one_bool(value):
+            raise RuntimeError(f"policy {policy.name!r} returned {field}={value!r}; need a one-element bool tensor")
     redo_if = selection.redo_if
     if (redo_if is None) != (selection.redo is None) or (redo_if is not None and not (
             _one_bool(redo_if) and callable(selection.redo))):
         raise RuntimeError(f"policy {policy.name!r} returned redo_if={redo_if!r} and redo={selection.redo!r}; need "
                            "both or neither: a one-element bool tensor and a callable returning a Selection")
-    # Keys the policy proved finite while scoring are not read again (one pass over the cache saved).
-    finite = _finite(keys, queries, raw_queries) if proof is None else (
-        _finite(None, queries, raw_queries).to(proof.device) & proof.reshape(()))
+    # Keys (queries) the policy proved finite while scoring are not read again: one pass over the
+    # cache (all of the current map's queries, though reference mode reads 16 rows) saved.
+    finite = _proven_finite(keys, queries, raw_queries, proof, query_proof)
     if redo_if is not None:
         redo_if = redo_if.reshape(()).to(finite.device)
 
@@ -302,9 +314,10 @@ def _use_selection(policy, keys, values, ctx, selection, *, head_caps, fits, kee
 
     def confirm_finite(finite):
         """On a failing check only: a proof that failed proves nothing (finite keys whose products
-        overflow), so read the keys before calling them non-finite."""
-        if proof is not None and not bool(finite):
-            finite = _finite(keys, queries, raw_queries)
+        overflow), so read what it did not prove before calling the inputs non-finite."""
+        if (proof is not None or query_proof is not None) and not bool(finite):
+            finite = _proven_finite(keys, queries, raw_queries, *(
+                p if p is not None and bool(p) else None for p in (proof, query_proof)))
         _check_finite(finite, policy, scale, layer)
 
     if selection.indices is None:

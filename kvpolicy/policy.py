@@ -114,12 +114,19 @@ class Selection:
     one-element bool tensor, True where this selection must not be used, and ``redo()`` returning
     the ``Selection`` to use then (it may read the device; it runs only on that rare path, before
     ``compress``'s own checks of the result).
+
+    ``queries_finite``, optional: like ``keys_finite`` for the queries: a 0-d bool tensor, True only
+    if the policy proved finite every query row (of ``queries`` and ``raw_queries``) its selection
+    depends on. ``compress`` then checks no query itself: a row the policy never read cannot change
+    what it keeps (ScaleKV's reference mode reads 16 window rows of thousands). False proves nothing
+    and ``compress`` reads the queries itself.
     """
 
     indices: Optional[torch.Tensor]
     state: Any = None
     lengths: Optional[torch.Tensor] = None
     keys_finite: Optional[torch.Tensor] = attrs.field(default=None, kw_only=True)
+    queries_finite: Optional[torch.Tensor] = attrs.field(default=None, kw_only=True)
     redo_if: Optional[torch.Tensor] = attrs.field(default=None, kw_only=True)
     redo: Optional[Callable[[], "Selection"]] = attrs.field(default=None, kw_only=True)
 

@@ -220,10 +220,11 @@ class Proves(Policy):
     """Keeps the last 10 tokens and hands compress a keys_finite proof (unregistered)."""
 
     proof: object = None
+    query_proof: object = None
 
     def select(self, keys, values, ctx):
         indices = torch.arange(ctx.length - 10, ctx.length).expand(keys.shape[0], keys.shape[1], 10)
-        return Selection(indices, ctx.state, keys_finite=self.proof)
+        return Selection(indices, ctx.state, keys_finite=self.proof, queries_finite=self.query_proof)
 
 
 def test_a_failed_keys_finite_proof_proves_nothing():
@@ -243,7 +244,31 @@ def test_a_failed_keys_finite_proof_proves_nothing():
         compress(Proves(budget=10, proof=torch.tensor(True)), keys, values, raw_queries=queries, **KW)
 
 
+def test_a_queries_finite_proof_replaces_compress_reading_the_queries():
+    """queries_finite=True: the policy proved finite every query row it read, so compress reads no
+    query (a row the policy never read cannot change its choice); the keys are still read. False
+    proves nothing: compress reads the queries, and what a True proof covers is not read again."""
+    keys, values = tensors()
+    queries = torch.randn(2, 2, 36, 4)
+    queries[1, 0, 0, 0] = float("nan")
+    kept = compress(Proves(budget=10, query_proof=torch.tensor(True)), keys, values, raw_queries=queries,
+                    queries=queries, **KW)
+    assert torch.equal(kept.keys, keys[:, :, -10:])
+    with pytest.raises(ValueError, match="hold NaN or infinite values"):
+        compress(Proves(budget=10, query_proof=torch.tensor(False)), keys, values, raw_queries=queries, **KW)
+    broken = keys.clone()
+    broken[0, 1, 2, 3] = float("inf")
+    with pytest.raises(ValueError, match="hold NaN or infinite values"):
+        compress(Proves(budget=10, query_proof=torch.tensor(True)), broken, values, raw_queries=queries, **KW)
+    # a failed keys proof re-reads the keys only: the proven queries' NaN row is still never read
+    kept = compress(Proves(budget=10, proof=torch.tensor(False), query_proof=torch.tensor(True)), keys, values,
+                    raw_queries=queries, **KW)
+    assert torch.equal(kept.keys, keys[:, :, -10:])
+
+
 def test_a_malformed_keys_finite_proof_is_a_policy_error():
     keys, values = tensors()
     with pytest.raises(RuntimeError, match=r"policy '' returned keys_finite=True; need a one-element bool tensor"):
         compress(Proves(budget=10, proof=True), keys, values, **KW)
+    with pytest.raises(RuntimeError, match=r"policy '' returned queries_finite=1; need a one-element bool tensor"):
+        compress(Proves(budget=10, query_proof=1), keys, values, **KW)

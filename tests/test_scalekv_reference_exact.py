@@ -213,6 +213,32 @@ def test_non_finite_keys_are_refused_without_a_second_read(flow, bad, where):
             compress(policy, broken, values, schedule=SCHEDULE, scale=scale, layer=0, num_layers=2, raw_queries=queries)
 
 
+@pytest.mark.parametrize("flow", list(FLOWS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_only_the_window_queries_are_checked(flow, bad):
+    """Reference mode reads 16 raw query rows of the current map; its sums prove those finite, and
+    compress checks no other row: a NaN or ±inf in a row the policy never reads keeps the same
+    tokens as a finite row would, while one in a window row (also in a dimension where every key
+    is 0: IEEE inf · 0 = NaN) still gets the one-line error."""
+    scale, keys, values, raw, window = _small_case(flow)
+    start = keys.shape[2] - raw.shape[2]
+    policy = get_policy("uniform", mode="reference", budget=300)
+    kwargs = dict(schedule=SCHEDULE, scale=scale, layer=0, num_layers=2)
+    clean = compress(policy, keys, values, raw_queries=raw, **kwargs)
+    outside = next(r for r in range(raw.shape[2]) if r + start not in window.tolist())
+    broken = raw.clone()
+    broken[1, 2, outside, 5] = bad
+    result = compress(policy, keys, values, raw_queries=broken, **kwargs)
+    assert torch.equal(result.indices, clean.indices) and torch.equal(result.keys, clean.keys)
+    zero_dim = keys.clone()
+    zero_dim[..., 5] = 0
+    for cache in (keys, zero_dim):
+        broken = raw.clone()
+        broken[1, 2, int(window[7]) - start, 5] = bad
+        with pytest.raises(ValueError, match=r"keys or queries at scale 9, layer 0 hold NaN or infinite values"):
+            compress(policy, cache, values, raw_queries=broken, **kwargs)
+
+
 @pytest.mark.parametrize("flow", ["float32", "mixed"])
 def test_finite_keys_whose_products_overflow_are_kept(flow):
     """Finite keys whose window logits overflow fail the proof; compress reads them, finds them

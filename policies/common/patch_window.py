@@ -261,14 +261,17 @@ class PatchWindowSelector(ScoredPolicy):
         if ctx.capacity is None or (ctx.length <= ctx.capacity and ctx.head_capacities is None):
             return Selection(None, ctx.state)
         pooled, window, keys_finite = self._scores(keys, ctx)
+        # The released sums' proof covers the window queries too (a non-finite query row makes all
+        # its sums non-finite), and those are the only query rows the selection reads.
+        proofs = {"keys_finite": keys_finite, "queries_finite": keys_finite}
         budgets = self.head_budgets(pooled, window, ctx)
         if budgets is None:  # layer-wise: the released tie-for-tie top-k, its check left to compress's one read
             pick = released_topk_deferred if self.mode == "reference" else topk_plus_forced_exact_deferred
             indices, redo_if, redo = pick(pooled, window, ctx.capacity)
-            return Selection(indices, ctx.state, keys_finite=keys_finite, redo_if=redo_if if redo else None,
-                             redo=redo and (lambda: Selection(redo(), ctx.state, keys_finite=keys_finite)))
+            return Selection(indices, ctx.state, redo_if=redo_if if redo else None,
+                             redo=redo and (lambda: Selection(redo(), ctx.state, **proofs)), **proofs)
         indices, lengths = topk_per_head(pooled, budgets, forced=window, valid=ctx.valid_mask())
-        return Selection(indices, ctx.state, lengths, keys_finite=keys_finite)
+        return Selection(indices, ctx.state, lengths, **proofs)
 
 
 PatchWindowPolicy = PatchWindowSelector  # the name the selector had in kvpolicy.windowed

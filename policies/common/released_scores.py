@@ -19,9 +19,10 @@ keeps different tokens in 16-32 of 32 (row, head) pairs in bf16). What this modu
 release is the work around that arithmetic: the window positions are computed once for all rows
 and heads (the release loops over every (row, head) with ``torch.unique``), the window columns are
 set to −∞ in the (B, H, L) sum instead of the whole product (the same values: each column's sum
-involves that column alone), and that sum proves the keys finite, so ``compress`` need not read
-the cache again; max pooling of half-precision scores runs in float32 (exact); the kept indices
-are put in order by a mask where most of the cache is kept (instead of a sort).
+involves that column alone), and that sum proves the keys and the window queries finite, so
+``compress`` reads neither the cache nor the current map's other queries again; max pooling of
+half-precision scores runs in float32 (exact); the kept indices are put in order by a mask where
+most of the cache is kept (instead of a sort).
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ def released_window_scores(window_q: torch.Tensor, keys: torch.Tensor,
     rows; each column's sum involves that column alone, so summing first and setting the window
     columns of the (B, H, L) sum to −∞ gives the same values bit for bit, and the sum read before
     that proves the keys finite for free: a NaN or ±inf in a key makes every product with it NaN
-    or ±inf (IEEE: inf · 0 = NaN), so a finite sum in every column means finite keys. False proves
+    or ±inf (IEEE: inf · 0 = NaN), so a finite sum in every column means finite keys; and finite
+    window queries, as a non-finite query row makes every sum of its head non-finite. False proves
     nothing (finite keys whose products overflow, or non-finite window queries): callers then read
-    the keys themselves (``Selection.keys_finite``).
+    the keys and queries themselves (``Selection.keys_finite``, ``queries_finite``).
     """
     batch, kv_heads, length, dim = keys.shape
     q_heads, rows = window_q.shape[1], window_q.shape[2]
