@@ -24,7 +24,8 @@ warm-up:
   compute dtype (one ``matmul`` into a new (B, H, 16, L) tensor; the float32 -> bf16 cast, block by
   block, included in the mixed flow). Exactness pins these 16 dot products per key in that dtype
   (each logit's rounding decides ties), not the way the release forms them: ours computes the
-  same products block by block of positions, each block divided and summed while in cache, so
+  same products block by block (of positions, or of whole (row, head)s for half-precision or cast
+  keys), each block divided and summed while in cache, so
   ``ours/product`` may fall below 1 where the new tensor's page faults and passes dominate;
   ``product/floor`` says how far the floor is out of reach for the release's form of the product.
 

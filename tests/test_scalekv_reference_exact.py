@@ -281,34 +281,44 @@ def test_ascending_union_equals_appending_and_sorting(keep, monkeypatch):
 
 @pytest.mark.parametrize("threads", [1, 2])  # 2: one block (fewer parallel regions), the release's form
 @pytest.mark.parametrize("batch", [3, 5, 6])
-def test_blocked_window_sums_are_exact_at_any_batch(batch, threads):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_window_sums_are_exact_at_any_batch(batch, threads, dtype):
     """The default blocks at the 2B geometry (H=16, D=128, L=6425) for batches whose block is not a
-    power of two (B=3: 2^18 / (3·16·16) = 341 positions): MKL's float32 product rounds the columns of
-    a block that ends off its kernel's panel width differently from the whole product's same columns
-    (measured: 12539 of 308400 sums differed at 341), so blocks start at multiples of 64 positions."""
+    power of two. Blocks of positions (float32; B=3: 2^18 / (3·16·16) = 341 positions): MKL's
+    float32 product rounds the columns of a block that ends off its kernel's panel width differently
+    from the whole product's same columns (measured: 12539 of 308400 sums differed at 341), so they
+    start at multiples of 64 positions. Blocks of (row, head)s (bf16: 5 of 48 at B=3, the last
+    block partial)."""
     from policies.common import released_scores
     g = torch.Generator().manual_seed(batch)
-    keys = torch.randn(batch, 16, 6425, 128, generator=g)
-    q = torch.randn(batch, 16, 16, 128, generator=g)
+    keys = torch.randn(batch, 16, 6425, 128, generator=g).to(dtype)
+    q = torch.randn(batch, 16, 16, 128, generator=g).to(dtype)
     whole = (torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(128)).sum(dim=2)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert torch.equal(released_scores._blocked_window_sums(q, keys, torch.float32), whole)
+        assert torch.equal(released_scores._blocked_window_sums(q, keys, dtype), whole)
     finally:
         torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("flow", list(FLOWS))
-@pytest.mark.parametrize("block_elements", [1, 3000, 1 << 30])  # 64 positions (the least), the whole cache
+# the least block (2 (row, head)s; 64 positions), 3 of the 8 (row, head)s at L=300 (last block partial), the whole cache
+@pytest.mark.parametrize("block_elements", [1, 3000, 15000, 1 << 30])
 @pytest.mark.parametrize("length", [300, 2521])
-def test_blocked_window_sums_equal_the_whole_product(flow, block_elements, length, monkeypatch):
-    """On CPU the window logits are formed, divided and summed block by block of positions (last
-    block partial); the sums are the whole product's (as the release forms it) bit for bit."""
+@pytest.mark.parametrize("contiguous", [True, False])  # blocks of (row, head)s; of positions (a strided cache)
+def test_blocked_window_sums_equal_the_whole_product(flow, block_elements, length, contiguous, monkeypatch):
+    """On CPU the window logits are formed, divided and summed block by block: of whole (row, head)s
+    for half-precision or cast keys of a contiguous cache, else of positions (last block partial);
+    the sums are the whole product's (as the release forms it) bit for bit."""
     from policies.common import released_scores
     monkeypatch.setattr(released_scores, "_SUM_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(released_scores, "_ROW_BLOCK_ELEMENTS", block_elements)
     key_dtype, query_dtype = FLOWS[flow]
     keys, _, q = _inputs(length, 2, 4, length, 16, 64, key_dtype, query_dtype)
+    if not contiguous:
+        keys = keys.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not keys.is_contiguous()
     compute = released_compute_dtype(query_dtype, key_dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=key_dtype != query_dtype):
         whole = (torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(64)).sum(dim=2)

@@ -118,25 +118,39 @@ def _cast_blocked_matmul(q: torch.Tensor, keys: torch.Tensor, compute: torch.dty
     return out
 
 
-# Elements of the (B, H, rows, block) product block in _blocked_window_sums: 1 MiB of float32, which
-# stays in the CPU's cache from the product through the division and the sum.
+# Elements of the product block in _blocked_window_sums (1 MiB of float32: blocks of positions) and
+# _row_blocked_window_sums (2 MiB), which stays in the CPU's cache from the product through the
+# division and the sum.
 _SUM_BLOCK_ELEMENTS = 1 << 18
+_ROW_BLOCK_ELEMENTS = 1 << 19
 _SUM_BLOCK_ALIGN = 64
 
 
 def _blocked_window_sums(q: torch.Tensor, keys: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
-    """``(q · keysᵀ / √D).sum(dim=2)`` in ``compute`` -> (B, H, L), block by block of cache positions.
+    """``(q · keysᵀ / √D).sum(dim=2)`` in ``compute`` -> (B, H, L), block by block.
 
     The release forms the whole (B, H, rows, L) product, divides it and sums it: three passes over
     a tensor 16x the scores (172 MB at B=16, L=10521, float32), newly allocated at every call (on
-    CPU mostly page faults). The same operations on blocks of positions whose product stays in
-    cache give the same values bit for bit (each logit is one dot product over D, each sum one
-    column's; checked against the whole product in the tests) and skip that traffic. Half-precision
-    or cast keys are copied per block into a contiguous buffer (the batched bf16 product of strided
-    blocks is slow; autocast's cast, as ``_cast_blocked_matmul``).
+    CPU mostly page faults). The same operations on blocks whose product stays in cache give the
+    same values bit for bit (each logit is one dot product over D, each sum one column's; checked
+    against the whole product in the tests) and skip that traffic.
+
+    Float32 keys are cut into blocks of positions over every (row, head). Half-precision keys, or
+    keys cast to the compute dtype (the mixed flow), would have to be staged block by block into a
+    contiguous buffer there (a batched bf16 product of strided blocks is slow), so a contiguous
+    cache of them is cut into blocks of whole (row, head)s instead: contiguous (L, D) matrices read
+    in place (cast once into a buffer in the mixed flow, as autocast casts the cache), each product
+    the whole product's own matrix. Interleaved medians, one thread, H=16, D=128, busy 2-core
+    machine, positions -> (row, head)s: B=16 bf16 68.4 -> 62.3 ms (L=6425), 108.1 -> 103.0 ms
+    (L=10521); mixed 112.6 -> 79.9, 190.7 -> 138.4; B=2 bf16 12.2 -> 11.7, 14.9 -> 13.3; mixed
+    15.2 -> 13.0, 18.9 -> 18.6 (float32 1.04-1.06x faster at B=16 but 0.89-0.96x at B=2: kept on
+    positions). A block holds at least 2 (row, head)s: a one-matrix bf16 product of 16 x 10521 took
+    50 against 14 ms for the same sums in blocks of positions (B=2).
     """
     batch, heads, length, dim = keys.shape
     rows = q.shape[2]
+    if (keys.dtype != compute or keys.dtype in _HALF) and keys.is_contiguous() and q.is_contiguous():
+        return _row_blocked_window_sums(q, keys, compute)
     scores = torch.empty(batch, heads, length, dtype=compute, device=keys.device)
     # Blocks start at multiples of _SUM_BLOCK_ALIGN positions: MKL's float32 product computes a
     # block's last columns off its kernel's panel width with another rounding than the whole
@@ -144,12 +158,7 @@ def _blocked_window_sums(q: torch.Tensor, keys: torch.Tensor, compute: torch.dty
     step = _SUM_BLOCK_ELEMENTS // max(1, batch * heads * rows) // _SUM_BLOCK_ALIGN * _SUM_BLOCK_ALIGN
     step = max(1, min(length, max(_SUM_BLOCK_ALIGN, step)))
     if torch.get_num_threads() > 1:
-        # With several threads every block's product, division and sum is a parallel region, and on
-        # a machine whose cores are busy each region waits for a core (measured on the shared 2-core
-        # machine, 2 threads: 8 ms per op on a (2, 16, 16, 512) block vs 0.03-1.4 ms at 1 thread; the
-        # blocked sums at B=2, L=6425 took 660-820 ms against 17 ms at 1 thread): one block, the
-        # release's own three ops (and its transient (B, H, rows, L) product).
-        step = length
+        step = length  # one block: see _row_blocked_window_sums
     # (One block of half-precision keys is the cache itself: nothing to stage.)
     staged = keys.dtype != compute or (keys.dtype in _HALF and step < length)
     key_buffer = torch.empty(batch, heads, step, dim, dtype=compute, device=keys.device) if staged else None
@@ -165,6 +174,36 @@ def _blocked_window_sums(q: torch.Tensor, keys: torch.Tensor, compute: torch.dty
         block.div_(root)
         torch.sum(block, dim=2, out=scores[:, :, start:stop])
     return scores
+
+
+def _row_blocked_window_sums(q: torch.Tensor, keys: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """``_blocked_window_sums`` of a contiguous cache in blocks of whole (row, head)s."""
+    batch, heads, length, dim = keys.shape
+    rows, pairs = q.shape[2], batch * heads
+    flat_keys, flat_q = keys.view(pairs, length, dim), q.view(pairs, rows, dim)
+    scores = torch.empty(pairs, length, dtype=compute, device=keys.device)
+    step = min(pairs, max(2, _ROW_BLOCK_ELEMENTS // max(1, rows * length)))
+    if torch.get_num_threads() > 1:
+        # With several threads every block's product, division and sum is a parallel region, and on
+        # a machine whose cores are busy each region waits for a core (measured on the shared 2-core
+        # machine, 2 threads: 8 ms per op on a (2, 16, 16, 512) block vs 0.03-1.4 ms at 1 thread; the
+        # blocked sums at B=2, L=6425 took 660-820 ms against 17 ms at 1 thread): one block, the
+        # release's own three ops (and its transient (B, H, rows, L) product).
+        step = pairs
+    key_buffer = (torch.empty(step, length, dim, dtype=compute, device=keys.device)
+                  if keys.dtype != compute else None)
+    product = torch.empty(step, rows, length, dtype=compute, device=keys.device)
+    root = math.sqrt(dim)
+    for start in range(0, pairs, step):
+        stop = min(pairs, start + step)
+        part = flat_keys[start:stop]
+        if key_buffer is not None:
+            part = key_buffer[:stop - start].copy_(part)
+        block = product[:stop - start]
+        torch.matmul(flat_q[start:stop], part.transpose(1, 2), out=block)
+        block.div_(root)
+        torch.sum(block, dim=1, out=scores[start:stop])
+    return scores.view(batch, heads, length)
 
 
 def released_pooled_scores(window_q: torch.Tensor, keys: torch.Tensor, window: torch.Tensor, *,
