@@ -21,6 +21,9 @@ Two kinds of measures beyond ``f(probs, current_start)``:
 - a measure with the attribute ``takes_context = True`` is called as ``f(probs, current_start,
   positions=..., scale=..., layer=...)`` where ``positions`` are the block's query positions in
   the current map (spatial statistics need to know where a query sits);
+- a measure with ``takes_logits = True`` also gets ``logits=...``, the float32 logits the block's
+  ``probs`` are the softmax of (a share of a subset of keys renormalised from ``probs`` is 0/0 where
+  that subset's probabilities underflow to 0; a softmax over the subset's logits is not);
 - a measure with ``on_keys = True`` is a *key measure*: called once per observation as
   ``f(keys, current_start, scale=..., layer=...)`` with the whole cache keys (B, Hkv, L, D), it
   returns named per-(row, head) values (B, Hkv) (inter-scale key similarity, say).
@@ -122,10 +125,12 @@ class AttentionStatsCollector:
             logits = torch.einsum("bhgqd,bhld->bhgql", grouped[:, :, :, lo:lo + block].float(), keys32)
             probs = torch.softmax(logits, dim=-1)
             for measure in self.measures:
+                context = {}
                 if getattr(measure, "takes_context", False):
-                    found = measure(probs, current_start, positions=positions[lo:lo + block], scale=scale, layer=layer)
-                else:
-                    found = measure(probs, current_start)
+                    context.update(positions=positions[lo:lo + block], scale=scale, layer=layer)
+                if getattr(measure, "takes_logits", False):
+                    context["logits"] = logits
+                found = measure(probs, current_start, **context)
                 for name, values in found.items():
                     if values is None:
                         continue
@@ -408,18 +413,25 @@ def history_locality_measure(schedule, *, radius: int = 1):
     _check_int("radius", radius, 0)
     offsets = schedule.offsets
 
-    def measure(probs: torch.Tensor, current_start: int, *, positions: torch.Tensor, scale: int, **context) -> dict:
+    def measure(probs: torch.Tensor, current_start: int, *, positions: torch.Tensor, scale: int,
+                logits: torch.Tensor | None = None, **context) -> dict:
         if current_start == 0:
             return {HISTORY_LOCALITY: None}
         if offsets[scale] != current_start:
             raise ValueError(f"history locality needs an uncompressed calibration cache (scale {scale} starts at "
                              f"{offsets[scale]}, the cache's current map at {current_start})")
-        near = history_neighbourhood(schedule, scale, positions, radius).to(probs.dtype)
-        history = probs[..., :current_start]
-        local = torch.einsum("bhgql,ql->bhgq", history, near).double()
-        return {HISTORY_LOCALITY: local / history.sum(dim=-1, dtype=torch.float64)}
+        # the history attention renormalised, as a softmax over the history logits: a sharp query whose
+        # history probabilities all underflow to 0 in probs still has a defined share (called without
+        # logits, from probs, where that query gives 0/0)
+        if logits is not None:
+            history = torch.softmax(logits[..., :current_start], dim=-1)
+        else:
+            history = probs[..., :current_start] / probs[..., :current_start].sum(dim=-1, keepdim=True)
+        near = history_neighbourhood(schedule, scale, positions, radius).to(history.dtype)
+        return {HISTORY_LOCALITY: torch.einsum("bhgql,ql->bhgq", history, near).double()}
 
     measure.takes_context = True
+    measure.takes_logits = True
     measure.__name__ = f"structure.history_locality_measure(radius={radius})"
     return measure
 

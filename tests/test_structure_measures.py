@@ -118,6 +118,33 @@ def test_history_locality_known_answers():
     assert got[0][2] == pytest.approx(4 / 9, abs=1e-6)
 
 
+def test_history_locality_of_a_query_whose_history_probabilities_underflow():
+    # one head attends so sharply to the current map that every history probability is 0 in float32
+    # (exp(-400)): its renormalised history attention is still the softmax over the history logits
+    queries, keys = _random_inputs(5, batch=1, heads=1)
+    scale = 3
+    start, end = SCHEDULE.offsets[scale], SCHEDULE.offsets[scale] + SCHEDULE.tokens(scale)
+    keys[0, 0, start:end] = 0.0
+    keys[0, 0, start:end, 0] = 50.0
+    queries[scale][0, 0, :, 0] = 10.0
+    logits = queries[scale][0, 0] @ keys[0, 0, :end].T
+    assert (torch.softmax(logits, -1)[:, :start] == 0).all()
+    got = _observe_all([history_locality_measure(SCHEDULE, radius=1)], queries, keys).layer_means(HISTORY_LOCALITY)
+    h, w = SCHEDULE.shapes[scale]
+    values = []
+    for i in range(h * w):
+        y, x = (i // w + 0.5) / h, (i % w + 0.5) / w
+        history = torch.softmax(logits[i, :start].double(), 0)
+        local = 0.0
+        for j in range(start):
+            key_scale, row, col = _cell(j)
+            kh, kw = SCHEDULE.shapes[key_scale]
+            if abs(row - math.floor(y * kh)) <= 1 and abs(col - math.floor(x * kw)) <= 1:
+                local += float(history[j])
+        values.append(local)
+    assert got[0][scale] == pytest.approx(sum(values) / len(values), rel=1e-5)
+
+
 def test_history_locality_refuses_a_compressed_cache_and_a_bad_radius():
     measure = history_locality_measure(SCHEDULE)
     probs = torch.full((1, 1, 1, 4), 0.25)
