@@ -396,6 +396,23 @@ def init_text_routing(model: InfinityTransformer) -> None:
             param.normal_(std=param.shape[1] ** -0.5)
 
 
+def initial_infinity_transformer(seed: int) -> InfinityTransformer:
+    """The weights the text-to-image stage starts from (draws from the global RNG, seeded here)."""
+    torch.manual_seed(seed + 2)
+    transformer = InfinityTransformer(TRAINED_TINY_CONFIG)
+    init_transformer(transformer, TRAINED_TINY_CONFIG.depth)
+    init_text_routing(transformer)
+    return transformer
+
+
+def initial_var_transformer(seed: int) -> VARTransformer:
+    """The weights the class-conditional stage starts from (draws from the global RNG, seeded here)."""
+    torch.manual_seed(seed + 5)
+    transformer = VARTransformer(TRAINED_TINY_VAR)
+    init_transformer(transformer, TRAINED_TINY_VAR.depth)
+    return transformer
+
+
 # -- the training loop ---------------------------------------------------------------------------------
 
 @attrs.define
@@ -536,15 +553,11 @@ def train_infinity(seed: int, settings: StageSettings, encoder: nn.Module, log: 
 
     ``more``: a second cycle (warm restart: fresh AdamW, warm-up and cosine again) on the following
     batches of the same stream, stage name ``infinity+``."""
-    torch.manual_seed(seed + 2)
-    c = TRAINED_TINY_CONFIG
-    transformer = InfinityTransformer(c)
-    init_transformer(transformer, c.depth)
-    init_text_routing(transformer)
+    transformer = initial_infinity_transformer(seed)
     text_encoder = new_text_encoder(seed + 3)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 7)
-        parse_head = nn.Linear(c.text_channels, len(PLACES))  # training only, like the BSQ encoder
+        parse_head = nn.Linear(TRAINED_TINY_CONFIG.text_channels, len(PLACES))  # training only, like the BSQ encoder
     drop_generator = torch.Generator().manual_seed(seed + 4)
     infinity_cycle("infinity", seed, settings, 0, transformer, text_encoder, encoder, drop_generator, log, progress,
                    drop_rate, parse_head)
@@ -591,10 +604,7 @@ def train_var(seed: int, settings: StageSettings, encoder: nn.Module, vqvae: VQV
               progress: bool = True, drop_rate: float = 0.1, more: Optional[StageSettings] = None):
     """Stage 4: the class-conditional transformer on frozen VQ tokens; ``more``: a second cycle
     (warm restart) on the following batches, stage name ``var+``."""
-    torch.manual_seed(seed + 5)
-    c = TRAINED_TINY_VAR
-    transformer = VARTransformer(c)
-    init_transformer(transformer, c.depth)
+    transformer = initial_var_transformer(seed)
     drop_generator = torch.Generator().manual_seed(seed + 6)
     var_cycle("var", seed, settings, 0, transformer, encoder, vqvae, drop_generator, log, progress, drop_rate)
     if more is not None:
