@@ -15,6 +15,7 @@ import torch
 
 from .policy import CompressionContext, Policy
 from .ragged import Ragged, gather_ragged
+from .scoring import PerHeadTopk
 from .schedule import ScaleSchedule
 
 
@@ -262,7 +263,8 @@ def compress(policy: Policy, keys: torch.Tensor, values: torch.Tensor, *, schedu
     ctx = CompressionContext(schedule=schedule, scale=scale, layer=layer, num_layers=num_layers,
                              capacity=capacity, length=length, queries=queries, raw_queries=raw_queries, state=state,
                              head_capacities=None if head_caps is None else torch.tensor(head_caps, device=keys.device),
-                             lengths=view_lengths)
+                             lengths=view_lengths,
+                             host_lengths=None if host is None else tuple(tuple(row) for row in host))
     if ragged_in:  # the policy sees a transient left-padded view (never stored)
         selection = policy.select(keys.padded(length), values.padded(length), ctx)
     else:
@@ -331,9 +333,13 @@ def _use_selection(policy, keys, values, ctx, selection, *, head_caps, fits, kee
                                f"{capacity if head_caps is None else list(head_caps)}")
         return keep_all(selection.state)
     indices = selection.indices
-    if indices.dim() != 3 or indices.shape[:2] != (batch, heads) or indices.dtype != torch.long:
-        raise RuntimeError(f"policy {policy.name!r} returned indices {tuple(indices.shape)} {indices.dtype}; "
-                           f"need (B={batch}, H={heads}, k) int64")
+    if isinstance(indices, PerHeadTopk):
+        return _ragged_result(policy, keys, values, ctx, selection, head_caps, finite, confirm_finite, passed,
+                              redone)
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 3 or indices.shape[:2] != (batch, heads) \
+            or indices.dtype != torch.long:
+        raise RuntimeError(f"policy {policy.name!r} returned indices {tuple(getattr(indices, 'shape', ()))} "
+                           f"{getattr(indices, 'dtype', type(indices).__name__)}; need (B={batch}, H={heads}, k) int64")
     kept = indices.shape[2]
     if selection.lengths is None and not ragged_in and head_caps is None:
         # The layer-wise path: every (row, head) keeps k tokens of a dense cache.
@@ -372,35 +378,64 @@ def _use_selection(policy, keys, values, ctx, selection, *, head_caps, fits, kee
 def _ragged_result(policy, keys, values, ctx, selection, head_caps, finite, confirm_finite, passed,
                    redone) -> CompressionResult:
     """Check a per-(row, head) selection and keep it: dense when every (row, head) keeps the same
-    count, a Ragged otherwise."""
-    indices = selection.indices
-    batch, heads, kept = indices.shape
-    device = indices.device
-    lengths = selection.lengths
-    if lengths is None:
-        lengths = torch.full((batch, heads), kept, dtype=torch.long, device=device)
-    elif (not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (batch, heads)
-          or lengths.dtype != torch.long):
-        raise RuntimeError(f"policy {policy.name!r} returned lengths {getattr(lengths, 'shape', lengths)!r}; need a "
-                           f"(B={batch}, H={heads}) int64 tensor")
-    lengths = lengths.to(device)
-    padding = ctx.padding()
-    low = padding.unsqueeze(-1) if padding is not None else 0
-    real = torch.arange(kept, device=device) < lengths.unsqueeze(-1)
-    ascending = (indices[..., 1:] > indices[..., :-1]) | ~real[..., 1:]
-    in_range = ((indices >= low) & (indices < ctx.length)) | ~real
-    index_ok = ascending.all() & in_range.all()
-    # The one device->host sync of this path: the lengths and the checks' flag in one read.
-    *host, ok = torch.cat([lengths.reshape(-1), passed(index_ok).to(lengths.device).reshape(1)]).tolist()
+    count, a Ragged otherwise. A deferred ``PerHeadTopk`` gets its indices here, once its lengths
+    came back in the one read (the core forms them from the ranking: valid by construction)."""
+    batch, heads = _shape(keys)[:2]
+    deferred = selection.indices if isinstance(selection.indices, PerHeadTopk) else None
+    state = selection.state
+    if deferred is not None:
+        if selection.lengths is not None:
+            raise RuntimeError(f"policy {policy.name!r} returned lengths with a PerHeadTopk selection (it holds its "
+                               "own lengths)")
+        lengths = deferred.lengths
+        if tuple(lengths.shape) != (batch, heads) or tuple(deferred.ranked.shape) != (batch, heads, ctx.length):
+            raise RuntimeError(f"policy {policy.name!r} returned a PerHeadTopk for {tuple(deferred.ranked.shape)} "
+                               f"scores; need (B={batch}, H={heads}, L={ctx.length})")
+        device = lengths.device
+        padding = ctx.padding()
+        # The one device->host sync of this path: the lengths, the checks and "no (row, head) has more
+        # forced positions than its budget" in one read.
+        *host, ok = torch.cat([lengths.reshape(-1),
+                               passed(~deferred.overfull).to(lengths.device).reshape(1)]).tolist()
+        if not ok:
+            result = redone()
+            if result is not None:
+                return result
+            deferred.check()  # topk_per_head's error, before the finiteness one (as when the policy raised it)
+            confirm_finite(finite)
+        kept = max(0, max(host, default=0))
+        indices = deferred.indices(kept)
+        if deferred.state_from is not None:
+            state = deferred.state_from(indices, lengths)
+    else:
+        indices = selection.indices
+        batch, heads, kept = indices.shape
+        device = indices.device
+        lengths = selection.lengths
+        if lengths is None:
+            lengths = torch.full((batch, heads), kept, dtype=torch.long, device=device)
+        elif (not isinstance(lengths, torch.Tensor) or tuple(lengths.shape) != (batch, heads)
+              or lengths.dtype != torch.long):
+            raise RuntimeError(f"policy {policy.name!r} returned lengths {getattr(lengths, 'shape', lengths)!r}; need "
+                               f"a (B={batch}, H={heads}) int64 tensor")
+        lengths = lengths.to(device)
+        padding = ctx.padding()
+        low = padding.unsqueeze(-1) if padding is not None else 0
+        real = torch.arange(kept, device=device) < lengths.unsqueeze(-1)
+        ascending = (indices[..., 1:] > indices[..., :-1]) | ~real[..., 1:]
+        in_range = ((indices >= low) & (indices < ctx.length)) | ~real
+        index_ok = ascending.all() & in_range.all()
+        # The one device->host sync of this path: the lengths and the checks' flag in one read.
+        *host, ok = torch.cat([lengths.reshape(-1), passed(index_ok).to(lengths.device).reshape(1)]).tolist()
+        if not ok:
+            result = redone()
+            if result is not None:
+                return result
+            confirm_finite(finite)
+            if not bool(index_ok):
+                raise RuntimeError(f"policy {policy.name!r} returned indices that are not unique, ascending and in "
+                                   f"range (each (row, head)'s real positions of 0..{ctx.length - 1})")
     host = [host[b * heads:(b + 1) * heads] for b in range(batch)]
-    if not ok:
-        result = redone()
-        if result is not None:
-            return result
-        confirm_finite(finite)
-        if not bool(index_ok):
-            raise RuntimeError(f"policy {policy.name!r} returned indices that are not unique, ascending and in range "
-                               f"(each (row, head)'s real positions of 0..{ctx.length - 1})")
     flat = [v for row in host for v in row]
     if min(flat) < 0 or max(flat) > kept:
         raise RuntimeError(f"policy {policy.name!r} returned lengths outside 0..{kept} (the indices' last dim)")
@@ -421,7 +456,7 @@ def _ragged_result(policy, keys, values, ctx, selection, head_caps, finite, conf
     head_major = [list(col) for col in zip(*host)]
     if not isinstance(keys, Ragged) and all(v == flat[0] for v in flat):
         order = indices[..., :flat[0]]  # every (row, head) keeps the same count: stay dense
-        return CompressionResult(gather_tokens(keys, order), gather_tokens(values, order), indices, selection.state,
+        return CompressionResult(gather_tokens(keys, order), gather_tokens(values, order), indices, state,
                                  capacity, lengths, head_caps)
     if isinstance(keys, Ragged):
         new_keys = keys.gather(indices, lengths, padding=padding, host_lengths=head_major)
@@ -431,4 +466,4 @@ def _ragged_result(policy, keys, values, ctx, selection, head_caps, finite, conf
     else:
         new_keys = gather_ragged(keys, indices, lengths, head_major)
         new_values = gather_ragged(values, indices, lengths, head_major)
-    return CompressionResult(new_keys, new_values, indices, selection.state, capacity, lengths, head_caps)
+    return CompressionResult(new_keys, new_values, indices, state, capacity, lengths, head_caps)

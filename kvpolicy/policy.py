@@ -57,6 +57,9 @@ class CompressionContext:
     # positions before ``padding()[b, h]`` are padding (zeros) that must not be kept. None: every
     # (row, head) holds ``length`` tokens.
     lengths: Optional[torch.Tensor] = None
+    # ``lengths`` as Python ints ([b][h]), where the caller knows them without a device read (compress
+    # does: a Ragged keeps them on the host), else None.
+    host_lengths: Optional[tuple] = None
 
     @property
     def ragged(self) -> bool:
@@ -104,6 +107,10 @@ class Selection:
     ``lengths`` (B, H) int64, optional: (row, head) keeps only ``indices[b, h, :lengths[b, h]]``
     (ascending); the rest of its row is padding and ignored. Without it every (row, head) keeps k.
 
+    ``indices`` may also be a ``scoring.PerHeadTopk`` (from ``scoring.per_head_topk``, with no
+    ``lengths``): a per-(row, head) top-k whose width ``compress`` learns in its one device read
+    (head-wise policies return this). ``resolved()`` gives the tensors (reading the device).
+
     ``keys_finite``, optional: a 0-d bool tensor the policy computed while scoring, True only if it
     proved every key finite (a score that reads every key gets this almost for free: a NaN or ±inf
     key makes its dot products NaN or ±inf). ``compress`` then skips its own read of the keys
@@ -129,6 +136,15 @@ class Selection:
     queries_finite: Optional[torch.Tensor] = attrs.field(default=None, kw_only=True)
     redo_if: Optional[torch.Tensor] = attrs.field(default=None, kw_only=True)
     redo: Optional[Callable[[], "Selection"]] = attrs.field(default=None, kw_only=True)
+
+    def resolved(self) -> "Selection":
+        """This selection with tensor ``indices``/``lengths`` (and the state they give) where
+        ``indices`` is a deferred ``scoring.PerHeadTopk``; itself otherwise."""
+        if not isinstance(self.indices, scoring.PerHeadTopk):
+            return self
+        indices, lengths = self.indices.resolve()
+        state = self.state if self.indices.state_from is None else self.indices.state_from(indices, lengths)
+        return attrs.evolve(self, indices=indices, lengths=lengths, state=state)
 
 
 @attrs.define(kw_only=True)
@@ -343,13 +359,38 @@ class ScoredPolicy(Policy):
         flag ``head_adaptive = True``) redistribute the layer's H x capacity across heads here."""
         return ctx.capacities_per_head(*scores.shape[:2])
 
+    def head_budgets_deferred(self, scores: torch.Tensor, forced: torch.Tensor,
+                              ctx: CompressionContext) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``head_budgets`` without reading the device: (budgets, ``redo_if``), where ``redo_if`` (a
+        0-d bool tensor, or None) is True when the budgets rest on an assumption that does not hold
+        and ``head_budgets`` (which may read) must give them instead. Default: ``head_budgets``, no
+        assumption. Head-adaptive wrappers whose allocation needs a host number override both."""
+        return self.head_budgets(scores, forced, ctx), None
+
+    def per_head_selection(self, scores: torch.Tensor, forced: torch.Tensor, ctx: CompressionContext,
+                           **proofs) -> Optional[Selection]:
+        """The head-wise ``Selection`` for ``scores`` (a deferred ``scoring.per_head_topk``: the
+        lengths and every check come back in ``compress``'s one device read), or None where
+        ``head_budgets`` says layer-wise. ``proofs``: ``keys_finite``/``queries_finite``."""
+        budgets, redo_if = self.head_budgets_deferred(scores, forced, ctx)
+        if budgets is None:
+            return None
+
+        def selection(budgets):
+            return Selection(scoring.per_head_topk(scores, budgets, forced=forced, valid=ctx.valid_mask()), ctx.state,
+                             **proofs)
+
+        if redo_if is None:
+            return selection(budgets)
+        return Selection(selection(budgets).indices, ctx.state, redo_if=redo_if,
+                         redo=lambda: selection(self.head_budgets(scores, forced, ctx)), **proofs)
+
     def select(self, keys, values, ctx):
         if ctx.capacity is None or (ctx.length <= ctx.capacity and ctx.head_capacities is None):
             return Selection(None, ctx.state)
         forced = self.forced_positions(ctx).to(keys.device)
         scores = self.score(keys, ctx)
-        budgets = self.head_budgets(scores, forced, ctx)
-        if budgets is None:
-            return Selection(scoring.topk_with_forced(scores, forced, ctx.capacity), ctx.state)
-        indices, lengths = scoring.topk_per_head(scores, budgets, forced=forced, valid=ctx.valid_mask())
-        return Selection(indices, ctx.state, lengths)
+        per_head = self.per_head_selection(scores, forced, ctx)
+        if per_head is not None:
+            return per_head
+        return Selection(scoring.topk_with_forced(scores, forced, ctx.capacity), ctx.state)

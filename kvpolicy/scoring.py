@@ -10,7 +10,9 @@ cache stored per KV head is scored per KV head.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Optional
 
+import attrs
 import torch
 import torch.nn.functional as F
 
@@ -170,7 +172,64 @@ def topk_per_head(scores: torch.Tensor, budgets: torch.Tensor, *, forced: torch.
     Returns (indices (B, H, k) int64, lengths (B, H) int64) with k the largest length:
     ``indices[b, h, :lengths[b, h]]`` ascending, the rest 0 (padding). Ties follow ``torch.topk``;
     non-forced -inf/NaN scores are lifted to the lowest finite value, as in ``topk_with_forced``.
+
+    Reads the device twice (the forced-count check and k); a policy's ``Selection`` can hand the
+    same choice to ``compress`` unread instead: ``per_head_topk``.
     """
+    return per_head_topk(scores, budgets, forced=forced, valid=valid).resolve()
+
+
+@attrs.frozen(eq=False)
+class PerHeadTopk:
+    """``topk_per_head``'s choice before any device read: what ``per_head_topk`` returns.
+
+    The width of the kept indices (the longest (row, head)'s length) is data-dependent, and which of
+    equal scores ``torch.topk`` keeps depends on the k it is asked for, so the top-k itself waits for
+    that number. A policy returns this as ``Selection.indices``: ``compress`` reads the lengths with
+    its checks in its one device->host read and then forms the indices (valid by construction);
+    ``resolve()`` does the same reads for anyone else.
+    """
+
+    ranked: torch.Tensor  # (B, H, L) float32: forced +inf, padding -inf, other -inf/NaN the lowest finite value
+    lengths: torch.Tensor  # (B, H) int64 tokens each (row, head) keeps
+    overfull: torch.Tensor  # 0-d bool: some (row, head) must keep more forced positions than its budget
+    too_many: torch.Tensor  # (B, H) bool: which (the error names the first)
+    forced_counts: torch.Tensor  # (B, H) int64
+    budgets: torch.Tensor  # (B, H) int64
+    # The policy state for the next call from the kept (indices, lengths), for state kept per token
+    # (H2O's totals); None: the Selection's state as given.
+    state_from: Optional[Callable[[torch.Tensor, torch.Tensor], Any]] = None
+
+    def check(self) -> None:
+        """Raise ``topk_per_head``'s error where a (row, head) has more forced positions than its
+        budget (reads the device)."""
+        if bool(self.overfull):
+            b, h = (int(v) for v in self.too_many.nonzero()[0])
+            raise ValueError(f"{int(self.forced_counts[b, h])} positions are forced to stay in (row {b}, head {h}) "
+                             f"but its capacity is {int(self.budgets[b, h])}")
+
+    def indices(self, longest: int) -> torch.Tensor:
+        """(B, H, longest) kept positions, each (row, head)'s first lengths[b, h] ascending, then 0;
+        ``longest`` must be the largest length (the k of the top-k)."""
+        length = self.ranked.shape[-1]
+        top = self.ranked.topk(longest, dim=-1).indices  # best first: forced (+inf), then by score
+        real_slot = torch.arange(longest, device=top.device) < self.lengths.unsqueeze(-1)
+        ordered = torch.where(real_slot, top, torch.full_like(top, length)).sort(dim=-1).values
+        return torch.where(ordered == length, torch.zeros_like(ordered), ordered)
+
+    def resolve(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, lengths) as ``topk_per_head`` returns them (two device reads)."""
+        self.check()
+        longest = int(self.lengths.max()) if self.lengths.numel() else 0
+        return self.indices(longest), self.lengths
+
+
+def per_head_topk(scores: torch.Tensor, budgets: torch.Tensor, *, forced: torch.Tensor | None = None,
+                  valid: torch.Tensor | None = None,
+                  state_from: Optional[Callable[[torch.Tensor, torch.Tensor], Any]] = None) -> PerHeadTopk:
+    """``topk_per_head`` (same arguments, same choice) without reading the device: a ``PerHeadTopk``
+    for ``Selection.indices``. ``state_from(indices, lengths)``, optional, gives the policy state
+    once the indices exist."""
     batch, heads, length = scores.shape
     device = scores.device
     masked = scores.float()
@@ -192,17 +251,10 @@ def topk_per_head(scores: torch.Tensor, budgets: torch.Tensor, *, forced: torch.
         real = torch.full((batch, heads), length, dtype=torch.long, device=device)
     budgets = budgets.to(device=device, dtype=torch.long).expand(batch, heads)
     lengths = torch.minimum(budgets, real)
-    too_many = (forced_mask.sum(dim=-1) > lengths) & (budgets < real)
-    if bool(too_many.any()):
-        b, h = (int(v) for v in too_many.nonzero()[0])
-        raise ValueError(f"{int(forced_mask[b, h].sum())} positions are forced to stay in (row {b}, head {h}) but its "
-                         f"capacity is {int(budgets[b, h])}")
-    masked = masked.masked_fill(forced_mask, float("inf"))
-    kept = int(lengths.max()) if lengths.numel() else 0
-    top = masked.topk(kept, dim=-1).indices  # best first: forced (+inf), then by score
-    real_slot = torch.arange(kept, device=device) < lengths.unsqueeze(-1)
-    ordered = torch.where(real_slot, top, torch.full_like(top, length)).sort(dim=-1).values
-    return torch.where(ordered == length, torch.zeros_like(ordered), ordered), lengths
+    forced_counts = forced_mask.sum(dim=-1)
+    too_many = (forced_counts > lengths) & (budgets < real)
+    return PerHeadTopk(masked.masked_fill(forced_mask, float("inf")), lengths, too_many.any(), too_many,
+                       forced_counts, budgets, state_from)
 
 
 def left_align(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -66,8 +66,15 @@ def adakv_head_budgets(scores: torch.Tensor, forced: torch.Tensor, capacity: int
 
     ``scores`` (B, H, L); ``forced`` 1-D positions; ``valid`` (B, H, L) bool (False: padding of a
     ragged view) or None. The row's heads hold at most H · capacity tokens together (exactly that
-    unless some head has fewer candidates than its allocation).
+    unless some head has fewer candidates than its allocation). Reads the device once (the most
+    forced positions any (row, head) holds); ``AdaptiveHeads`` defers that read (see there).
     """
+    return _adakv_budgets(scores, forced, capacity, floor_alpha, valid, None)[0]
+
+
+def _adakv_budgets(scores, forced, capacity, floor_alpha, valid, most_forced):
+    """``adakv_head_budgets`` with the most forced positions of any (row, head) given on the host
+    (``most_forced``; None: read it) -> (budgets, the (B, H) forced counts it assumed the most of)."""
     batch, heads, length = scores.shape
     forced_mask = torch.zeros(length, dtype=torch.bool, device=scores.device)
     forced_mask[forced.to(scores.device)] = True
@@ -79,14 +86,15 @@ def adakv_head_budgets(scores: torch.Tensor, forced: torch.Tensor, capacity: int
         candidates = candidates.masked_fill(~valid, float("-inf"))
     n_forced = forced_mask.sum(dim=-1)
     available = torch.isfinite(candidates).sum(dim=-1)
-    slots = capacity - int(n_forced.max())
+    # The scored slots per head, a host number: it sizes the global top-k below.
+    slots = capacity - (int(n_forced.max()) if most_forced is None else most_forced)
     counts = adaptive_head_lengths(candidates, max(0, slots), floor_alpha)
     budgets = torch.minimum(counts, available) + n_forced
     # A row whose heads hold at most H x capacity together fits: it keeps everything (decided per
     # row, so that a row is compressed as if alone whatever the other rows hold).
     held = valid.sum(dim=-1) if valid is not None else torch.full_like(budgets, length)
     fits = (held.sum(dim=-1, keepdim=True) <= heads * capacity)
-    return torch.where(fits, held, budgets)
+    return torch.where(fits, held, budgets), n_forced
 
 
 def _check_floor(instance, attribute, value):
@@ -108,6 +116,18 @@ class AdaptiveHeads(ScoredPolicy):
 
     def head_budgets(self, scores, forced, ctx):
         return adakv_head_budgets(scores, forced, ctx.capacity, self.floor_alpha, ctx.valid_mask())
+
+    def head_budgets_deferred(self, scores, forced, ctx):
+        """The budgets without a device read: the (row, head) that holds the whole view (no left
+        padding; compress's view is as long as its longest (row, head)) has every forced position,
+        so the most any (row, head) holds is len(forced) when those are unique positions in range,
+        as every built-in selector's are; where not (counted on the device, read with compress's
+        checks), ``head_budgets`` redoes it reading the count."""
+        if type(self).head_budgets is not AdaptiveHeads.head_budgets:  # a subclass's own allocation
+            return super().head_budgets_deferred(scores, forced, ctx)
+        budgets, n_forced = _adakv_budgets(scores, forced, ctx.capacity, self.floor_alpha, ctx.valid_mask(),
+                                           forced.numel())
+        return budgets, n_forced.max() != forced.numel()
 
 
 @register_policy("adakv")

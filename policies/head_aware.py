@@ -356,9 +356,9 @@ class HeadAware(SharedCalibration, ScoredPolicy):
         if keys.shape[1] != len(kinds):
             raise ValueError(f"head_aware kinds list {len(kinds)} heads for layer {ctx.layer}, the cache has {keys.shape[1]}")
         recency = torch.arange(ctx.length, device=keys.device, dtype=torch.float32).expand(*keys.shape[:2], -1)
-        contextual = torch.tensor([k == CONTEXTUAL for k in kinds], device=keys.device)
-        if not bool(contextual.any()):
+        if CONTEXTUAL not in kinds:  # decided on the host: no device read
             return recency
+        contextual = torch.tensor([k == CONTEXTUAL for k in kinds], device=keys.device)
         window = self.window(ctx)
         votes = scoring.attention_scores(ctx.queries[:, :, ctx.n_current - window:], keys, softmax=True,
                                          valid=ctx.valid_mask())

@@ -164,3 +164,165 @@ def test_the_policys_deferred_fallback_still_applies(mode):
     pooled, window = observation_window_scores(keys, ctx, raw=mode == "reference", pooling="avg")
     result = compress(policy, keys, values, schedule=SCHEDULE, scale=5, layer=0, num_layers=2, **kwargs)
     assert torch.equal(result.indices, topk_with_forced(pooled, window, capacity))
+
+
+# -- head-wise paths: per-head capacities, head-adaptive (AdaKV) budgets, ragged caches ------------
+
+def _head_wise_policies():
+    """name -> a policy whose selections have per-(row, head) lengths (built lazily: compose registers)."""
+    from policies.adakv import AdaptiveHeads
+    from policies.common import RecentWindowSelector, UniformAllocation
+    from policies.common.allocations import HeadWeightsAllocation
+    from policies.common.patch_window import PatchWindowSelector
+    from policies.common.selectors import HeavyHitterSelector, SinksRecentSelector, SlidingWindowSelector
+
+    def weighted(selector, **options):
+        name = f"syncs_{selector.__name__.lower()}"
+        if name not in kvpolicy.list_policies():
+            kvpolicy.compose(name, HeadWeightsAllocation, UniformAllocation, selector)
+        return get_policy(name, budget=40, head_weights=[1, 2, 3, 2], **options)
+
+    if "syncs_adakv_patch" not in kvpolicy.list_policies():
+        kvpolicy.compose("syncs_adakv_patch", AdaptiveHeads, UniformAllocation, PatchWindowSelector)
+    return {
+        "adakv": lambda: get_policy("adakv", budget=40, window_size=4),
+        "adakv over scalekv's reference selector": lambda: get_policy("syncs_adakv_patch", budget=40,
+                                                                         mode="reference", window_size=4),
+        "snapkv's selector, head weights": lambda: weighted(RecentWindowSelector, window_size=4),
+        "sliding window, head weights": lambda: weighted(SlidingWindowSelector),
+        "sinks + recent, head weights": lambda: weighted(SinksRecentSelector),
+        "h2o, head weights": lambda: weighted(HeavyHitterSelector),
+        "scalekv reference, head weights": lambda: weighted(PatchWindowSelector, mode="reference", window_size=4),
+        "scalekv attention, head weights": lambda: weighted(PatchWindowSelector, mode="attention", window_size=4),
+        "head_aware": lambda: get_policy("head_aware", budget=40, window_size=4,
+                                         kinds=[["structural", "contextual", "contextual", "structural"]] * 2),
+        "heatkv": lambda: get_policy("heatkv", budget=40, stand_in_heads=4),
+    }
+
+
+import kvpolicy  # noqa: E402  (used by the helpers above)
+
+
+def _cache_until(policy, last_scale, seed=0):
+    """A KVCache driven through scales 0..last_scale-1 and appended at ``last_scale``; the inputs of
+    each scale's compress call."""
+    g = torch.Generator().manual_seed(seed)
+    cache = kvpolicy.KVCache(2, SCHEDULE, policy)
+    for scale in range(last_scale + 1):
+        n = SCHEDULE.tokens(scale)
+        for layer in range(2):
+            keys, values, queries = (torch.randn(2, 4, n, 8, generator=g) for _ in range(3))
+            cache.append(layer, scale, keys, values)
+            if scale < last_scale:
+                cache.compress(layer, scale, queries=queries, raw_queries=queries)
+    return cache, queries
+
+
+@pytest.mark.parametrize("name", list(_head_wise_policies()))
+def test_head_wise_compress_reads_the_device_once(count_syncs, name):
+    """Per-(row, head) selections (head-wise plans, AdaKV's data-dependent budgets), from a dense and
+    from a ragged cache: one read per call (the lengths, the checks and the forced-count checks
+    together; the kept indices' width is learnt in it). Before: 3 (head-wise plans: the forced
+    check and the longest length in topk_per_head, then compress), 4 for adakv (+ its most forced
+    positions), heatkv on a ragged cache 2 (its lengths check), head_aware 1 more (any contextual)."""
+    policy = _head_wise_policies()[name]()
+    for scale in (4, 5):  # the first compress that evicts reads a dense cache, the next one a ragged one
+        cache, queries = _cache_until(policy, scale)
+        layer = cache.layers[1]
+        keys, values, state = layer.keys, layer.values, layer.state
+        expected = compress(policy, keys, values, schedule=SCHEDULE, scale=scale, layer=1, num_layers=2,
+                            queries=queries, raw_queries=queries, state=state)
+        result, syncs = count_syncs(lambda: compress(policy, keys, values, schedule=SCHEDULE, scale=scale, layer=1,
+                                                     num_layers=2, queries=queries, raw_queries=queries,
+                                                     state=state))
+        assert len(syncs) <= 1, (scale, syncs)
+        assert torch.equal(result.indices, expected.indices) and torch.equal(result.lengths, expected.lengths)
+    assert isinstance(keys, Ragged) or name == "heatkv" and scale == 5  # the second call did read a ragged cache
+
+
+def _reading_adakv(policy, keys, ctx):
+    """AdaKV's choice the way it was made before compress read once: the budgets and the per-head
+    top-k each read the device (adakv_head_budgets, scoring.topk_per_head)."""
+    from kvpolicy.scoring import topk_per_head
+    from policies.adakv import adakv_head_budgets
+
+    forced = policy.forced_positions(ctx)
+    scores = policy.score(keys, ctx)
+    budgets = adakv_head_budgets(scores, forced, ctx.capacity, policy.floor_alpha, ctx.valid_mask())
+    return topk_per_head(scores, budgets, forced=forced, valid=ctx.valid_mask())
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+@pytest.mark.parametrize("floor_alpha", [0.0, 0.2, 1.0])
+def test_adakv_one_read_keeps_the_reading_choice(pooling, floor_alpha):
+    """AdaKV's one-read path (the most forced positions taken as len(forced), checked on the device)
+    keeps exactly what the reading budgets and top-k keep, ties included (rounded keys and queries
+    make max-pooling plateaus), from a dense and from a ragged cache."""
+    from kvpolicy.policy import CompressionContext
+
+    policy = get_policy("adakv", budget=40, window_size=4, pooling=pooling, floor_alpha=floor_alpha)
+    for scale in (4, 5):
+        cache, queries = _cache_until(policy, scale, seed=3)
+        layer = cache.layers[0]
+        keys, values = layer.keys, layer.values
+        queries = queries.round()
+        result = compress(policy, keys, values, schedule=SCHEDULE, scale=scale, layer=0, num_layers=2, queries=queries)
+        ragged = isinstance(keys, Ragged)
+        view = keys.padded(keys.max_length) if ragged else keys
+        ctx = CompressionContext(schedule=SCHEDULE, scale=scale, layer=0, num_layers=2,
+                                 capacity=policy.plan(SCHEDULE, 2).capacity(scale, 0), length=view.shape[2],
+                                 queries=queries, lengths=keys.lengths if ragged else None)
+        indices, lengths = _reading_adakv(policy, view, ctx)
+        assert torch.equal(result.indices, indices) and torch.equal(result.lengths, lengths)
+
+
+def test_adakv_with_repeated_forced_positions_redoes_the_reading_way():
+    """A selector whose forced positions repeat one (off the contract that positions are unique):
+    the assumption len(forced) fails on the device, and the reading budgets give the choice."""
+    from kvpolicy.policy import CompressionContext
+    from policies.adakv import AdaptiveHeads
+    from policies.common import RecentWindowSelector, UniformAllocation
+
+    class Repeating(RecentWindowSelector):
+        def forced_positions(self, ctx):
+            recent = super().forced_positions(ctx)
+            return torch.cat([recent, recent[:1]])
+
+    if "syncs_adakv_repeating" not in kvpolicy.list_policies():
+        kvpolicy.compose("syncs_adakv_repeating", AdaptiveHeads, UniformAllocation,
+                         attrs_define(Repeating))
+    policy = get_policy("syncs_adakv_repeating", budget=40, window_size=4)
+    keys, values, queries = _inputs()
+    result = compress(policy, keys, values, schedule=SCHEDULE, scale=5, layer=0, num_layers=2, queries=queries)
+    ctx = CompressionContext(schedule=SCHEDULE, scale=5, layer=0, num_layers=2,
+                             capacity=policy.plan(SCHEDULE, 2).capacity(5, 0), length=keys.shape[2], queries=queries)
+    indices, lengths = _reading_adakv(policy, keys, ctx)
+    assert torch.equal(result.indices, indices) and torch.equal(result.lengths, lengths)
+    # 4 unique forced positions: 36 scored slots per head, H x capacity in all (len(forced) = 5 gives 4 x 39)
+    assert lengths.sum(dim=1).tolist() == [4 * 40, 4 * 40]
+
+
+def attrs_define(cls):
+    import attrs
+    return attrs.define(kw_only=True, slots=False)(cls)
+
+
+def test_more_forced_positions_than_a_heads_budget_is_still_refused():
+    """topk_per_head's error comes out of compress's one read with its message."""
+    from kvpolicy import Policy, Selection
+    from kvpolicy.scoring import per_head_topk
+
+    class Overfull(Policy):
+        name = "overfull-sync-test"
+
+        def select(self, keys, values, ctx):
+            budgets = torch.full(keys.shape[:2], 3, dtype=torch.long)
+            budgets[1, 2] = 1
+            return Selection(per_head_topk(keys[..., 0], budgets, forced=torch.tensor([0, 1])))
+
+    keys, values, _ = _inputs()
+    with pytest.raises(ValueError, match=r"2 positions are forced to stay in \(row 1, head 2\) but its capacity is 1"):
+        compress(Overfull(budget=40), keys, values, schedule=SCHEDULE, scale=5, layer=0, num_layers=2)
+    # the same check where the tensors are asked for outside compress
+    with pytest.raises(ValueError, match=r"2 positions are forced to stay in \(row 1, head 2\) but its capacity is 1"):
+        Overfull(budget=40).select(keys, values, None).resolved()

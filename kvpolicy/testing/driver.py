@@ -142,6 +142,8 @@ def check_selection(checker: Checker, policy: Policy, keys: torch.Tensor, ctx, s
     before = _lengths_before(ctx, keys)
     bounds, per_row_sum = _bounds(ctx, heads)
     adaptive = per_row_sum or bool(getattr(policy, "head_adaptive", False))
+    if hasattr(selection, "resolved"):
+        selection = selection.resolved()  # a deferred per-head top-k as the tensors compress forms
     indices = selection.indices
     if indices is None:
         if bounds is not None:

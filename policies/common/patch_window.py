@@ -15,7 +15,7 @@ import attrs
 import torch
 
 from kvpolicy import CapacityPlan, ScoredPolicy, Selection
-from kvpolicy.scoring import _check_forced, attention_scores, group_queries, pool_scores, topk_per_head, topk_with_forced
+from kvpolicy.scoring import _check_forced, attention_scores, group_queries, pool_scores, topk_with_forced
 from kvpolicy.validators import check_choice
 
 from .released_scores import (released_pooled_scores_checked, released_topk, released_topk_deferred,
@@ -264,14 +264,14 @@ class PatchWindowSelector(ScoredPolicy):
         # The released sums' proof covers the window queries too (a non-finite query row makes all
         # its sums non-finite), and those are the only query rows the selection reads.
         proofs = {"keys_finite": keys_finite, "queries_finite": keys_finite}
-        budgets = self.head_budgets(pooled, window, ctx)
-        if budgets is None:  # layer-wise: the released tie-for-tie top-k, its check left to compress's one read
-            pick = released_topk_deferred if self.mode == "reference" else topk_plus_forced_exact_deferred
-            indices, redo_if, redo = pick(pooled, window, ctx.capacity)
-            return Selection(indices, ctx.state, redo_if=redo_if if redo else None,
-                             redo=redo and (lambda: Selection(redo(), ctx.state, **proofs)), **proofs)
-        indices, lengths = topk_per_head(pooled, budgets, forced=window, valid=ctx.valid_mask())
-        return Selection(indices, ctx.state, lengths, **proofs)
+        per_head = self.per_head_selection(pooled, window, ctx, **proofs)
+        if per_head is not None:  # head-wise capacities or a head-adaptive wrapper
+            return per_head
+        # layer-wise: the released tie-for-tie top-k, its check left to compress's one read
+        pick = released_topk_deferred if self.mode == "reference" else topk_plus_forced_exact_deferred
+        indices, redo_if, redo = pick(pooled, window, ctx.capacity)
+        return Selection(indices, ctx.state, redo_if=redo_if if redo else None,
+                         redo=redo and (lambda: Selection(redo(), ctx.state, **proofs)), **proofs)
 
 
 PatchWindowPolicy = PatchWindowSelector  # the name the selector had in kvpolicy.windowed

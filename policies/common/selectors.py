@@ -78,9 +78,8 @@ class SlidingWindowSelector(Policy):
         if budgets is None:
             kept = torch.arange(ctx.length - ctx.capacity, ctx.length, device=keys.device)
             return Selection(kept.expand(batch, heads, -1).clone(), ctx.state)
-        indices, lengths = scoring.topk_per_head(_recency(ctx, batch, heads, keys.device), budgets,
-                                                 valid=ctx.valid_mask())
-        return Selection(indices, ctx.state, lengths)
+        return Selection(scoring.per_head_topk(_recency(ctx, batch, heads, keys.device), budgets,
+                                               valid=ctx.valid_mask()), ctx.state)
 
 
 @attrs.define(kw_only=True, slots=False)
@@ -112,9 +111,8 @@ class SinksRecentSelector(Policy):
         sinks = torch.clamp(budgets, max=self.num_sinks)
         positions = torch.arange(ctx.length, device=keys.device)
         forced = (positions >= start.unsqueeze(-1)) & (positions < (start + sinks).unsqueeze(-1))
-        indices, lengths = scoring.topk_per_head(_recency(ctx, batch, heads, keys.device), budgets, forced=forced,
-                                                 valid=ctx.valid_mask())
-        return Selection(indices, ctx.state, lengths)
+        return Selection(scoring.per_head_topk(_recency(ctx, batch, heads, keys.device), budgets, forced=forced,
+                                               valid=ctx.valid_mask()), ctx.state)
 
 
 def _check_ratio(instance, attribute, value):
@@ -176,6 +174,7 @@ class HeavyHitterSelector(Policy):
         heavy = torch.floor(budgets.double() * self.heavy_ratio + 1e-9).long()
         recent = budgets - heavy
         forced = torch.arange(ctx.length, device=keys.device) >= (ctx.length - recent).unsqueeze(-1)
-        indices, lengths = scoring.topk_per_head(totals, budgets, forced=forced, valid=ctx.valid_mask())
         # The next scale sees this (row, head)'s kept tokens at the end of its left-padded view.
-        return Selection(indices, scoring.left_align(torch.gather(totals, 2, indices), lengths), lengths)
+        return Selection(scoring.per_head_topk(
+            totals, budgets, forced=forced, valid=ctx.valid_mask(),
+            state_from=lambda indices, lengths: scoring.left_align(torch.gather(totals, 2, indices), lengths)), None)

@@ -166,9 +166,11 @@ class HeatKV(SharedCalibration, Policy):
         if rows is None:
             return Selection(None, ctx.state)
         held = heat.held_lengths(ctx.schedule, budget, ctx.scale, ctx.layer)
-        if ctx.lengths is not None and ctx.lengths.tolist() != [held] * keys.shape[0]:
-            raise RuntimeError(f"heatkv: the cache holds {ctx.lengths.tolist()} tokens per head at scale {ctx.scale}, "
-                               f"layer {ctx.layer}; the schedule says {held}")
+        if ctx.lengths is not None:
+            holds = [list(row) for row in ctx.host_lengths] if ctx.host_lengths is not None else ctx.lengths.tolist()
+            if holds != [list(held)] * keys.shape[0]:
+                raise RuntimeError(f"heatkv: the cache holds {holds} tokens per head at scale {ctx.scale}, "
+                                   f"layer {ctx.layer}; the schedule says {held}")
         return ragged_selection(rows, held, ctx.length, keys.shape[0], keys.device, ctx.state)
 
     @classmethod
