@@ -38,6 +38,20 @@ def _cell(token):
     raise AssertionError
 
 
+def _local_share(history, scale, i, radius=1):
+    """Share of history attention ``history`` (over the tokens before ``scale``) that query ``i`` of
+    ``scale``'s map puts within ``radius`` cells of its centre, by a loop over the history tokens."""
+    h, w = SCHEDULE.shapes[scale]
+    y, x = (i // w + 0.5) / h, (i % w + 0.5) / w
+    local = 0.0
+    for j in range(SCHEDULE.offsets[scale]):
+        key_scale, row, col = _cell(j)
+        kh, kw = SCHEDULE.shapes[key_scale]
+        if abs(row - math.floor(y * kh)) <= radius and abs(col - math.floor(x * kw)) <= radius:
+            local += float(history[j])
+    return local / float(sum(history))
+
+
 def test_entropy_matches_a_per_query_loop():
     queries, keys = _random_inputs()
     collector = _observe_all([entropy_measure()], queries, keys)
@@ -79,15 +93,8 @@ def test_history_locality_matches_a_per_query_loop():
         for b in range(2):
             for head in range(2):
                 for i in range(h * w):
-                    y, x = (i // w + 0.5) / h, (i % w + 0.5) / w
                     p = torch.softmax(keys[b, head, :start + h * w].double() @ queries[scale][b, head, i].double(), 0)
-                    local = 0.0
-                    for j in range(start):
-                        key_scale, row, col = _cell(j)
-                        kh, kw = SCHEDULE.shapes[key_scale]
-                        if abs(row - math.floor(y * kh)) <= 1 and abs(col - math.floor(x * kw)) <= 1:
-                            local += float(p[j])
-                    values.append(local / float(p[:start].sum()))
+                    values.append(_local_share(p[:start], scale, i))
         assert means[0][scale] == pytest.approx(sum(values) / len(values), rel=1e-5)
 
 
@@ -131,17 +138,7 @@ def test_history_locality_of_a_query_whose_history_probabilities_underflow():
     assert (torch.softmax(logits, -1)[:, :start] == 0).all()
     got = _observe_all([history_locality_measure(SCHEDULE, radius=1)], queries, keys).layer_means(HISTORY_LOCALITY)
     h, w = SCHEDULE.shapes[scale]
-    values = []
-    for i in range(h * w):
-        y, x = (i // w + 0.5) / h, (i % w + 0.5) / w
-        history = torch.softmax(logits[i, :start].double(), 0)
-        local = 0.0
-        for j in range(start):
-            key_scale, row, col = _cell(j)
-            kh, kw = SCHEDULE.shapes[key_scale]
-            if abs(row - math.floor(y * kh)) <= 1 and abs(col - math.floor(x * kw)) <= 1:
-                local += float(history[j])
-        values.append(local)
+    values = [_local_share(torch.softmax(logits[i, :start].double(), 0), scale, i) for i in range(h * w)]
     assert got[0][scale] == pytest.approx(sum(values) / len(values), rel=1e-5)
 
 
