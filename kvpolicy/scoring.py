@@ -223,6 +223,15 @@ class PerHeadTopk:
         longest = int(self.lengths.max()) if self.lengths.numel() else 0
         return self.indices(longest), self.lengths
 
+    def __getattr__(self, name):
+        # Code written when a head-wise Selection.indices was always a tensor (sel.indices.shape,
+        # .tolist(), ...) gets told what changed and how to get the tensors, not a bare AttributeError.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"PerHeadTopk has no attribute {name!r}: a head-wise Selection.indices is a deferred "
+                             "per-(row, head) top-k (compress forms the indices after its one device read); call "
+                             "selection.resolved() or PerHeadTopk.resolve() for the (indices, lengths) tensors")
+
 
 def per_head_topk(scores: torch.Tensor, budgets: torch.Tensor, *, forced: torch.Tensor | None = None,
                   valid: torch.Tensor | None = None,

@@ -330,3 +330,20 @@ def test_more_forced_positions_than_a_heads_budget_is_still_refused():
     # the same check where the tensors are asked for outside compress
     with pytest.raises(ValueError, match=r"2 positions are forced to stay in \(row 1, head 2\) but its capacity is 1"):
         Overfull(budget=40).select(keys, values, None).resolved()
+
+
+def test_code_that_treats_a_deferred_per_head_topk_as_a_tensor_is_told_how_to_get_one():
+    from kvpolicy import Selection
+    from kvpolicy.scoring import per_head_topk, topk_per_head
+
+    scores = torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(0))
+    budgets = torch.tensor([[2, 5, 3], [4, 1, 6]])
+    deferred = per_head_topk(scores, budgets)
+    with pytest.raises(AttributeError, match=r"'shape'.*selection.resolved\(\) or PerHeadTopk.resolve\(\)"):
+        deferred.shape
+    indices, lengths = Selection(deferred).resolved().indices, Selection(deferred).resolved().lengths
+    expected = topk_per_head(scores, budgets)
+    assert torch.equal(indices, expected[0]) and torch.equal(lengths, expected[1])
+    import copy
+
+    assert copy.copy(deferred).lengths is deferred.lengths  # dunder lookups stay plain AttributeErrors
