@@ -9,7 +9,6 @@ cache stored per KV head is scored per KV head.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Optional
 
 import attrs
