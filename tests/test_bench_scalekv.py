@@ -31,6 +31,38 @@ def test_restated_release_and_reference_mode_agree(flow, layer):
     assert row["role"] == ("refiner" if layer else "drafter")
     assert (row["in_place_ms"] is None) == bool(layer)  # in-place compaction is measured for drafters
     assert "| yes |" in bench_scalekv.table([row], "x")
+    # the bound is the sum of its three timed parts, and the floor of a refiner shares its top-k
+    assert row["bound_ms"] == pytest.approx(row["scoring_ms"] + row["top_k_ms"] + row["write_ms"])
+    assert row["ours_over_bound"] == pytest.approx(row["ours_ms"] / row["bound_ms"])
+    if layer:
+        assert row["floor_ms"] > row["top_k_ms"]
+    else:
+        assert row["write_ms"] == row["floor_ms"]
+    assert f"| {row['bound_ms']:.1f} |" in bench_scalekv.bound_table([row])
+
+
+def _row(role, batch, speedup, release_over_bound, ours_over_floor, bound_over_floor):
+    return {"role": role, "B": batch, "L": 6425, "flow": "bfloat16", "speedup": speedup,
+            "release_over_bound": release_over_bound, "ours_over_floor": ours_over_floor,
+            "bound_over_floor": bound_over_floor, "scoring_ms": 1.0, "top_k_ms": 1.0, "write_ms": 1.0,
+            "bound_ms": 3.0, "ours_over_bound": 1.0}
+
+
+def test_goals_are_met_or_out_of_reach_per_case():
+    rows = [_row("refiner", 16, speedup=3.5, release_over_bound=4.5, ours_over_floor=2.2, bound_over_floor=2.1),
+            _row("refiner", 2, speedup=1.5, release_over_bound=1.8, ours_over_floor=9.0, bound_over_floor=9.0),
+            _row("drafter", 16, speedup=5.0, release_over_bound=6.0, ours_over_floor=1.2, bound_over_floor=1.1)]
+    summary = bench_scalekv.goal_summary(rows).splitlines()
+    assert summary == [
+        "- release/ours >= 2: met in 2 of 3; of the 1 unmet, 1 out of reach of the bound, 0 within it",
+        "- refiner B=16: release/ours >= 4: met in 0 of 1; of the 1 unmet, 0 out of reach of the bound, 1 within it",
+        "- refiner B=16: ours/floor <= 2: met in 0 of 1; of the 1 unmet, 1 out of reach of the bound, 0 within it",
+        "- drafter: ours/floor <= 1.3: met in 1 of 1; of the 0 unmet, 0 out of reach of the bound, 0 within it",
+    ]
+    table = bench_scalekv.bound_table(rows)
+    assert "refiner B=16: release/ours >= 4: unmet, reachable" in table
+    assert "refiner B=16: ours/floor <= 2: unmet, out of reach" in table
+    assert "drafter: ours/floor <= 1.3: met, reachable" in table
 
 
 def test_release_folder_without_the_code_is_refused(tmp_path):
