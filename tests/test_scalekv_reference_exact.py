@@ -279,25 +279,46 @@ def test_ascending_union_equals_appending_and_sorting(keep, monkeypatch):
     assert torch.equal(released_scores.released_topk(scores, window, keep + 16), overlap)
 
 
-@pytest.mark.parametrize("threads", [1, 2])  # 2: one block (fewer parallel regions), the release's form
+@pytest.mark.parametrize("threads", [1, 2])  # 2: one block, or 4x larger blocks where keys are cast
 @pytest.mark.parametrize("batch", [3, 5, 6])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_blocked_window_sums_are_exact_at_any_batch(batch, threads, dtype):
+@pytest.mark.parametrize("flow", list(FLOWS))
+def test_blocked_window_sums_are_exact_at_any_batch(batch, threads, flow):
     """The default blocks at the 2B geometry (H=16, D=128, L=6425) for batches whose block is not a
     power of two. Blocks of positions (float32; B=3: 2^18 / (3·16·16) = 341 positions): MKL's
     float32 product rounds the columns of a block that ends off its kernel's panel width differently
     from the whole product's same columns (measured: 12539 of 308400 sums differed at 341), so they
     start at multiples of 64 positions. Blocks of (row, head)s (bf16: 5 of 48 at B=3, the last
-    block partial)."""
+    block partial; the mixed flow at 2 threads: 20 of 48)."""
     from policies.common import released_scores
+    key_dtype, query_dtype = FLOWS[flow]
+    compute = released_compute_dtype(query_dtype, key_dtype)
     g = torch.Generator().manual_seed(batch)
-    keys = torch.randn(batch, 16, 6425, 128, generator=g).to(dtype)
-    q = torch.randn(batch, 16, 16, 128, generator=g).to(dtype)
-    whole = (torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(128)).sum(dim=2)
+    keys = torch.randn(batch, 16, 6425, 128, generator=g).to(key_dtype)
+    q = torch.randn(batch, 16, 16, 128, generator=g).to(query_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=key_dtype != query_dtype):
+        whole = (torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(128)).sum(dim=2)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert torch.equal(released_scores._blocked_window_sums(q, keys, dtype), whole)
+        assert torch.equal(released_scores._blocked_window_sums(q.to(compute), keys, compute), whole)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_block_sizes_at_one_and_more_threads():
+    """At 1 thread blocks of ~2^19 product elements; at more, one block (fewer parallel regions),
+    except where the keys are cast block by block (the mixed flow): blocks of ~2^21, so that the
+    whole float32 cache is never cast at once."""
+    from policies.common.released_scores import _row_block_size
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _row_block_size(48, 16, 6425, cast=True) == _row_block_size(48, 16, 6425, cast=False) == 5
+        assert _row_block_size(4, 16, 10 ** 6, cast=False) == 2  # at least 2 (row, head)s
+        torch.set_num_threads(2)
+        assert _row_block_size(48, 16, 6425, cast=False) == 48
+        assert _row_block_size(48, 16, 6425, cast=True) == 20
+        assert _row_block_size(256, 16, 10521, cast=True) == 12
     finally:
         torch.set_num_threads(previous)
 

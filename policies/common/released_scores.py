@@ -123,6 +123,7 @@ def _cast_blocked_matmul(q: torch.Tensor, keys: torch.Tensor, compute: torch.dty
 # division and the sum.
 _SUM_BLOCK_ELEMENTS = 1 << 18
 _ROW_BLOCK_ELEMENTS = 1 << 19
+_THREADED_CAST_BLOCK_ELEMENTS = 1 << 21  # the mixed flow's blocks at more than one thread (_row_block_size)
 _SUM_BLOCK_ALIGN = 64
 
 
@@ -158,7 +159,7 @@ def _blocked_window_sums(q: torch.Tensor, keys: torch.Tensor, compute: torch.dty
     step = _SUM_BLOCK_ELEMENTS // max(1, batch * heads * rows) // _SUM_BLOCK_ALIGN * _SUM_BLOCK_ALIGN
     step = max(1, min(length, max(_SUM_BLOCK_ALIGN, step)))
     if torch.get_num_threads() > 1:
-        step = length  # one block: see _row_blocked_window_sums
+        step = length  # one block: see _row_block_size
     # (One block of half-precision keys is the cache itself: nothing to stage.)
     staged = keys.dtype != compute or (keys.dtype in _HALF and step < length)
     key_buffer = torch.empty(batch, heads, step, dim, dtype=compute, device=keys.device) if staged else None
@@ -182,14 +183,7 @@ def _row_blocked_window_sums(q: torch.Tensor, keys: torch.Tensor, compute: torch
     rows, pairs = q.shape[2], batch * heads
     flat_keys, flat_q = keys.view(pairs, length, dim), q.view(pairs, rows, dim)
     scores = torch.empty(pairs, length, dtype=compute, device=keys.device)
-    step = min(pairs, max(2, _ROW_BLOCK_ELEMENTS // max(1, rows * length)))
-    if torch.get_num_threads() > 1:
-        # With several threads every block's product, division and sum is a parallel region, and on
-        # a machine whose cores are busy each region waits for a core (measured on the shared 2-core
-        # machine, 2 threads: 8 ms per op on a (2, 16, 16, 512) block vs 0.03-1.4 ms at 1 thread; the
-        # blocked sums at B=2, L=6425 took 660-820 ms against 17 ms at 1 thread): one block, the
-        # release's own three ops (and its transient (B, H, rows, L) product).
-        step = pairs
+    step = _row_block_size(pairs, rows, length, cast=keys.dtype != compute)
     key_buffer = (torch.empty(step, length, dim, dtype=compute, device=keys.device)
                   if keys.dtype != compute else None)
     product = torch.empty(step, rows, length, dtype=compute, device=keys.device)
@@ -204,6 +198,26 @@ def _row_blocked_window_sums(q: torch.Tensor, keys: torch.Tensor, compute: torch
         block.div_(root)
         torch.sum(block, dim=1, out=scores[start:stop])
     return scores.view(batch, heads, length)
+
+
+def _row_block_size(pairs: int, rows: int, length: int, *, cast: bool) -> int:
+    """(row, head)s per block of ``_row_blocked_window_sums``: a (block, rows, L) product of about
+    ``_ROW_BLOCK_ELEMENTS`` at 1 thread, at least 2 (row, head)s. ``cast``: the keys are cast to the
+    compute dtype block by block (the mixed flow)."""
+    if torch.get_num_threads() > 1:
+        # With several threads every block's product, division and sum is a parallel region, and on
+        # a machine whose cores are busy each region waits for a core (measured on the shared 2-core
+        # machine, 2 threads: 8 ms per op on a (2, 16, 16, 512) block vs 0.03-1.4 ms at 1 thread; the
+        # blocked sums at B=2, L=6425 took 660-820 ms against 17 ms at 1 thread): one block, the
+        # release's own three ops (and its transient (B, H, rows, L) product). Except where the keys
+        # are cast: one block casts the whole float32 cache (690 MB of bf16 at B=16, L=10521), and
+        # blocks 4x the 1-thread size measured faster at every B=2/16, L=6425/10521 on this 2-core
+        # machine, quiet (3.0-3.4x), with one busy process (1.7-2.9x) and with two (0.97-2.0x);
+        # 2x the size blew up with two (1763 against 764 ms).
+        if not cast:
+            return pairs
+        return min(pairs, max(2, _THREADED_CAST_BLOCK_ELEMENTS // max(1, rows * length)))
+    return min(pairs, max(2, _ROW_BLOCK_ELEMENTS // max(1, rows * length)))
 
 
 def released_pooled_scores(window_q: torch.Tensor, keys: torch.Tensor, window: torch.Tensor, *,
