@@ -32,7 +32,8 @@ warm-up:
   itself misses (``release/bound`` below the speed-up asked, or ``bound/floor`` above the ratio
   asked) is out of reach for such an implementation on this machine; the second table says so per
   goal. A hand-written kernel could still fuse the division into the sum (one pass over the
-  in-cache product block less: the ``scoring`` row of the README measures how much that is).
+  in-cache product block less; benchmarks/results/scalekv-reference/README.md gives that pass's
+  share of a profiled call).
 - ``product``: the release's one batched product of the 16 window queries with every key in its
   compute dtype (one ``matmul`` into a new (B, H, 16, L) tensor; the float32 -> bf16 cast, block by
   block, included in the mixed flow). Exactness pins these 16 dot products per key in that dtype
